@@ -1,0 +1,22 @@
+"""lqlib: E8 lattice quantization with entropy coding for LLM KV caches.
+
+The companion library of the LatticeQuant papers. Layers (each imports only
+from the ones before it): math core (lattices, theory, rht, symbols,
+entropy_model, rans, wire, codec), kernels, models/corpus, evaluation,
+analysis, book helpers and CLI.
+"""
+
+from .codec import E8Codec, Encoded
+from .errors import (ChecksumError, CodecMismatchError, CorruptStreamError, FormatError, InputError,
+                     LqlibError, ResourceNotFoundError)
+from .lattices import LATTICES, nearest_a2, nearest_dn, nearest_e8, nearest_zn, normalized_second_moment
+from .rht import RandomizedHadamard, fwht
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "E8Codec", "Encoded", "LATTICES", "RandomizedHadamard", "fwht",
+    "nearest_zn", "nearest_a2", "nearest_dn", "nearest_e8", "normalized_second_moment",
+    "LqlibError", "InputError", "FormatError", "ChecksumError", "CorruptStreamError",
+    "CodecMismatchError", "ResourceNotFoundError",
+]

@@ -1,0 +1,128 @@
+"""rANS entropy coding of parity-aware E8 symbols (CPU, through ``constriction``).
+
+One ANS stack holds, in decoding order:
+
+1. the coset bits of all blocks;
+2. the 8 remaining symbols of the integer-coset blocks (z0..z6, then floor(z7/2));
+3. the same for the half-integer-coset blocks;
+4. the raw values of escaped symbols, 32 bits each.
+
+Every group is pushed with one vectorised ``encode_reverse`` call, so there is
+no Python loop over blocks.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import constriction
+
+from .entropy_model import SymbolModel
+from .errors import CorruptStreamError
+
+__all__ = ["encode_symbols", "decode_symbols"]
+
+_Categorical = constriction.stream.model.Categorical
+_UNIFORM_16 = constriction.stream.model.Uniform(1 << 16)
+_ESCAPE_OFFSET = 1 << 31
+
+
+def _models(model: SymbolModel) -> tuple:
+    """constriction models: coset, then (free, half) per coset."""
+    cached = getattr(model, "_constriction", None)
+    if cached is None:
+        cached = (
+            _Categorical(model.coset, perfect=False),
+            [(_Categorical(model.free[c], perfect=False), _Categorical(model.half[c], perfect=False))
+             for c in (0, 1)],
+        )
+        object.__setattr__(model, "_constriction", cached)
+    return cached
+
+
+def _indices(values: np.ndarray, radius: int) -> tuple[np.ndarray, np.ndarray]:
+    """Table indices of ``values`` with out-of-range values mapped to the escape index."""
+    index = values.astype(np.int64) + radius
+    outside = (index < 0) | (index > 2 * radius)
+    return np.where(outside, 2 * radius + 1, index).astype(np.int32), values[outside]
+
+
+def encode_symbols(symbols: np.ndarray, model: SymbolModel) -> np.ndarray:
+    """Entropy-code parity-aware symbols.
+
+    Parameters
+    ----------
+    symbols : shape (n_blocks, 9), int32, as made by :func:`lqlib.symbols.points_to_symbols`.
+    model : probability tables for the rate the symbols were quantized at.
+
+    Returns
+    -------
+    np.ndarray of uint32 words (the ANS stack, ready for :func:`decode_symbols`).
+    """
+    coset_model, per_coset = _models(model)
+    coset = symbols[:, 0]
+    groups = []
+    escaped = []
+    for c in (0, 1):
+        rows = symbols[coset == c]
+        free_idx, free_esc = _indices(rows[:, 1:8].reshape(-1), model.radius)
+        half_idx, half_esc = _indices(rows[:, 8], model.radius)
+        groups.append((free_idx, half_idx))
+        escaped += [free_esc, half_esc]
+    raw = (np.concatenate(escaped).astype(np.int64) + _ESCAPE_OFFSET).astype(np.uint32)
+
+    coder = constriction.stream.stack.AnsCoder()
+    if raw.size:
+        coder.encode_reverse(np.stack([raw >> 16, raw & 0xFFFF], axis=1).reshape(-1).astype(np.int32),
+                             _UNIFORM_16)
+    for c in (1, 0):
+        free_idx, half_idx = groups[c]
+        coder.encode_reverse(half_idx, per_coset[c][1])
+        coder.encode_reverse(free_idx, per_coset[c][0])
+    coder.encode_reverse(coset.astype(np.int32), coset_model)
+    return coder.get_compressed()
+
+
+def decode_symbols(words: np.ndarray, n_blocks: int, model: SymbolModel) -> np.ndarray:
+    """Inverse of :func:`encode_symbols`.
+
+    Raises
+    ------
+    CorruptStreamError
+        if the words do not decode to exactly ``n_blocks`` blocks.
+    """
+    coset_model, per_coset = _models(model)
+    try:
+        coder = constriction.stream.stack.AnsCoder(np.ascontiguousarray(words, dtype=np.uint32))
+        coset = coder.decode(coset_model, n_blocks)
+        symbols = np.empty((n_blocks, 9), dtype=np.int32)
+        symbols[:, 0] = coset
+        escape_slots = []
+        for c in (0, 1):
+            count = int(np.count_nonzero(coset == c))
+            free_idx = coder.decode(per_coset[c][0], 7 * count)
+            half_idx = coder.decode(per_coset[c][1], count)
+            block = np.concatenate([free_idx.reshape(count, 7), half_idx[:, None]], axis=1)
+            escape_slots.append(block == model.escape_index)
+            symbols[coset == c, 1:] = block - model.radius
+        n_escaped = int(sum(int(s.sum()) for s in escape_slots))
+        if n_escaped:
+            halves = coder.decode(_UNIFORM_16, 2 * n_escaped).astype(np.int64).reshape(-1, 2)
+            raw = ((halves[:, 0] << 16) | halves[:, 1]) - _ESCAPE_OFFSET
+            # escaped values come in the encoder's order: per coset, all free symbols, then halves
+            ordered = []
+            for c in (0, 1):
+                rows = np.flatnonzero(coset == c)
+                slots = escape_slots[c]
+                free_pos = np.argwhere(slots[:, :7])
+                half_pos = np.flatnonzero(slots[:, 7])
+                ordered.append((rows[free_pos[:, 0]], 1 + free_pos[:, 1]))
+                ordered.append((rows[half_pos], np.full(half_pos.size, 8)))
+            row_index = np.concatenate([r for r, _ in ordered])
+            col_index = np.concatenate([k for _, k in ordered])
+            symbols[row_index, col_index] = raw.astype(np.int32)
+        empty = coder.is_empty()
+    except (ValueError, RuntimeError, OverflowError) as exc:
+        raise CorruptStreamError(f"entropy-coded payload does not decode: {exc}") from exc
+    if not empty:
+        raise CorruptStreamError("entropy-coded payload has trailing data: it does not match its header")
+    return symbols
