@@ -93,10 +93,9 @@ def nearest_a2(x: Tensor) -> Tensor:
     """
     if x.shape[-1] != 2:
         raise ValueError(f"A2 acts on pairs of coordinates, got last dim {x.shape[-1]}")
-    scale = torch.tensor([1.0, _SQRT3], dtype=x.dtype, device=x.device)
-    shift = torch.tensor([0.5, _SQRT3 / 2.0], dtype=x.dtype, device=x.device)
-    first = torch.round(x / scale) * scale
-    second = torch.round((x - shift) / scale) * scale + shift
+    u, v = x[..., 0], x[..., 1] / _SQRT3
+    first = torch.stack([torch.round(u), torch.round(v) * _SQRT3], dim=-1)
+    second = torch.stack([torch.round(u - 0.5) + 0.5, (torch.round(v - 0.5) + 0.5) * _SQRT3], dim=-1)
     d_first = (x - first).square().sum(dim=-1, keepdim=True)
     d_second = (x - second).square().sum(dim=-1, keepdim=True)
     return torch.where(d_second < d_first, second, first)

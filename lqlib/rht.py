@@ -59,11 +59,15 @@ class RandomizedHadamard:
             raise ValueError(f"the RHT needs a power-of-two dimension, got {dim}")
         self.dim = dim
         self.seed = seed
-        self._signs = random_signs(dim, seed)
+        self._signs = {(torch.device("cpu"), torch.float32): random_signs(dim, seed)}
         self._norm = 1.0 / math.sqrt(dim)
 
     def _signs_like(self, x: Tensor) -> Tensor:
-        return self._signs.to(device=x.device, dtype=x.dtype)
+        """The signs on ``x``'s device and dtype, copied there once and cached."""
+        key = (x.device, x.dtype)
+        if key not in self._signs:
+            self._signs[key] = self._signs[(torch.device("cpu"), torch.float32)].to(device=x.device, dtype=x.dtype)
+        return self._signs[key]
 
     def forward(self, x: Tensor) -> Tensor:
         """Rotate ``x`` of shape (..., dim)."""

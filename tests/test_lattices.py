@@ -119,3 +119,25 @@ def test_exact_constants():
     assert order == sorted(order, reverse=True)
     with pytest.raises(ValueError):
         normalized_second_moment("Leech")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_quantizer_core_has_no_host_syncs_on_cuda():
+    """The nearest-point maps, the RHT and the codec's analysis/synthesis never synchronise with the host."""
+    from lqlib import E8Codec
+    from lqlib.lattices import nearest_a2, nearest_dn
+
+    x = torch.randn(64, 32, 128, device="cuda")
+    codec = E8Codec(4.0, rotation="rht", scale="vector")
+    codec._rht(128)  # build the sign vector (a one-off host-to-device copy) before watching
+    codec._rht(128)._signs_like(x)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        nearest_e8(x.reshape(-1, 8))
+        nearest_dn(x.reshape(-1, 4))
+        nearest_a2(x.reshape(-1, 2))
+        points, steps = codec._analyse(x)
+        codec._synthesise(points, steps)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
