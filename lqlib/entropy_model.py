@@ -33,7 +33,7 @@ ESCAPE_PROBABILITY = 2.0 ** -16
 _TAIL_SIGMAS = 9.0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared and hashed by identity (one instance per rate)
 class SymbolModel:
     """Probability tables for one rate.
 

@@ -13,8 +13,10 @@ no Python loop over blocks.
 
 from __future__ import annotations
 
-import numpy as np
+import functools
+
 import constriction
+import numpy as np
 
 from .entropy_model import SymbolModel
 from .errors import CorruptStreamError
@@ -26,24 +28,14 @@ _UNIFORM_16 = constriction.stream.model.Uniform(1 << 16)
 _ESCAPE_OFFSET = 1 << 31
 
 
-def _models(model: SymbolModel) -> tuple:
-    """constriction models: coset, then (free, half) per coset."""
-    cached = getattr(model, "_constriction", None)
-    if cached is None:
-        cached = (
-            _Categorical(model.coset, perfect=False),
-            [(_Categorical(model.free[c], perfect=False), _Categorical(model.half[c], perfect=False))
-             for c in (0, 1)],
-        )
-        object.__setattr__(model, "_constriction", cached)
-    return cached
-
-
-def _indices(values: np.ndarray, radius: int) -> tuple[np.ndarray, np.ndarray]:
-    """Table indices of ``values`` with out-of-range values mapped to the escape index."""
-    index = values.astype(np.int64) + radius
-    outside = (index < 0) | (index > 2 * radius)
-    return np.where(outside, 2 * radius + 1, index).astype(np.int32), values[outside]
+@functools.lru_cache(maxsize=64)
+def _coders_models(model: SymbolModel) -> tuple:
+    """constriction models for ``model``: the coset model, then (free, half) per coset."""
+    return (
+        _Categorical(model.coset, perfect=False),
+        [(_Categorical(model.free[c], perfect=False), _Categorical(model.half[c], perfect=False))
+         for c in (0, 1)],
+    )
 
 
 def encode_symbols(symbols: np.ndarray, model: SymbolModel) -> np.ndarray:
@@ -58,27 +50,32 @@ def encode_symbols(symbols: np.ndarray, model: SymbolModel) -> np.ndarray:
     -------
     np.ndarray of uint32 words (the ANS stack, ready for :func:`decode_symbols`).
     """
-    coset_model, per_coset = _models(model)
-    coset = symbols[:, 0]
-    groups = []
-    escaped = []
+    coset_model, per_coset = _coders_models(model)
+    coset = np.ascontiguousarray(symbols[:, 0], dtype=np.int32)
+    index = symbols[:, 1:].astype(np.int32) + model.radius  # |symbols| < 2^30: no overflow
+    outside = (index < 0) | (index > 2 * model.radius)
+    any_escape = bool(outside.any())
+    if any_escape:
+        index[outside] = model.escape_index
+    groups, escaped = [], []
     for c in (0, 1):
-        rows = symbols[coset == c]
-        free_idx, free_esc = _indices(rows[:, 1:8].reshape(-1), model.radius)
-        half_idx, half_esc = _indices(rows[:, 8], model.radius)
-        groups.append((free_idx, half_idx))
-        escaped += [free_esc, half_esc]
-    raw = (np.concatenate(escaped).astype(np.int64) + _ESCAPE_OFFSET).astype(np.uint32)
+        in_coset = coset == c
+        rows = index[in_coset]
+        groups.append((rows[:, :7].reshape(-1), np.ascontiguousarray(rows[:, 7])))
+        if any_escape:
+            values, out = symbols[in_coset, 1:], outside[in_coset]
+            escaped += [values[:, :7][out[:, :7]], values[:, 7][out[:, 7]]]
 
     coder = constriction.stream.stack.AnsCoder()
-    if raw.size:
+    if any_escape:
+        raw = (np.concatenate(escaped).astype(np.int64) + _ESCAPE_OFFSET).astype(np.uint32)
         coder.encode_reverse(np.stack([raw >> 16, raw & 0xFFFF], axis=1).reshape(-1).astype(np.int32),
                              _UNIFORM_16)
     for c in (1, 0):
         free_idx, half_idx = groups[c]
         coder.encode_reverse(half_idx, per_coset[c][1])
         coder.encode_reverse(free_idx, per_coset[c][0])
-    coder.encode_reverse(coset.astype(np.int32), coset_model)
+    coder.encode_reverse(coset, coset_model)
     return coder.get_compressed()
 
 
@@ -90,7 +87,7 @@ def decode_symbols(words: np.ndarray, n_blocks: int, model: SymbolModel) -> np.n
     CorruptStreamError
         if the words do not decode to exactly ``n_blocks`` blocks.
     """
-    coset_model, per_coset = _models(model)
+    coset_model, per_coset = _coders_models(model)
     try:
         coder = constriction.stream.stack.AnsCoder(np.ascontiguousarray(words, dtype=np.uint32))
         coset = coder.decode(coset_model, n_blocks)

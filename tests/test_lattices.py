@@ -129,8 +129,7 @@ def test_quantizer_core_has_no_host_syncs_on_cuda():
 
     x = torch.randn(64, 32, 128, device="cuda")
     codec = E8Codec(4.0, rotation="rht", scale="vector")
-    codec._rht(128)  # build the sign vector (a one-off host-to-device copy) before watching
-    codec._rht(128)._signs_like(x)
+    codec._rht(128).matrix(x.device, x.dtype)  # a one-off host-to-device copy, made before watching
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:

@@ -44,3 +44,12 @@ def test_non_power_of_two_rejected():
         RandomizedHadamard(96)
     with pytest.raises(ValueError, match="power-of-two"):
         fwht(torch.zeros(3, 12))
+
+
+def test_rht_matrix_is_the_butterfly_transform():
+    rht = RandomizedHadamard(64, seed=5)
+    x = torch.randn(7, 64, dtype=torch.float64)
+    butterfly = fwht(x * rht.signs.double()) / 8.0
+    assert torch.allclose(rht.forward(x), butterfly, atol=1e-13)
+    m = rht.matrix(dtype=torch.float64)
+    assert torch.allclose(m @ m.T, torch.eye(64, dtype=torch.float64), atol=1e-13)
