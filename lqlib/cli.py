@@ -18,13 +18,14 @@ from .tables import write_table
 __all__ = ["main"]
 
 GAUSSIAN_COLUMNS = {
-    "target_bits": "target b",
+    "target_bits": ("target b", 1),
     "coded_bits": "coded bits/dim (ours)",
-    "paper_coded_bits": "coded bits/dim (paper)",
-    "rate_over_target": "rate / b",
+    "paper_coded_bits": ("coded bits/dim (paper)", 3),
+    "rate_vs_paper": "ours / paper − 1",
     "gap": "gap D/D* (ours)",
     "exact_gap": "2πe·G(E8)",
-    "paper_gap": "gap (paper)",
+    "gap_vs_exact": "ours / exact − 1",
+    "paper_gap": ("gap (paper)", 3),
     "lossless": "lossless",
 }
 

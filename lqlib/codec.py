@@ -27,7 +27,7 @@ from .lattices import nearest_e8
 from .rans import decode_symbols, encode_symbols
 from .rht import RandomizedHadamard
 from .symbols import points_to_symbols, symbols_to_points
-from .wire import DTYPES, ROTATIONS, SCALES, WireHeader, pack, unpack
+from .wire import DTYPES, ROTATIONS, SCALES, WireHeader, pack, packed_size, unpack
 
 __all__ = ["E8Codec", "Encoded", "MIN_BITS", "MAX_BITS"]
 
@@ -73,7 +73,7 @@ class Encoded:
 
     def nbytes(self) -> int:
         """Size of :meth:`to_bytes` in bytes, without building it."""
-        return 17 + 4 * len(self.shape) + 4 + 2 * self.scales.size + 4 * self.words.size + 4
+        return packed_size(self.header, self.words.size)
 
 
 class E8Codec:

@@ -17,14 +17,26 @@ def _cell(value: object, digits: int) -> str:
     return str(value)
 
 
-def markdown_table(rows: Sequence[Mapping[str, object]], columns: Mapping[str, str], digits: int = 4) -> str:
-    """A GitHub-flavoured Markdown table of ``rows`` restricted to ``columns`` (key → header)."""
-    lines = ["| " + " | ".join(columns.values()) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_cell(row[key], digits) for key in columns) + " |" for row in rows]
+Columns = Mapping[str, "str | tuple[str, int]"]
+
+
+def _header_digits(spec: "str | tuple[str, int]", digits: int) -> tuple[str, int]:
+    return (spec, digits) if isinstance(spec, str) else spec
+
+
+def markdown_table(rows: Sequence[Mapping[str, object]], columns: Columns, digits: int = 4) -> str:
+    """A GitHub-flavoured Markdown table of ``rows`` restricted to ``columns``.
+
+    ``columns`` maps a row key to its header, or to (header, digits) to round that
+    column differently from ``digits`` (e.g. to show a paper's value as printed).
+    """
+    specs = {key: _header_digits(spec, digits) for key, spec in columns.items()}
+    lines = ["| " + " | ".join(h for h, _ in specs.values()) + " |", "|" + "---|" * len(specs)]
+    lines += ["| " + " | ".join(_cell(row[key], d) for key, (_, d) in specs.items()) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
 
-def write_table(rows: Sequence[Mapping[str, object]], stem: str | Path, columns: Mapping[str, str],
+def write_table(rows: Sequence[Mapping[str, object]], stem: str | Path, columns: Columns,
                 digits: int = 4) -> tuple[Path, Path]:
     """Write ``stem.csv`` (all keys, full precision) and ``stem.md`` (``columns`` only, rounded).
 

@@ -32,7 +32,7 @@ import torch
 
 from .errors import ChecksumError, FormatError
 
-__all__ = ["MAGIC", "VERSION", "ROTATIONS", "SCALES", "DTYPES", "WireHeader", "pack", "unpack"]
+__all__ = ["MAGIC", "VERSION", "ROTATIONS", "SCALES", "DTYPES", "WireHeader", "pack", "packed_size", "unpack"]
 
 MAGIC = b"LQE8"
 VERSION = 1
@@ -65,6 +65,11 @@ class WireHeader:
     @property
     def n_scales(self) -> int:
         return 1 if self.scale == "tensor" else math.prod(self.shape[:-1])
+
+
+def packed_size(header: WireHeader, n_words: int) -> int:
+    """Length in bytes of :func:`pack`'s output, computed without packing."""
+    return _FIXED.size + 4 * len(header.shape) + _WORDS.size + 2 * header.n_scales + 4 * n_words + _CRC.size
 
 
 def pack(header: WireHeader, scales: np.ndarray, words: np.ndarray) -> bytes:
