@@ -7,17 +7,30 @@ D*(b) = σ²·4^(−b) at the *target* rate b and σ² the source's measured sec
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from .codec import E8Codec
+from .entropy_model import gaussian_symbol_model
+from .symbols import points_to_symbols
+from .lattices import LATTICES, nearest_dn, nearest_e8
 from .paper_values import TABLE3_CODED_RATE, TABLE3_GAP
+from .scalar import ScalarResult, empirical_entropy, entropy_coded_scalar, fixed_rate_scalar
 from .theory import entropy_coded_gap, gaussian_distortion_bound
 
-__all__ = ["RatePoint", "measure", "gaussian_validation"]
+__all__ = ["RatePoint", "measure", "gaussian_validation", "SOURCES", "FAMILIES", "make_source",
+           "lattice_entropy_coded", "family_point", "model_code_length", "parity_saving", "explain_block",
+           "codec_point", "mse_at_rate"]
+
+#: Synthetic sources of unit variance (real KV is passed in as a sample).
+SOURCES = ("gaussian", "laplace", "uniform")
+#: Quantizer families of the scalar-barrier comparison.
+FAMILIES = ("scalar fixed-rate", "scalar + EC", "D4 + EC", "E8 + EC")
 
 
 @dataclass(frozen=True)
@@ -80,3 +93,154 @@ def gaussian_validation(bits: tuple[float, ...] = tuple(TABLE3_CODED_RATE), n_bl
             "n_blocks": n_blocks,
         })
     return rows
+
+
+def make_source(name: str, n: int, seed: int = 0) -> np.ndarray:
+    """``n`` i.i.d. samples of a unit-variance ``"gaussian"``, ``"laplace"`` or ``"uniform"`` source."""
+    rng = np.random.default_rng(seed)
+    if name == "gaussian":
+        return rng.standard_normal(n)
+    if name == "laplace":
+        return rng.laplace(scale=1.0 / math.sqrt(2.0), size=n)
+    if name == "uniform":
+        return rng.uniform(-math.sqrt(3.0), math.sqrt(3.0), size=n)
+    raise ValueError(f"source must be one of {SOURCES}, got {name!r}")
+
+
+def lattice_entropy_coded(samples: np.ndarray, lattice: str, bits: float) -> ScalarResult:
+    """D_n or E8 quantizer with ideal parity-aware entropy coding, per dimension.
+
+    The step makes a Gaussian of the sample's variance code at about ``bits``:
+    a = sqrt(2πe·σ²)·2^(−b) / V^(1/n) (V the covolume). The rate is the sum of
+    the empirical entropies of the parity-aware symbols (coset bit for E8, the
+    n − 1 free integer parts, floor(z_{n−1}/2)), each conditioned on the coset,
+    divided by n: what a coder with tables fitted to this sample spends.
+    """
+    lat = LATTICES[lattice]
+    n = lat.dim
+    x = np.asarray(samples, dtype=np.float64).reshape(-1)
+    x = x[: x.size - x.size % n].reshape(-1, n)
+    sigma2 = float(np.mean(x ** 2))
+    step = math.sqrt(2.0 * math.pi * math.e * sigma2) * 2.0 ** (-bits) / lat.covolume ** (1.0 / n)
+    points = lat.nearest(torch.from_numpy(x / step)).numpy()
+    mse = float(np.mean((x - points * step) ** 2))
+    coset = (points[:, 0] - np.floor(points[:, 0])) * 2  # 0 for D_n, 0/1 for E8
+    z = np.floor(points).astype(np.int64)
+    z[:, -1] = np.floor_divide(z[:, -1], 2)
+    bits_total = empirical_entropy(coset.astype(np.int64)) * coset.size
+    for c in np.unique(coset):
+        rows = z[coset == c]
+        bits_total += sum(empirical_entropy(rows[:, j]) for j in range(n)) * rows.shape[0]
+    return ScalarResult(mse, bits_total / x.size)
+
+
+def family_point(samples: np.ndarray, family: str, bits: float) -> dict:
+    """Distortion, rate and gap D / (σ²·4^(−R)) of one quantizer family at target ``bits``.
+
+    R is the measured rate (bits for fixed rate, empirical entropies otherwise) and σ²
+    the sample's second moment, so the gap is measured against the Gaussian bound.
+    """
+    if family == "scalar fixed-rate":
+        result = fixed_rate_scalar(samples, int(round(bits)))
+    elif family == "scalar + EC":
+        result = entropy_coded_scalar(samples, bits)
+    elif family in ("D4 + EC", "E8 + EC"):
+        result = lattice_entropy_coded(samples, family.split()[0], bits)
+    else:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    sigma2 = float(np.mean(np.asarray(samples, dtype=np.float64) ** 2))
+    return {"family": family, "target_bits": bits, "rate": result.rate, "mse": result.mse, "sigma2": sigma2,
+            "gap": result.mse / gaussian_distortion_bound(result.rate, sigma2)}
+
+
+def model_code_length(symbols: np.ndarray, bits: float, parity_aware: bool = True) -> float:
+    """Bits the Gaussian tables spend on parity-aware symbols (n_blocks, 9): Σ −log2 p.
+
+    With ``parity_aware=False`` the last coordinate is charged as a full integer
+    z7 (recovered from the symbols) under the free-coordinate table, i.e. what
+    coding all eight integer parts would cost.
+    """
+    model = gaussian_symbol_model(bits)
+    coset = symbols[:, 0]
+    total = float(-np.log2(model.coset[coset]).sum())
+    for c in (0, 1):
+        rows = symbols[coset == c].astype(np.int64)
+        total -= np.log2(model.free[c][rows[:, 1:8] + model.radius]).sum()
+        if parity_aware:
+            total -= np.log2(model.half[c][rows[:, 8] + model.radius]).sum()
+        else:
+            z7 = 2 * rows[:, 8] + np.remainder(rows[:, 1:8].sum(axis=1), 2)
+            total -= np.log2(model.free[c][np.clip(z7 + model.radius, 0, 2 * model.radius)]).sum()
+    return total
+
+
+def parity_saving(bits: float, n_blocks: int = 200_000, seed: int = 0) -> dict:
+    """Measured saving of parity-aware coding on a Gaussian source, in bits/dim.
+
+    Returns the codec's coded rate (actual bytes) and the model code lengths with
+    and without the parity trick (Σ −log2 p under the same tables).
+    """
+    x = torch.randn(n_blocks, 8, generator=torch.Generator().manual_seed(seed))
+    codec = E8Codec(bits, rotation="none", scale="tensor")
+    encoded = codec.encode(x)
+    symbols = points_to_symbols(codec._analyse(x)[0].reshape(-1, 8)).numpy()
+    aware = float(model_code_length(symbols, bits, True)) / x.numel()
+    naive = float(model_code_length(symbols, bits, False)) / x.numel()
+    return {"target_bits": bits, "coded_bits": codec.bits_per_dim(encoded), "model_bits_parity_aware": aware,
+            "model_bits_naive": naive, "saving": naive - aware}
+
+
+def explain_block(block: np.ndarray, bits: float, sigma2: float = 1.0) -> tuple[list[dict], dict]:
+    """One 8-block through the quantizer and the entropy coder, coordinate by coordinate.
+
+    Returns (rows, summary): per coordinate the input, the scaled value x/a, the
+    D8 and D8 + ½ candidates, the chosen point, the integer part, the stored
+    symbol and its code length −log2 p; the summary holds the step, both
+    candidates' squared distances, the coset bit and its code length.
+    """
+    x = torch.as_tensor(np.asarray(block, dtype=np.float64)).reshape(1, 8)
+    step = float(np.float16(math.sqrt(2.0 * math.pi * math.e * sigma2) * 2.0 ** (-bits)))
+    y = x / step
+    even = nearest_dn(y)
+    odd = nearest_dn(y - 0.5) + 0.5
+    point = nearest_e8(y)
+    symbols = points_to_symbols(point)[0].numpy()
+    model = gaussian_symbol_model(bits)
+    c = int(symbols[0])
+    rows = []
+    for j in range(8):
+        table = model.free[c] if j < 7 else model.half[c]
+        sym = int(symbols[j + 1])
+        rows.append({"coordinate": j, "x": float(x[0, j]), "x / a": float(y[0, j]), "D8 candidate": float(even[0, j]),
+                     "D8 + 1/2 candidate": float(odd[0, j]), "E8 point": float(point[0, j]),
+                     "stored symbol": sym if j < 7 else f"floor(z7/2) = {sym}",
+                     "code length (bits)": float(-np.log2(table[sym + model.radius]))})
+    summary = {"step": step, "d2_even": float((y - even).square().sum()), "d2_odd": float((y - odd).square().sum()),
+               "coset": c, "coset_bits": float(-np.log2(model.coset[c])),
+               "total_bits": float(-np.log2(model.coset[c])) + sum(r["code length (bits)"] for r in rows)}
+    return rows, summary
+
+
+def codec_point(codec: E8Codec, x: Tensor) -> dict:
+    """Rate (actual bytes), MSE, gaps and mean cosine similarity of ``codec`` on vectors ``x`` (..., d)."""
+    encoded = codec.encode(x)
+    y = codec.decode(encoded).to(torch.float64)
+    x64 = x.to(torch.float64)
+    rate = codec.bits_per_dim(encoded)
+    mse = (y - x64).square().mean().item()
+    sigma2 = x64.square().mean().item()
+    cosine = torch.nn.functional.cosine_similarity(y.reshape(-1, x.shape[-1]), x64.reshape(-1, x.shape[-1]),
+                                                   dim=-1).mean().item()
+    return {"target_bits": codec.bits, "rate": rate, "mse": mse, "sigma2": sigma2,
+            "gap_at_target": mse / gaussian_distortion_bound(codec.bits, sigma2),
+            "gap_at_rate": mse / gaussian_distortion_bound(rate, sigma2), "cosine": cosine}
+
+
+def mse_at_rate(points: list[dict], rate: float) -> float:
+    """MSE at a measured ``rate`` by linear interpolation of log2(MSE) against rate (points sorted by rate)."""
+    rates = np.array([p["rate"] for p in points])
+    order = np.argsort(rates)
+    log_mse = np.log2(np.array([p["mse"] for p in points]))[order]
+    if not rates.min() <= rate <= rates.max():
+        raise ValueError(f"rate {rate} outside the measured range [{rates.min():.3f}, {rates.max():.3f}]")
+    return float(2.0 ** np.interp(rate, rates[order], log_mse))

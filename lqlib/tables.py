@@ -6,7 +6,7 @@ import csv
 from pathlib import Path
 from typing import Mapping, Sequence
 
-__all__ = ["write_table", "markdown_table"]
+__all__ = ["write_table", "markdown_table", "show_table"]
 
 
 def _cell(value: object, digits: int) -> str:
@@ -51,3 +51,12 @@ def write_table(rows: Sequence[Mapping[str, object]], stem: str | Path, columns:
         writer.writerows(rows)
     md_path.write_text(markdown_table(rows, columns, digits))
     return csv_path, md_path
+
+
+def show_table(rows: Sequence[Mapping[str, object]], name: str, columns: Columns, caption: str,
+               out_dir: str | Path = "tables", digits: int = 4):
+    """Write ``name.csv`` and ``name.md`` under ``out_dir`` and return a MyST ``{table}`` labelled ``tbl-<name>``."""
+    from IPython.display import Markdown
+
+    _, md_path = write_table(rows, Path(out_dir) / name, columns, digits)
+    return Markdown(f"```{{table}} {caption}\n:name: tbl-{name}\n\n{md_path.read_text()}```\n")

@@ -1,0 +1,35 @@
+"""The in-loop quantize-dequantize KV cache: the fast path for perplexity studies.
+
+Every key and value written to the cache is replaced by ``quantizer(x)`` before
+attention reads it — the current chunk's own keys and values included — so a
+single forward pass over a window measures the model with a quantized cache.
+It stores the dequantized values (it is a simulation of the codec's effect on
+attention, not a memory saving; the compressed cache is another class).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import Tensor
+from transformers import DynamicCache
+
+__all__ = ["QuantizeDequantizeCache"]
+
+
+class QuantizeDequantizeCache(DynamicCache):
+    """A ``DynamicCache`` whose writes pass through ``quantizer``.
+
+    Parameters
+    ----------
+    quantizer : maps a (batch, kv_heads, tokens, head_dim) tensor to one of the same
+        shape and dtype, e.g. ``lqlib.E8Codec(4.0).quantize``; vector-wise and causal.
+    config : the model config (lets transformers lay out the layers).
+    """
+
+    def __init__(self, quantizer: Callable[[Tensor], Tensor], config=None) -> None:
+        super().__init__(config=config)
+        self.quantizer = quantizer
+
+    def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs):
+        return super().update(self.quantizer(key_states), self.quantizer(value_states), layer_idx, *args, **kwargs)
