@@ -3,6 +3,7 @@
 Commands
 --------
 gaussian-table : Paper I, Table 3 from actual bytes (CSV + Markdown).
+book : run every notebook (papermill) and build the Jupyter Book (HTML in _build/html).
 """
 
 from __future__ import annotations
@@ -39,6 +40,24 @@ def _gaussian_table(args: argparse.Namespace) -> int:
     return 0 if all(row["lossless"] for row in rows) else 1
 
 
+def _book(args: argparse.Namespace) -> int:
+    from .book import BookBuildError, build_html, execute_notebooks
+
+    root = Path(args.root).resolve()
+    start = time.perf_counter()
+    try:
+        for line in execute_notebooks(root, smoke=args.smoke, force=args.force):
+            print(line, flush=True)
+        if not args.no_build:
+            html = build_html(root, strict=not args.lenient)
+            print(f"built {html / 'index.html'}")
+    except BookBuildError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"book done in {time.perf_counter() - start:.0f} s (smoke={args.smoke})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lqlib", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -47,6 +66,13 @@ def main(argv: list[str] | None = None) -> int:
     gauss.add_argument("--seed", type=int, default=0)
     gauss.add_argument("--out", default="build/tables", help="output folder")
     gauss.set_defaults(run=_gaussian_table)
+    book = sub.add_parser("book", help="execute the notebooks and build the book")
+    book.add_argument("--smoke", action="store_true", help="small sizes (CI)")
+    book.add_argument("--force", action="store_true", help="re-run notebooks even if up to date")
+    book.add_argument("--no-build", action="store_true", help="execute notebooks only")
+    book.add_argument("--lenient", action="store_true", help="build without -W -n")
+    book.add_argument("--root", default=".", help="repository root (with _toc.yml)")
+    book.set_defaults(run=_book)
     args = parser.parse_args(argv)
     return args.run(args)
 

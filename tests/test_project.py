@@ -61,7 +61,9 @@ def test_environment_yml_matches_pyproject():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
     pip_specs = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
-    wanted = set(project["dependencies"]) | set(project["optional-dependencies"]["dev"])
+    extras = project["optional-dependencies"]
+    wanted = set(project["dependencies"]) | {spec for group in extras.values() for spec in group
+                                             if not spec.startswith("lqlib[")}
     # same packages; torch pinned to the CPU build that the README installs first
     assert _requirement_names(wanted) == _requirement_names(s for s in pip_specs if s != "-e .")
     assert set(pip_specs) - wanted == {"torch==2.13.0", "-e ."}
