@@ -18,6 +18,7 @@ never served from a stale cache.
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import subprocess
 import sys
@@ -32,6 +33,7 @@ from .errors import LqlibError
 __all__ = ["NotebookJob", "notebook_jobs", "execute_notebooks", "build_html", "BookBuildError"]
 
 LIBRARY = Path(__file__).resolve().parent
+_QUIET_KERNEL = {"TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
 
 
 class BookBuildError(LqlibError, RuntimeError):
@@ -89,6 +91,13 @@ def _library_digest() -> str:
     return digest.hexdigest()
 
 
+def _restore(name: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+
+
 def _hide_injected_parameters(path: Path) -> None:
     """Tag papermill's injected-parameters cell ``remove-cell`` so the book shows the defaults only once."""
     import nbformat
@@ -126,16 +135,23 @@ def execute_notebooks(root: Path, smoke: bool = False, force: bool = False, prog
         job.stamp.unlink(missing_ok=True)
         start = time.perf_counter()
         print(f"running {job.source.relative_to(root)} (smoke={smoke})", flush=True)
+        saved = {name: os.environ.get(name) for name in _QUIET_KERNEL}
         try:
+            # the kernel inherits this environment: no progress bars in the book's pages; papermill's
+            # own bar (this process) is switched on explicitly, which outranks the variable
+            os.environ.update(_QUIET_KERNEL)
             papermill.execute_notebook(
                 str(job.source), str(job.output), parameters={"smoke": smoke, "out_dir": "."},
-                cwd=str(job.output.parent), progress_bar=progress, kernel_name="python3",
-                request_save_on_cell_execute=False)
+                cwd=str(job.output.parent), kernel_name="python3", request_save_on_cell_execute=False,
+                progress_bar={"disable": not progress, "unit": "cell", "desc": job.source.stem})
         except PapermillExecutionError as exc:
             first_line = exc.source.strip().splitlines()[0] if exc.source.strip() else ""
             raise BookBuildError(
                 f"notebook {job.source.relative_to(root)} failed at In [{exc.exec_count}] ({exc.ename}: {exc.evalue}); "
                 f"the cell starts with {first_line!r}; the executed copy with the traceback is {job.output}") from exc
+        finally:
+            for name, value in saved.items():
+                _restore(name, value)
         _hide_injected_parameters(job.output)
         job.stamp.write_text(key)
         log.append(f"{job.output.relative_to(root)}: ran in {time.perf_counter() - start:.1f} s")

@@ -31,11 +31,15 @@ def test_jobs_follow_the_toc(tmp_path):
 
 
 def test_parameters_reach_the_notebook_and_runs_are_cached(tmp_path, monkeypatch):
-    root = make_root(tmp_path, {"first": "open('smoke.txt', 'w').write(str(smoke))",
+    root = make_root(tmp_path, {"first": "import os; open('smoke.txt', 'w').write(str(smoke) + os.environ['TQDM_DISABLE'])",
                                 "second": "open('out.txt', 'w').write(out_dir)"})
     log = book.execute_notebooks(root, smoke=True, progress=False)
     assert all("ran in" in line for line in log)
-    assert (root / "book" / "part" / "smoke.txt").read_text() == "True"
+    assert (root / "book" / "part" / "smoke.txt").read_text() == "True1"  # progress bars off in the kernel
+    executed = nbformat.read(root / "book" / "part" / "first.ipynb", as_version=4)
+    injected = [c for c in executed.cells if "injected-parameters" in c.metadata.get("tags", [])]
+    assert len(injected) == 1 and "remove-cell" in injected[0].metadata["tags"]
+    assert "TQDM_DISABLE" not in __import__("os").environ
     assert book.execute_notebooks(root, smoke=True, progress=False) == [
         "book/part/second.ipynb: up to date", "book/part/first.ipynb: up to date"]
     # another parameter set, or any change of the library, re-runs everything
