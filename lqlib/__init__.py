@@ -14,8 +14,17 @@ from .rht import RandomizedHadamard, fwht
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    """Lazy public names whose modules import transformers (kept out of ``import lqlib``)."""
+    if name == "CompressedKVCache":
+        from .compressed_cache import CompressedKVCache
+
+        return CompressedKVCache
+    raise AttributeError(f"module 'lqlib' has no attribute {name!r}")
+
 __all__ = [
-    "E8Codec", "Encoded", "LATTICES", "RandomizedHadamard", "fwht",
+    "E8Codec", "Encoded", "CompressedKVCache", "LATTICES", "RandomizedHadamard", "fwht",
     "nearest_zn", "nearest_a2", "nearest_dn", "nearest_e8", "normalized_second_moment",
     "LqlibError", "InputError", "FormatError", "ChecksumError", "CorruptStreamError",
     "CodecMismatchError", "ResourceNotFoundError",

@@ -56,15 +56,28 @@ def token_windows(tokenizer, text: str, window: int, stride: int | None = None,
 
 @torch.no_grad()
 def perplexity(model, input_ids: Tensor, labels: Tensor, make_cache: Callable[[], object] | None = None,
-               batch_size: int = 2, progress: bool = True, desc: str = "perplexity") -> PerplexityResult:
-    """Score windows with ``model``; ``make_cache()`` gives a fresh cache per batch (None: the model's default)."""
+               batch_size: int = 2, chunk_size: int | None = None, progress: bool = True,
+               desc: str = "perplexity") -> PerplexityResult:
+    """Score windows with ``model``; ``make_cache()`` gives a fresh cache per batch (None: the model's default).
+
+    With ``chunk_size`` each window is fed in consecutive chunks through the same cache,
+    so later chunks attend to what the cache stored for earlier ones (prefill, then
+    decode-like steps); without it, one forward pass per batch of windows.
+    """
     nll, count = 0.0, 0
     batches = range(0, input_ids.shape[0], batch_size)
     for start in tqdm(batches, desc=desc, disable=not progress, leave=False):
         ids = input_ids[start:start + batch_size].to(model.device)
         target = labels[start:start + batch_size].to(model.device)
         cache = make_cache() if make_cache is not None else None
-        logits = model(ids, cache=cache, use_cache=cache is not None).logits[:, :-1].float()
+        if chunk_size is None:
+            logits = model(ids, cache=cache, use_cache=cache is not None).logits
+        else:
+            if cache is None:
+                raise ValueError("chunked scoring needs a cache (make_cache)")
+            logits = torch.cat([model(ids[:, s:s + chunk_size], cache=cache, use_cache=True).logits
+                                for s in range(0, ids.shape[1], chunk_size)], dim=1)
+        logits = logits[:, :-1].float()
         shifted = target[:, 1:]
         nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), shifted.reshape(-1), ignore_index=-100,
                                reduction="sum").item()

@@ -1,0 +1,141 @@
+"""The compressed KV cache: same numbers as the in-loop path, real bytes, generate(), clear errors."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import lqlib
+from lqlib import E8Codec, Encoded
+from lqlib.compressed_cache import CompressedKVCache, CompressedKVLayer
+from lqlib.corpus import load_corpus
+from lqlib.perplexity import perplexity, token_windows
+from lqlib.quantized_cache import QuantizeDequantizeCache
+
+
+@pytest.fixture(scope="module")
+def windows(default_model):
+    return token_windows(default_model.tokenizer, load_corpus().text, window=192, max_windows=2)
+
+
+@pytest.mark.model
+def test_same_perplexity_as_the_in_loop_path(default_model, windows):
+    """Single forward and chunked (prefill + steps): identical NLL to the quantize-dequantize cache."""
+    ids, labels = windows
+    model, config = default_model.model, default_model.config
+    in_loop = perplexity(model, ids, labels, lambda: QuantizeDequantizeCache(E8Codec(4.0).quantize, config),
+                         progress=False)
+    real = perplexity(model, ids, labels, lambda: CompressedKVCache(config, 4.0, page_size=32), progress=False)
+    assert real.nll == in_loop.nll
+    chunked_loop = perplexity(model, ids, labels, lambda: QuantizeDequantizeCache(E8Codec(4.0).quantize, config),
+                              chunk_size=48, progress=False)
+    chunked_real = perplexity(model, ids, labels, lambda: CompressedKVCache(config, 4.0, page_size=32),
+                              chunk_size=48, progress=False)
+    assert chunked_real.nll == pytest.approx(chunked_loop.nll, rel=1e-6)
+    assert chunked_real.ppl == pytest.approx(real.ppl, rel=1e-3)
+
+
+@pytest.mark.model
+def test_real_bytes_and_no_resident_copy(default_model, windows):
+    config = default_model.config
+    cache = CompressedKVCache(config, 4.0, page_size=64)
+    with torch.no_grad():
+        default_model.model(windows[0][:1, :150], cache=cache, use_cache=True)
+    layer = cache.layers[0]
+    assert len(layer.key_pages) == 2 and layer.key_tail.shape[-2] == 150 - 128
+    pages = sum(len(p) for l in cache.layers for p in l.key_pages + l.value_pages)
+    tail = sum(2 * l.key_tail.numel() * 4 for l in cache.layers)
+    assert cache.nbytes() == pages + tail
+    # every page is a self-contained lqlib bitstream whose rate the codec accounts for
+    page = Encoded.from_bytes(layer.key_pages[0])
+    assert page.shape == (1, 3, 64, 64) and len(layer.key_pages[0]) == page.nbytes()
+    # no tensor of the sealed history stays on the layer
+    tensors = [v for v in vars(layer).values() if isinstance(v, torch.Tensor)]
+    assert sum(t.shape[-2] for t in tensors) == 2 * (150 - 128)
+
+
+@pytest.mark.model
+def test_four_bits_is_at_least_3_7x_smaller_than_fp16(default_model, windows):
+    config = default_model.config
+    cache = CompressedKVCache(config, 4.0, page_size=64)
+    with torch.no_grad():
+        default_model.model(windows[0][:1, :192], cache=cache, use_cache=True)
+    fp16 = 2 * 30 * 3 * 64 * 192 * 2
+    assert fp16 / cache.nbytes() >= 3.7, fp16 / cache.nbytes()
+
+
+@pytest.mark.model
+def test_generate_greedy_sampling_and_batches(default_model):
+    model, tok, config = default_model.model, default_model.tokenizer, default_model.config
+    prompt = tok("The capital of France is", return_tensors="pt")
+    greedy = model.generate(**prompt, max_new_tokens=12, do_sample=False, cache=CompressedKVCache(config, 6.0, page_size=4))
+    reference = model.generate(**prompt, max_new_tokens=12, do_sample=False)
+    assert greedy.shape == reference.shape and "Paris" in tok.decode(greedy[0])
+    torch.manual_seed(0)
+    sampled = model.generate(**prompt, max_new_tokens=8, do_sample=True, cache=CompressedKVCache(config, 4.0, page_size=4))
+    assert sampled.shape == (1, prompt.input_ids.shape[1] + 8)
+    tok.padding_side = "left"
+    batch = tok(["The capital of France is", "One, two, three,"], return_tensors="pt", padding=True)
+    out = model.generate(**batch, max_new_tokens=6, do_sample=False, cache=CompressedKVCache(config, 6.0, page_size=4))
+    single = model.generate(**tok("One, two, three,", return_tensors="pt"), max_new_tokens=6, do_sample=False,
+                            cache=CompressedKVCache(config, 6.0, page_size=4))
+    assert out.shape[0] == 2 and tok.decode(out[1, -6:]) == tok.decode(single[0, -6:])
+
+
+@pytest.mark.model
+def test_unsupported_generation_modes_are_clear_errors(default_model):
+    model, tok, config = default_model.model, default_model.tokenizer, default_model.config
+    prompt = tok("Hello", return_tensors="pt")
+    with pytest.raises(NotImplementedError, match="beam search|num_return_sequences"):
+        model.generate(**prompt, max_new_tokens=3, num_beams=2, cache=CompressedKVCache(config, 4.0))
+    layer = CompressedKVLayer(E8Codec(4.0))
+    with pytest.raises(NotImplementedError, match="crop"):
+        layer.crop(-1)
+
+
+def test_recent_window_is_read_at_full_precision():
+    layer = CompressedKVLayer(E8Codec(4.0), page_size=4, recent_window=3)
+    k, v = torch.randn(2, 3, 9, 64), torch.randn(2, 3, 9, 64)
+    keys, values = layer.update(k, v)
+    assert len(layer.key_pages) == 1  # 9 - 3 = 6 >= 4: one page sealed, 5 tokens stay in the tail
+    codec = E8Codec(4.0)
+    assert torch.equal(keys[..., 6:, :], k[..., 6:, :])                     # recent window: exact
+    assert torch.equal(keys[..., :6, :], codec.quantize(k[..., :6, :]))      # the rest: through the codec
+    assert torch.equal(values[..., :4, :], codec.quantize(v[..., :4, :]))
+    keys2, _ = layer.update(torch.randn(2, 3, 1, 64), torch.randn(2, 3, 1, 64))
+    assert keys2.shape[-2] == 10 and torch.equal(keys2[..., :6, :], keys[..., :6, :])
+
+
+def test_bad_inputs_are_clear_errors():
+    layer = CompressedKVLayer(E8Codec(4.0))
+    bad = torch.randn(1, 2, 5, 64)
+    bad[0, 1, 2, 3] = float("nan")
+    with pytest.raises(lqlib.InputError, match="NaN"):
+        layer.update(bad, torch.randn(1, 2, 5, 64))
+    with pytest.raises(lqlib.InputError, match="power-of-two"):
+        CompressedKVLayer(E8Codec(4.0)).update(torch.randn(1, 2, 3, 24), torch.randn(1, 2, 3, 24))
+    ok = CompressedKVLayer(E8Codec(4.0))
+    ok.update(torch.randn(1, 2, 3, 64), torch.randn(1, 2, 3, 64))
+    with pytest.raises(lqlib.InputError, match="holds torch.float32"):
+        ok.update(torch.randn(1, 2, 1, 64, dtype=torch.float64), torch.randn(1, 2, 1, 64, dtype=torch.float64))
+    with pytest.raises(lqlib.InputError, match="continue"):
+        ok.update(torch.randn(2, 2, 1, 64), torch.randn(2, 2, 1, 64))
+    with pytest.raises(lqlib.InputError, match="share"):
+        CompressedKVLayer(E8Codec(4.0)).update(torch.randn(1, 2, 3, 64), torch.randn(1, 2, 4, 64))
+    config = LlamaConfig(num_hidden_layers=2, layer_types=["sliding_attention", "full_attention"])
+    with pytest.raises(lqlib.InputError, match="full-attention"):
+        CompressedKVCache(config)
+
+
+def test_gqa_random_model_round_trip():
+    """A random GQA Llama (8 query heads, 2 KV heads, head dim 32): compressed cache == in-loop path."""
+    config = LlamaConfig(vocab_size=97, hidden_size=256, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=8, num_key_value_heads=2)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 97, (2, 40))
+    labels = ids.clone()
+    a = perplexity(model, ids, labels, lambda: CompressedKVCache(config, 3.0, page_size=16), chunk_size=10,
+                   batch_size=2, progress=False)
+    b = perplexity(model, ids, labels, lambda: QuantizeDequantizeCache(E8Codec(3.0).quantize, config),
+                   chunk_size=10, batch_size=2, progress=False)
+    assert a.nll == pytest.approx(b.nll, rel=1e-6)
