@@ -25,11 +25,15 @@ class QuantizeDequantizeCache(DynamicCache):
     quantizer : maps a (batch, kv_heads, tokens, head_dim) tensor to one of the same
         shape and dtype, e.g. ``lqlib.E8Codec(4.0).quantize``; vector-wise and causal.
     config : the model config (lets transformers lay out the layers).
+    value_quantizer : a different quantizer for the values (default: ``quantizer``).
     """
 
-    def __init__(self, quantizer: Callable[[Tensor], Tensor], config=None) -> None:
+    def __init__(self, quantizer: Callable[[Tensor], Tensor], config=None,
+                 value_quantizer: Callable[[Tensor], Tensor] | None = None) -> None:
         super().__init__(config=config)
         self.quantizer = quantizer
+        self.value_quantizer = value_quantizer or quantizer
 
     def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs):
-        return super().update(self.quantizer(key_states), self.quantizer(value_states), layer_idx, *args, **kwargs)
+        return super().update(self.quantizer(key_states), self.value_quantizer(value_states), layer_idx,
+                              *args, **kwargs)

@@ -1,0 +1,145 @@
+"""The evaluation harness: every KV method through the same windows, model and protocol, in one run.
+
+For each method it reports the measured total bits/dim (side information included),
+the perplexity and its increase over full precision, and the relative MSE of K and V
+on the same captured cache. Methods run in-loop (``QuantizeDequantizeCache``) in one
+forward pass per window, except HF's ``QuantizedCache``, which keeps its first chunk
+and a residual window in full precision and so runs chunk by chunk (``chunk_size``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from .baselines import KVMethod
+from .kv_capture import KVSample
+from .models import LoadedModel
+from .perplexity import perplexity
+from .quantized_cache import QuantizeDequantizeCache
+
+__all__ = ["MethodSpec", "compare_methods", "tensor_nbytes", "hf_quantized_cache", "generate_throughput"]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A KV method for the harness: separate key and value quantizers, or a cache factory.
+
+    Attributes
+    ----------
+    label : name in tables.
+    key, value : in-loop quantizers with their rate accounting (None for ``make_cache`` methods).
+    make_cache : builds a transformers cache for the model config (for HF's own caches).
+    bits_per_dim : measures the total rate on a captured cache (for ``make_cache`` methods).
+    chunk_size : feed windows in chunks of this many tokens (None: one forward pass).
+    """
+
+    label: str
+    key: KVMethod | None = None
+    value: KVMethod | None = None
+    make_cache: Callable[[object], object] | None = None
+    bits_per_dim: Callable[[KVSample], float] | None = None
+    chunk_size: int | None = None
+    family: str = field(default="")
+
+    def rate(self, kv: KVSample) -> float:
+        if self.bits_per_dim is not None:
+            return self.bits_per_dim(kv)
+        return 0.5 * (self.key.bits_per_dim(kv.keys) + self.value.bits_per_dim(kv.values))
+
+    def cache_factory(self, config) -> Callable[[], object]:
+        if self.make_cache is not None:
+            return lambda: self.make_cache(config)
+        return lambda: QuantizeDequantizeCache(self.key.quantize, config, value_quantizer=self.value.quantize)
+
+
+def _relative_mse(method: KVMethod, x: Tensor) -> float:
+    return ((method.quantize(x).double() - x.double()).square().mean() / x.double().square().mean()).item()
+
+
+def compare_methods(loaded: LoadedModel, specs: list[MethodSpec], input_ids: Tensor, labels: Tensor,
+                    kv: KVSample, batch_size: int = 2, progress: bool = True) -> list[dict]:
+    """Full precision first, then every method on the same windows; one row per method."""
+    model, config = loaded.model, loaded.config
+    fp = perplexity(model, input_ids, labels, batch_size=batch_size, progress=progress, desc="full precision")
+    rows = [{"method": "full precision", "family": "fp16", "bits_per_dim": 16.0, "ppl": fp.ppl, "delta_pct": 0.0,
+             "mse_k": 0.0, "mse_v": 0.0, "tokens": fp.tokens}]
+    for spec in specs:
+        start = time.perf_counter()
+        result = perplexity(model, input_ids, labels, spec.cache_factory(config), batch_size=batch_size,
+                            chunk_size=spec.chunk_size, progress=progress, desc=spec.label)
+        rows.append({
+            "method": spec.label, "family": spec.family or spec.label, "bits_per_dim": spec.rate(kv),
+            "ppl": result.ppl, "delta_pct": 100.0 * (result.ppl / fp.ppl - 1.0),
+            "mse_k": _relative_mse(spec.key, kv.keys) if spec.key else float("nan"),
+            "mse_v": _relative_mse(spec.value, kv.values) if spec.value else float("nan"),
+            "tokens": result.tokens, "seconds": time.perf_counter() - start,
+        })
+    return rows
+
+
+def tensor_nbytes(obj) -> int:
+    """Bytes of a tensor, unpacking tensor subclasses (e.g. quanto's packed tensors) into their parts."""
+    if isinstance(obj, Tensor):
+        flatten = getattr(type(obj), "__tensor_flatten__", None)
+        if flatten is not None and type(obj) is not Tensor:
+            names, _ = obj.__tensor_flatten__()
+            return sum(tensor_nbytes(getattr(obj, name)) for name in names)
+        return obj.numel() * obj.element_size()
+    return 0
+
+
+def hf_quantized_cache(nbits: int, residual_length: int = 32, q_group_size: int = 64,
+                       chunk_size: int = 32) -> MethodSpec:
+    """HF ``QuantizedCache`` (quanto backend), fed in chunks; its rate from the real buffers after a window."""
+    from transformers import QuantizedCache
+
+    def make(config):
+        return QuantizedCache("quanto", config, nbits=nbits, residual_length=residual_length,
+                              q_group_size=q_group_size)
+
+    def rate(kv: KVSample) -> float:
+        # replay the captured keys and values chunk by chunk through one layer's cache and weigh its buffers
+        layers, heads, tokens, dim = kv.keys.shape
+        total_bits = 0.0
+        for layer in range(layers):
+            cache = make(_OneLayerConfig())
+            for start in range(0, tokens, chunk_size):
+                sl = slice(start, start + chunk_size)
+                cache.update(kv.keys[layer, None, :, sl], kv.values[layer, None, :, sl], 0)
+            held = cache.layers[0]
+            total_bits += 8 * sum(tensor_nbytes(t) for t in (held._quantized_keys, held._quantized_values,
+                                                              held.keys, held.values))
+        return total_bits / (2 * kv.keys.numel())
+
+    return MethodSpec(f"HF QuantizedCache quanto int{nbits}", make_cache=make, bits_per_dim=rate,
+                      chunk_size=chunk_size, family="HF QuantizedCache")
+
+
+class _OneLayerConfig:
+    """The least config HF's QuantizedCache needs to lay out a single full-attention layer."""
+
+    def get_text_config(self, decoder: bool = True):
+        from transformers import LlamaConfig
+
+        return LlamaConfig(num_hidden_layers=1)
+
+
+@torch.no_grad()
+def generate_throughput(loaded: LoadedModel, prompt: str, new_tokens: int,
+                        make_cache: Callable[[], object] | None = None) -> dict:
+    """Greedy generation of ``new_tokens`` tokens; tokens/s and the generated text."""
+    tok, model = loaded.tokenizer, loaded.model
+    inputs = tok(prompt, return_tensors="pt").to(model.device)
+    kwargs = {"cache": make_cache()} if make_cache is not None else {}
+    start = time.perf_counter()
+    out = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, **kwargs)
+    seconds = time.perf_counter() - start
+    generated = out[0, inputs.input_ids.shape[1]:]
+    return {"tokens_per_s": generated.numel() / seconds, "seconds": seconds, "ids": generated.tolist(),
+            "text": tok.decode(generated, skip_special_tokens=True),
+            "cache_nbytes": kwargs["cache"].nbytes() if hasattr(kwargs.get("cache"), "nbytes") else None}
