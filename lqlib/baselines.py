@@ -193,13 +193,13 @@ class E8Entropy(KVMethod):
         return codec.bits_per_dim(codec.encode(x))
 
 
-def standard_methods(bits: int) -> list[tuple[str, KVMethod, KVMethod]]:
-    """(label, key method, value method) for every baseline family at integer rate ``bits``."""
+def standard_methods(bits: int) -> list[tuple[str, str, KVMethod, KVMethod]]:
+    """(label, family, key method, value method) for every baseline family at integer rate ``bits``."""
     return [
-        (f"int{bits} per token", IntPerToken(bits), IntPerToken(bits)),
-        (f"KIVI-{bits}", KiviStyle(bits, is_key=True), KiviStyle(bits, is_key=False)),
-        (f"TurboQuant-style {bits}", TurboQuantStyle(bits), TurboQuantStyle(bits)),
-        (f"E8 fixed-rate {bits}", E8FixedRate(bits), E8FixedRate(bits)),
-        (f"E8 + EC {bits}, no RHT", E8Entropy(bits, "none"), E8Entropy(bits, "none")),
-        (f"E8 + EC {bits}", E8Entropy(bits), E8Entropy(bits)),
+        (f"int{bits} per token", "int per token", IntPerToken(bits), IntPerToken(bits)),
+        (f"KIVI-{bits}", "KIVI", KiviStyle(bits, is_key=True), KiviStyle(bits, is_key=False)),
+        (f"TurboQuant-style {bits}", "TurboQuant-style", TurboQuantStyle(bits), TurboQuantStyle(bits)),
+        (f"E8 fixed-rate {bits}", "E8 fixed-rate", E8FixedRate(bits), E8FixedRate(bits)),
+        (f"E8 + EC {bits}, no RHT", "E8 + EC, no RHT", E8Entropy(bits, "none"), E8Entropy(bits, "none")),
+        (f"E8 + EC {bits}", "E8 + EC", E8Entropy(bits), E8Entropy(bits)),
     ]

@@ -6,7 +6,7 @@ Nothing here is used to compute anything; these are the values our runs are comp
 from __future__ import annotations
 
 __all__ = ["TABLE1_G", "TABLE3_CODED_RATE", "TABLE3_GAP", "TABLE4_GAP_RANGE", "TABLE5_PPL_LLAMA31_8B",
-           "SCALAR_GAPS", "PAPER2_HEADLINE", "PAPER2_MSE", "PAPER3", "PAPER4"]
+           "SCALAR_GAPS", "PAPER2_HEADLINE", "PAPER2_MSE", "PAPER2_TABLE", "PAPER2_BITS_SAVED", "PAPER3", "PAPER4"]
 
 #: Paper I, Table 3: coded bits/dim of E8 + parity-aware rANS on a Gaussian source, by target rate.
 TABLE3_CODED_RATE: dict[float, float] = {2.0: 2.075, 2.5: 2.538, 3.0: 3.020, 4.0: 4.005, 5.0: 5.002, 6.0: 6.001}
@@ -28,3 +28,9 @@ PAPER2_MSE: dict[str, float] = {"latticequant": 0.005, "turboquant": 0.009}
 PAPER3: dict[str, float] = {"theorem_a_rho_llama": 0.71, "theorem_b_pos_add": 0.975, "theorem_c_range_iso_near_isotropic": 0.01}
 #: Paper IV: Qwen2.5-7B 4-bit PPL uniform vs optimal allocation; AM/GM ratios.
 PAPER4: dict[str, float] = {"qwen_uniform_4b": 8400.0, "qwen_optimal_4b": 293.0, "am_gm_llama": 1.36, "am_gm_qwen": 122.7}
+#: Paper II, end-to-end table (Llama-3.1-8B, RTX 4070 Ti): bits → (PPL, compressed MB, compression, tok/s).
+PAPER2_TABLE: dict[str, tuple[float, float, float, float]] = {
+    "fp16": (5.64, 268.0, 1.0, 11.0), "5": (5.66, 94.9, 3.21, 5.7), "4": (5.74, 66.7, 4.03, 5.7),
+    "3": (6.19, 50.0, 5.37, 5.7)}
+#: Paper II: bits/dim LatticeQuant saves over TurboQuant at equal quality.
+PAPER2_BITS_SAVED: float = 0.575

@@ -25,7 +25,7 @@ from .theory import entropy_coded_gap, gaussian_distortion_bound
 
 __all__ = ["RatePoint", "measure", "gaussian_validation", "SOURCES", "FAMILIES", "make_source",
            "lattice_entropy_coded", "family_point", "model_code_length", "parity_saving", "explain_block",
-           "codec_point", "mse_at_rate"]
+           "codec_point", "mse_at_rate", "symbol_group_bits", "byte_budget"]
 
 #: Synthetic sources of unit variance (real KV is passed in as a sample).
 SOURCES = ("gaussian", "laplace", "uniform")
@@ -153,25 +153,30 @@ def family_point(samples: np.ndarray, family: str, bits: float) -> dict:
             "gap": result.mse / gaussian_distortion_bound(result.rate, sigma2)}
 
 
-def model_code_length(symbols: np.ndarray, bits: float, parity_aware: bool = True) -> float:
-    """Bits the Gaussian tables spend on parity-aware symbols (n_blocks, 9): Σ −log2 p.
+def symbol_group_bits(symbols: np.ndarray, bits: float, parity_aware: bool = True) -> dict[str, float]:
+    """Bits the Gaussian tables spend on each symbol group of (n_blocks, 9) symbols: Σ −log2 p.
 
-    With ``parity_aware=False`` the last coordinate is charged as a full integer
-    z7 (recovered from the symbols) under the free-coordinate table, i.e. what
-    coding all eight integer parts would cost.
+    Groups: ``coset`` (the coset bits), ``free`` (z0..z6) and ``last`` (floor(z7/2), or the
+    full z7 under the free-coordinate table when ``parity_aware`` is False, i.e. what
+    coding all eight integer parts would cost).
     """
     model = gaussian_symbol_model(bits)
     coset = symbols[:, 0]
-    total = float(-np.log2(model.coset[coset]).sum())
+    out = {"coset": float(-np.log2(model.coset[coset]).sum()), "free": 0.0, "last": 0.0}
     for c in (0, 1):
         rows = symbols[coset == c].astype(np.int64)
-        total -= np.log2(model.free[c][rows[:, 1:8] + model.radius]).sum()
+        out["free"] -= float(np.log2(model.free[c][rows[:, 1:8] + model.radius]).sum())
         if parity_aware:
-            total -= np.log2(model.half[c][rows[:, 8] + model.radius]).sum()
+            out["last"] -= float(np.log2(model.half[c][rows[:, 8] + model.radius]).sum())
         else:
             z7 = 2 * rows[:, 8] + np.remainder(rows[:, 1:8].sum(axis=1), 2)
-            total -= np.log2(model.free[c][np.clip(z7 + model.radius, 0, 2 * model.radius)]).sum()
-    return total
+            out["last"] -= float(np.log2(model.free[c][np.clip(z7 + model.radius, 0, 2 * model.radius)]).sum())
+    return out
+
+
+def model_code_length(symbols: np.ndarray, bits: float, parity_aware: bool = True) -> float:
+    """Total of :func:`symbol_group_bits`: the bits the tables spend on all the symbols."""
+    return sum(symbol_group_bits(symbols, bits, parity_aware).values())
 
 
 def parity_saving(bits: float, n_blocks: int = 200_000, seed: int = 0) -> dict:
@@ -244,3 +249,22 @@ def mse_at_rate(points: list[dict], rate: float) -> float:
     if not rates.min() <= rate <= rates.max():
         raise ValueError(f"rate {rate} outside the measured range [{rates.min():.3f}, {rates.max():.3f}]")
     return float(2.0 ** np.interp(rate, rates[order], log_mse))
+
+
+def byte_budget(codec: E8Codec, x: Tensor) -> dict:
+    """Where the bytes of ``codec.encode(x)`` go: header and CRC, float16 scales, and the payload
+    split into coset bits, free coordinates and the last coordinate in proportion to their
+    model code lengths (the tables themselves cost nothing: they are parametric).
+    """
+    encoded = codec.encode(x)
+    total = encoded.nbytes()
+    scales = 2 * encoded.scales.size
+    payload = 4 * encoded.words.size
+    symbols = points_to_symbols(codec._analyse(codec._validate(x))[0].reshape(-1, 8)).numpy()
+    groups = symbol_group_bits(symbols, codec.bits)
+    share = payload / max(sum(groups.values()) / 8.0, 1e-12)
+    n = x.numel()
+    return {"target_bits": codec.bits, "total_bits_per_dim": 8.0 * total / n,
+            "header_crc": 8.0 * (total - scales - payload) / n, "scales": 8.0 * scales / n,
+            "coset": groups["coset"] * share / n, "free_coordinates": groups["free"] * share / n,
+            "last_coordinate": groups["last"] * share / n, "tables": 0.0}

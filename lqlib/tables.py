@@ -46,7 +46,8 @@ def write_table(rows: Sequence[Mapping[str, object]], stem: str | Path, columns:
     stem.parent.mkdir(parents=True, exist_ok=True)
     csv_path, md_path = stem.with_suffix(".csv"), stem.with_suffix(".md")
     with csv_path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        fieldnames = list(dict.fromkeys(key for row in rows for key in row))  # union, first-seen order
+        writer = csv.DictWriter(handle, fieldnames=fieldnames, restval="")
         writer.writeheader()
         writer.writerows(rows)
     md_path.write_text(markdown_table(rows, columns, digits))

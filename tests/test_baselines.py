@@ -25,7 +25,7 @@ def rel_mse(method, x):
 
 def test_shapes_dtypes_and_rates(x):
     for bits in (3, 4, 5):
-        for _, key, value in standard_methods(bits):
+        for _, _, key, value in standard_methods(bits):
             for method in (key, value):
                 y = method.quantize(x)
                 assert y.shape == x.shape and y.dtype == x.dtype and torch.isfinite(y).all()
@@ -68,7 +68,8 @@ def test_tensor_nbytes_unpacks_subclasses():
 def test_harness_on_the_default_model(default_model):
     ids, labels = token_windows(default_model.tokenizer, load_corpus().text, window=128, max_windows=2)
     kv = capture_kv(default_model, ids[:1])
-    specs = [MethodSpec(label, k, v) for label, k, v in standard_methods(4) if "TurboQuant" in label or "E8 + EC 4" == label]
+    specs = [MethodSpec(label, k, v, family=family) for label, family, k, v in standard_methods(4)
+             if "TurboQuant" in label or "E8 + EC 4" == label]
     specs.append(hf_quantized_cache(4))
     rows = compare_methods(default_model, specs, ids, labels, kv, progress=False)
     by = {r["method"]: r for r in rows}

@@ -19,7 +19,9 @@ from lqlib import book
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
 PAGES = ["book/paper1/01_scalar_barrier", "book/paper1/02_lattices", "book/paper1/03_e8_entropy_coding",
-         "book/paper1/04_rht", "book/paper1/05_real_kv", "book/paper1/06_perplexity", "book/scorecard"]
+         "book/paper1/04_rht", "book/paper1/05_real_kv", "book/paper1/06_perplexity", "book/paper2/01_system",
+         "book/paper2/02_end_to_end", "book/paper2/03_mse_vs_turboquant", "book/paper2/04_all_methods",
+         "book/paper2/05_generate", "book/scorecard"]
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +57,12 @@ def test_every_page_is_built_with_its_figures_tables_and_glue(built):
                   "rht_ablation", "table4_real_kv", "table5_perplexity", "table6_memory"):
         assert (root / "book" / "paper1" / "tables" / f"{table}.csv").is_file()
         assert (root / "book" / "paper1" / "tables" / f"{table}.md").is_file()
+    for figure in ("page_budget", "mse_vs_turboquant", "all_methods", "cache_growth"):
+        assert (root / "book" / "paper2" / "figures" / f"{figure}.png").stat().st_size > 1000
+    for table in ("page_budget", "end_to_end", "mse_vs_turboquant", "all_methods", "generate"):
+        assert (root / "book" / "paper2" / "tables" / f"{table}.csv").is_file()
     scorecard = (html / "book/scorecard.html").read_text()
-    assert "reproduced" in scorecard and "pending" in scorecard
+    assert "reproduced" in scorecard and "pending" in scorecard and "MSE vs TurboQuant" in scorecard
 
 
 @pytest.fixture(scope="module")
