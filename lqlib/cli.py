@@ -4,6 +4,7 @@ Commands
 --------
 gaussian-table : Paper I, Table 3 from actual bytes (CSV + Markdown).
 book : run every notebook (papermill) and build the Jupyter Book (HTML in _build/html).
+evaluate : every KV method through the same perplexity windows (CSV + JSON).
 """
 
 from __future__ import annotations
@@ -58,6 +59,35 @@ def _book(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from .baselines import standard_methods
+    from .corpus import load_corpus
+    from .evaluate import MethodSpec, compare_methods, hf_quantized_cache
+    from .kv_capture import capture_kv
+    from .models import load
+    from .perplexity import token_windows
+
+    loaded = load(args.model)
+    text = load_corpus(args.corpus)
+    input_ids, labels = token_windows(loaded.tokenizer, text.text, args.window, max_windows=args.windows)
+    kv = capture_kv(loaded, input_ids[:1])
+    specs = [MethodSpec(label, key, value, family=family) for b in args.bits
+             for label, family, key, value in standard_methods(b)]
+    if not args.no_hf:
+        specs += [hf_quantized_cache(b) for b in args.bits if b in (2, 4)]
+    rows = compare_methods(loaded, specs, input_ids, labels, kv)
+    for row in rows:
+        row.update(model=loaded.name, corpus=text.name, window=args.window, windows=input_ids.shape[0])
+    out = Path(args.out)
+    write_table(rows, out / "evaluation", {"method": "method", "bits_per_dim": ("bits/dim", 3), "ppl": ("PPL", 3),
+                                           "delta_pct": ("Δ%", 2), "mse_k": ("MSE K", 5), "mse_v": ("MSE V", 5)})
+    (out / "evaluation.json").write_text(json.dumps(rows, indent=1))
+    print((out / "evaluation.md").read_text())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lqlib", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -73,6 +103,15 @@ def main(argv: list[str] | None = None) -> int:
     book.add_argument("--lenient", action="store_true", help="build without -W -n")
     book.add_argument("--root", default=".", help="repository root (with _toc.yml)")
     book.set_defaults(run=_book)
+    ev = sub.add_parser("evaluate", help="perplexity and rate of every KV method on the same windows")
+    ev.add_argument("--model", default="smollm2-135m-instruct", help="default model, HF id or local path")
+    ev.add_argument("--corpus", default="pydoc", choices=["pydoc", "wikitext2", "auto"])
+    ev.add_argument("--bits", type=int, nargs="+", default=[3, 4, 5])
+    ev.add_argument("--window", type=int, default=512)
+    ev.add_argument("--windows", type=int, default=8)
+    ev.add_argument("--no-hf", action="store_true", help="skip HF QuantizedCache (needs optimum-quanto)")
+    ev.add_argument("--out", default="build/evaluation")
+    ev.set_defaults(run=_evaluate)
     args = parser.parse_args(argv)
     return args.run(args)
 
