@@ -119,6 +119,12 @@ class KiviStyle(KVMethod):
 
 
 @functools.lru_cache(maxsize=16)
+def _rht(dim: int, seed: int) -> RandomizedHadamard:
+    """One RHT per (dim, seed), so its cached matrix is built once, not at every call."""
+    return RandomizedHadamard(dim, seed)
+
+
+@functools.lru_cache(maxsize=16)
 def _gaussian_codebook(bits: int) -> np.ndarray:
     """Lloyd–Max levels for N(0, 1) at ``bits`` bits, designed on 2·10^6 seeded samples."""
     return lloyd_max(np.random.default_rng(12345).standard_normal(2_000_000), bits)
@@ -132,7 +138,7 @@ class TurboQuantStyle(KVMethod):
 
     def quantize(self, x: Tensor) -> Tensor:
         d = x.shape[-1]
-        rht = RandomizedHadamard(d, self.seed)
+        rht = _rht(d, self.seed)
         w = rht.forward(x.float())
         norm = w.norm(dim=-1, keepdim=True).to(torch.float16).float()
         unit = w / norm.clamp_min(1e-30) * math.sqrt(d)
@@ -153,7 +159,7 @@ class E8FixedRate(KVMethod):
 
     def quantize(self, x: Tensor) -> Tensor:
         d, bits = x.shape[-1], int(self.bits)
-        rht = RandomizedHadamard(d, self.seed)
+        rht = _rht(d, self.seed)
         w = rht.forward(x.float())
         rms = w.square().mean(dim=-1, keepdim=True).sqrt()
         step = (self.load * rms / 2 ** (bits - 1)).to(torch.float16).float().clamp_min(1e-30)

@@ -10,7 +10,7 @@ and a residual window in full precision and so runs chunk by chunk (``chunk_size
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -44,7 +44,7 @@ class MethodSpec:
     make_cache: Callable[[object], object] | None = None
     bits_per_dim: Callable[[KVSample], float] | None = None
     chunk_size: int | None = None
-    family: str = field(default="")
+    family: str = ""
 
     def rate(self, kv: KVSample) -> float:
         if self.bits_per_dim is not None:

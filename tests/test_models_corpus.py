@@ -2,7 +2,6 @@
 
 import importlib.util
 import math
-import warnings
 
 import pyarrow as pa
 import pyarrow.parquet as pq

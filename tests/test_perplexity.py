@@ -1,6 +1,5 @@
 """Perplexity windows, the in-loop quantized cache and KV capture, on the default model."""
 
-import math
 
 import pytest
 import torch
