@@ -179,7 +179,7 @@ class E8FixedRate(KVMethod):
 
 @dataclass(frozen=True)
 class E8Entropy(KVMethod):
-    """The E8 codec (RHT or not, one fp16 scale per vector, parity-aware rANS); rate from bytes."""
+    """The E8 codec (RHT or not, one log-grid step per vector, parity-aware rANS); rate from bytes."""
 
     rotation: str = "rht"
 

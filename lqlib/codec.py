@@ -4,9 +4,11 @@ Shapes: a tensor ``x`` of shape (..., d) is a batch of vectors of dimension d
 (for a KV cache, d is the head dim); d must be a multiple of 8, and a power of
 two when the RHT is on. The step size is ``a = sqrt(2πe·σ²)·2^(-b)`` with σ²
 the mean square of the (rotated) data it covers: one step per vector or one
-per tensor. Steps are causal (computed from the vectors being coded only),
-rounded to float16 before use, and stored as float16, so the decoder
-multiplies by exactly the value the encoder divided by.
+per tensor. Steps are causal (computed from the vectors being coded only).
+Per-vector steps are rounded to the grid ``2^(k/8)`` before use and stored as the
+integer codes k (:mod:`lqlib.steps`, about 3–4 bits per vector); a per-tensor step
+is stored as a float32. Either way the decoder multiplies by exactly the value the
+encoder divided by.
 
 Invariant: ``decode(encode(x))`` equals ``quantize(x)`` bit for bit on the
 device ``x`` lives on.
@@ -14,7 +16,6 @@ device ``x`` lives on.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +27,8 @@ from .errors import CodecMismatchError, CorruptStreamError, InputError
 from .lattices import nearest_e8
 from .rans import decode_symbols, encode_symbols
 from .rht import RandomizedHadamard
+from .steps import (CODE_MAX, CODE_MIN, exact_step_code, exact_step_value, step_codes, step_values,
+                    valid_exact_code)
 from .symbols import points_to_symbols, symbols_to_points
 from .wire import DTYPES, ROTATIONS, SCALES, WireHeader, pack, packed_size, unpack
 
@@ -33,24 +36,23 @@ __all__ = ["E8Codec", "Encoded", "MIN_BITS", "MAX_BITS"]
 
 MIN_BITS = 0.5
 MAX_BITS = 10.0
-_TWO_PI_E = 2.0 * math.pi * math.e
-_FP16_TINY = 2.0 ** -24  # smallest positive float16, used for all-zero groups
 _MAX_POINT = 2.0 ** 30  # symbols must fit int32 with room to spare
 
 
 @dataclass(frozen=True)
 class Encoded:
-    """A coded tensor: header, float16 step sizes and the ANS payload.
+    """A coded tensor: header, step codes and the ANS payload.
 
     Attributes
     ----------
     header : codec settings, dtype and shape of the decoded tensor.
-    scales : float16 step sizes, one per vector (shape ``shape[:-1]`` flattened) or one in all.
+    step_codes : int32, one per vector (shape ``shape[:-1]`` flattened): codes k of the steps
+        ``2^(k/8)``; or one in all: the float32 step's bit pattern.
     words : uint32 ANS words.
     """
 
     header: WireHeader
-    scales: np.ndarray
+    step_codes: np.ndarray
     words: np.ndarray
 
     @property
@@ -62,18 +64,18 @@ class Encoded:
         return self.header.numel
 
     def to_bytes(self) -> bytes:
-        """The wire format of :mod:`lqlib.wire` (header, scales, payload, CRC-32)."""
-        return pack(self.header, self.scales, self.words)
+        """The wire format of :mod:`lqlib.wire` (header, step codes, payload, CRC-32)."""
+        return pack(self.header, self.step_codes, self.words)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "Encoded":
         """Parse and check bytes made by :meth:`to_bytes`; raises :class:`lqlib.FormatError`."""
-        header, scales, words = unpack(data)
-        return cls(header, scales, words)
+        header, codes, words = unpack(data)
+        return cls(header, codes, words)
 
     def nbytes(self) -> int:
         """Size of :meth:`to_bytes` in bytes, without building it."""
-        return packed_size(self.header, self.words.size)
+        return packed_size(self.header, self.step_codes, self.words.size)
 
 
 class E8Codec:
@@ -85,7 +87,7 @@ class E8Codec:
         Gaussian source the coded rate is about b (slightly above at b <= 3).
     rotation : ``"rht"`` (randomized Hadamard transform of each vector before
         quantizing, seeded by ``seed``) or ``"none"``.
-    scale : ``"vector"`` (one float16 step per vector, 16 bits of side
+    scale : ``"vector"`` (one step per vector, about 3–4 bits of side
         information per vector) or ``"tensor"`` (one step per call).
     seed : seed of the RHT signs.
     """
@@ -115,26 +117,26 @@ class E8Codec:
             self._rhts[dim] = RandomizedHadamard(dim, self.seed)
         return self._rhts[dim]
 
-    def _steps(self, rotated: Tensor) -> Tensor:
-        """float16-rounded step sizes, in the work dtype, broadcastable to ``rotated``."""
+    def _step_codes(self, rotated: Tensor) -> Tensor:
+        """int32 step codes, broadcastable to ``rotated`` (one per vector, or one in all)."""
         if self.scale == "vector":
-            mean_square = rotated.square().mean(dim=-1, keepdim=True)
-        else:
-            mean_square = (rotated.square().sum() / max(rotated.numel(), 1)).reshape([1] * rotated.dim())
-        step = torch.sqrt(_TWO_PI_E * mean_square) * 2.0 ** (-self.bits)
-        step16 = step.to(torch.float16)
-        return torch.where(step16 == 0, _FP16_TINY, step16).to(rotated.dtype)
+            return step_codes(rotated.square().mean(dim=-1, keepdim=True), self.bits)
+        mean_square = (rotated.square().sum() / max(rotated.numel(), 1)).reshape([1] * rotated.dim())
+        return exact_step_code(mean_square, self.bits)
+
+    def _step_values(self, codes: Tensor, dtype: torch.dtype) -> Tensor:
+        return step_values(codes, dtype) if self.scale == "vector" else exact_step_value(codes, dtype)
 
     def _analyse(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """x (..., d) in the work dtype → (E8 points in lattice units (..., d), steps)."""
+        """x (..., d) in the work dtype → (E8 points in lattice units (..., d), step codes)."""
         rotated = self._rht(x.shape[-1]).forward(x) if self.rotation == "rht" else x
-        steps = self._steps(rotated)
-        blocks = (rotated / steps).reshape(*x.shape[:-1], x.shape[-1] // 8, 8)
-        return nearest_e8(blocks).reshape(x.shape), steps
+        codes = self._step_codes(rotated)
+        blocks = (rotated / self._step_values(codes, rotated.dtype)).reshape(*x.shape[:-1], x.shape[-1] // 8, 8)
+        return nearest_e8(blocks).reshape(x.shape), codes
 
-    def _synthesise(self, points: Tensor, steps: Tensor) -> Tensor:
+    def _synthesise(self, points: Tensor, codes: Tensor) -> Tensor:
         """Inverse of :meth:`_analyse` up to the quantization error."""
-        scaled = points * steps
+        scaled = points * self._step_values(codes, points.dtype)
         return self._rht(points.shape[-1]).inverse(scaled) if self.rotation == "rht" else scaled
 
     # ----------------------------------------------------------------- checks
@@ -158,28 +160,27 @@ class E8Codec:
         return x
 
     def _checked_analysis(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        points, steps = self._analyse(x)
-        if points.numel() and not bool(torch.isfinite(steps).all() & (points.abs().amax() < _MAX_POINT)):
-            raise InputError("input magnitude is out of range: its step size overflows float16 "
-                             "or its lattice points exceed 2^30 (use scale='vector')")
-        return points, steps
+        points, codes = self._analyse(x)
+        if points.numel() and not bool(points.abs().amax() < _MAX_POINT):
+            raise InputError("input magnitude is out of range: its lattice points exceed 2^30 "
+                             "(use scale='vector', or values below 2^100)")
+        return points, codes
 
     # ----------------------------------------------------------------- public API
     def quantize(self, x: Tensor) -> Tensor:
         """Quantize-dequantize without entropy coding; same shape, dtype and device as ``x``."""
         work = self._validate(x)
-        points, steps = self._checked_analysis(work)
-        return self._synthesise(points, steps).to(x.dtype)
+        points, codes = self._checked_analysis(work)
+        return self._synthesise(points, codes).to(x.dtype)
 
     def encode(self, x: Tensor) -> Encoded:
         """Quantize ``x`` (..., d) and entropy-code it."""
         work = self._validate(x)
-        points, steps = self._checked_analysis(work)
+        points, codes = self._checked_analysis(work)
         symbols = points_to_symbols(points.reshape(-1, 8)).cpu().numpy()
-        scales = steps.to(torch.float16).reshape(-1).cpu().numpy()
         header = WireHeader(self.rotation, self.scale, x.dtype, self.bits, self.seed, tuple(x.shape))
         words = encode_symbols(symbols, gaussian_symbol_model(self.bits))
-        return Encoded(header, scales, words)
+        return Encoded(header, codes.reshape(-1).cpu().numpy(), words)
 
     def decode(self, encoded: Encoded, device: torch.device | str = "cpu") -> Tensor:
         """Reconstruct the tensor; equals ``quantize(x)`` bit for bit on the same device."""
@@ -195,16 +196,19 @@ class E8Codec:
         n_blocks = h.numel // 8
         if 0.5 * n_blocks * model.min_bits_per_block > 32 * (encoded.words.size + 2):
             raise CorruptStreamError(f"{encoded.words.size} payload words cannot hold {n_blocks} blocks")
-        scales = encoded.scales.astype(np.float16)
-        if not np.isfinite(scales).all() or (scales <= 0).any():
-            raise CorruptStreamError("bitstream holds non-finite or non-positive step sizes")
+        codes = np.asarray(encoded.step_codes)
+        in_range = (valid_exact_code(codes) if h.scale == "tensor"
+                    else not codes.size or (codes.min() >= CODE_MIN and codes.max() <= CODE_MAX))
+        if codes.shape != (h.n_scales,) or not in_range:
+            raise CorruptStreamError(f"bitstream holds {codes.size} step codes for {h.n_scales} steps, or step "
+                                     "codes out of range")
         symbols = decode_symbols(encoded.words, n_blocks, model)
         work_dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
         points = symbols_to_points(torch.from_numpy(symbols).to(device), work_dtype).reshape(h.shape)
         steps_shape = [1] * len(h.shape) if h.scale == "tensor" else [*h.shape[:-1], 1]
-        steps = torch.from_numpy(scales).to(device).to(work_dtype).reshape(steps_shape)
-        return self._synthesise(points, steps).to(h.dtype)
+        codes = torch.from_numpy(codes.astype(np.int32)).to(device).reshape(steps_shape)
+        return self._synthesise(points, codes).to(h.dtype)
 
     def bits_per_dim(self, encoded: Encoded) -> float:
-        """Coded rate: every stored byte (header, scales, payload, CRC) × 8 / number of elements."""
+        """Coded rate: every stored byte (header, step codes, payload, CRC) × 8 / number of elements."""
         return 8.0 * encoded.nbytes() / max(encoded.numel, 1)

@@ -17,11 +17,13 @@ from tqdm.auto import tqdm
 
 from .codec import E8Codec
 from .entropy_model import gaussian_symbol_model
+from .steps import exact_step_code, exact_step_value
 from .symbols import points_to_symbols
 from .lattices import LATTICES, nearest_dn, nearest_e8
 from .paper_values import TABLE3_CODED_RATE, TABLE3_GAP
 from .scalar import ScalarResult, empirical_entropy, entropy_coded_scalar, fixed_rate_scalar
 from .theory import entropy_coded_gap, gaussian_distortion_bound
+from .wire import steps_nbytes
 
 __all__ = ["RatePoint", "measure", "gaussian_validation", "SOURCES", "FAMILIES", "make_source",
            "lattice_entropy_coded", "family_point", "model_code_length", "parity_saving", "explain_block",
@@ -204,7 +206,7 @@ def explain_block(block: np.ndarray, bits: float, sigma2: float = 1.0) -> tuple[
     candidates' squared distances, the coset bit and its code length.
     """
     x = torch.as_tensor(np.asarray(block, dtype=np.float64)).reshape(1, 8)
-    step = float(np.float16(math.sqrt(2.0 * math.pi * math.e * sigma2) * 2.0 ** (-bits)))
+    step = float(exact_step_value(exact_step_code(torch.tensor(float(sigma2)), bits), torch.float64))
     y = x / step
     even = nearest_dn(y)
     odd = nearest_dn(y - 0.5) + 0.5
@@ -252,19 +254,19 @@ def mse_at_rate(points: list[dict], rate: float) -> float:
 
 
 def byte_budget(codec: E8Codec, x: Tensor) -> dict:
-    """Where the bytes of ``codec.encode(x)`` go: header and CRC, float16 scales, and the payload
+    """Where the bytes of ``codec.encode(x)`` go: header and CRC, step codes, and the payload
     split into coset bits, free coordinates and the last coordinate in proportion to their
     model code lengths (the tables themselves cost nothing: they are parametric).
     """
     encoded = codec.encode(x)
     total = encoded.nbytes()
-    scales = 2 * encoded.scales.size
+    steps = steps_nbytes(encoded.header, encoded.step_codes)
     payload = 4 * encoded.words.size
     symbols = points_to_symbols(codec._analyse(codec._validate(x))[0].reshape(-1, 8)).numpy()
     groups = symbol_group_bits(symbols, codec.bits)
     share = payload / max(sum(groups.values()) / 8.0, 1e-12)
     n = x.numel()
     return {"target_bits": codec.bits, "total_bits_per_dim": 8.0 * total / n,
-            "header_crc": 8.0 * (total - scales - payload) / n, "scales": 8.0 * scales / n,
+            "header_crc": 8.0 * (total - steps - payload) / n, "steps": 8.0 * steps / n,
             "coset": groups["coset"] * share / n, "free_coordinates": groups["free"] * share / n,
             "last_coordinate": groups["last"] * share / n, "tables": 0.0}

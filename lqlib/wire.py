@@ -1,10 +1,10 @@
 """The versioned wire format of an E8-coded tensor.
 
-All integers little-endian. Layout (version 1)::
+All integers little-endian. Layout (version 2)::
 
     offset       size        field
     0            4           magic b"LQE8"
-    4            1           version (1)
+    4            1           version (2)
     5            1           rotation code (0 none, 1 RHT)
     6            1           scale code (0 one per tensor, 1 one per vector)
     7            1           dtype code of the decoded tensor (0 f32, 1 f16, 2 bf16, 3 f64)
@@ -13,7 +13,9 @@ All integers little-endian. Layout (version 1)::
     16           1           ndim
     17           4·ndim      shape, uint32 each
     17+4·ndim    4           n_words of the ANS payload, uint32
-    ...          2·n_scales  step sizes a, float16
+    ...          see steps   one per vector: codes k of the steps a = 2^(k/8), packed by
+                             :func:`lqlib.steps.pack_codes` (about 3–4 bits each);
+                 4           one per tensor: the step as a float32 (its bit pattern, int32)
     ...          4·n_words   ANS payload, uint32 words
     end−4        4           CRC-32 of every byte before it
 
@@ -31,11 +33,13 @@ import numpy as np
 import torch
 
 from .errors import ChecksumError, FormatError
+from .steps import pack_codes, packed_codes_size, unpack_codes
 
-__all__ = ["MAGIC", "VERSION", "ROTATIONS", "SCALES", "DTYPES", "WireHeader", "pack", "packed_size", "unpack"]
+__all__ = ["MAGIC", "VERSION", "ROTATIONS", "SCALES", "DTYPES", "WireHeader", "pack", "packed_size", "steps_nbytes",
+           "unpack"]
 
 MAGIC = b"LQE8"
-VERSION = 1
+VERSION = 2
 ROTATIONS = ("none", "rht")
 SCALES = ("tensor", "vector")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -67,20 +71,27 @@ class WireHeader:
         return 1 if self.scale == "tensor" else math.prod(self.shape[:-1])
 
 
-def packed_size(header: WireHeader, n_words: int) -> int:
+def steps_nbytes(header: WireHeader, step_codes: np.ndarray) -> int:
+    """Bytes the step codes take in the wire format."""
+    return 4 if header.scale == "tensor" else packed_codes_size(step_codes)
+
+
+def packed_size(header: WireHeader, step_codes: np.ndarray, n_words: int) -> int:
     """Length in bytes of :func:`pack`'s output, computed without packing."""
-    return _FIXED.size + 4 * len(header.shape) + _WORDS.size + 2 * header.n_scales + 4 * n_words + _CRC.size
+    return (_FIXED.size + 4 * len(header.shape) + _WORDS.size + steps_nbytes(header, step_codes) + 4 * n_words
+            + _CRC.size)
 
 
-def pack(header: WireHeader, scales: np.ndarray, words: np.ndarray) -> bytes:
-    """Serialise a header, float16 step sizes and uint32 ANS words into bytes."""
+def pack(header: WireHeader, step_codes: np.ndarray, words: np.ndarray) -> bytes:
+    """Serialise a header, integer step codes and uint32 ANS words into bytes."""
     fixed = _FIXED.pack(MAGIC, VERSION, ROTATIONS.index(header.rotation), SCALES.index(header.scale),
                         DTYPES.index(header.dtype), header.bits, header.seed, len(header.shape))
     body = b"".join([
         fixed,
         struct.pack(f"<{len(header.shape)}I", *header.shape),
         _WORDS.pack(words.size),
-        np.ascontiguousarray(scales, dtype="<f2").tobytes(),
+        (np.ascontiguousarray(step_codes, dtype="<i4").tobytes() if header.scale == "tensor"
+         else pack_codes(step_codes)),
         np.ascontiguousarray(words, dtype="<u4").tobytes(),
     ])
     return body + _CRC.pack(zlib.crc32(body))
@@ -94,7 +105,7 @@ def _take(data: bytes, offset: int, size: int, what: str) -> bytes:
 
 
 def unpack(data: bytes) -> tuple[WireHeader, np.ndarray, np.ndarray]:
-    """Parse bytes made by :func:`pack`; return (header, float16 scales, uint32 words).
+    """Parse bytes made by :func:`pack`; return (header, int32 step codes, uint32 words).
 
     Raises
     ------
@@ -129,10 +140,13 @@ def unpack(data: bytes) -> tuple[WireHeader, np.ndarray, np.ndarray]:
         raise FormatError(f"lqlib bitstream declares {header.numel} elements (at most {MAX_NUMEL})")
     (n_words,) = _WORDS.unpack(_take(data, offset, 4, "word count"))
     offset += 4
-    expected = offset + 2 * header.n_scales + 4 * n_words + _CRC.size
+    if header.scale == "tensor":
+        codes = np.frombuffer(_take(data[:-_CRC.size], offset, 4, "step"), dtype="<i4").astype(np.int32)
+        offset += 4
+    else:
+        codes, offset = unpack_codes(data[:-_CRC.size], offset, header.n_scales)
+    expected = offset + 4 * n_words + _CRC.size
     if expected != len(data):
         raise FormatError(f"lqlib bitstream length {len(data)} does not match its header ({expected} bytes)")
-    scales = np.frombuffer(data, dtype="<f2", count=header.n_scales, offset=offset)
-    offset += 2 * header.n_scales
     words = np.frombuffer(data, dtype="<u4", count=n_words, offset=offset)
-    return header, scales.astype(np.float16), words.astype(np.uint32)
+    return header, codes, words.astype(np.uint32)

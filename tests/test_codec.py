@@ -14,6 +14,7 @@ from lqlib.entropy_model import gaussian_symbol_model
 from lqlib.lattices import nearest_e8
 from lqlib.paper_values import TABLE3_CODED_RATE
 from lqlib.rate_distortion import gaussian_validation
+from lqlib.steps import step_values
 from lqlib.symbols import points_to_symbols
 from lqlib.theory import entropy_coded_gap
 from tests.conftest import DEVICES
@@ -129,19 +130,21 @@ def test_vector_scales_are_causal():
     for k in (1, 7, 20):
         assert torch.equal(codec.quantize(x[:k]), full[:k])
     enc = codec.encode(x)
-    assert enc.scales.dtype == np.float16 and enc.scales.shape == (20,)
+    assert enc.step_codes.dtype == np.int32 and enc.step_codes.shape == (20,)
 
 
-def test_scales_are_float16_and_used_as_stored():
+def test_steps_are_on_the_log_grid_and_used_as_stored():
     codec = E8Codec(4.0, rotation="none", scale="vector")
-    x = torch.randn(5, 16, dtype=torch.float64)
+    x = torch.randn(5, 16, dtype=torch.float64) * torch.logspace(-3, 3, 5, dtype=torch.float64)[:, None]
     enc = codec.encode(x)
     exact = np.sqrt(2 * np.pi * np.e * (x.numpy() ** 2).mean(-1)) * 2 ** -4
-    assert np.allclose(enc.scales.astype(np.float64), exact, rtol=1e-3)
-    # decoding multiplies the points by exactly the stored float16 steps
+    stored = step_values(torch.from_numpy(enc.step_codes), torch.float64).numpy()
+    # the nearest grid point 2^(k/8) (held to float16 precision): within 1/16 octave of the exact step
+    assert np.allclose(stored, 2.0 ** (enc.step_codes / 8.0), rtol=2 ** -11, atol=0)
+    assert np.all(np.abs(np.log2(stored / exact)) <= 1 / 16 + 1e-3)
+    # decoding multiplies the points by exactly the stored steps
     points = codec._analyse(x)[0]
-    stored = torch.from_numpy(enc.scales.astype(np.float64))[:, None]
-    assert torch.equal(codec.decode(enc), points * stored)
+    assert torch.equal(codec.decode(enc), points * torch.from_numpy(stored)[:, None])
 
 
 def test_zero_vectors_and_empty_tensors():
@@ -194,7 +197,10 @@ def test_bad_inputs_rejected():
         with pytest.raises(lqlib.InputError):
             E8Codec(**{"bits": 4.0, **kwargs})
     with pytest.raises(lqlib.InputError, match="out of range"):
-        E8Codec(0.5, rotation="none", scale="tensor").encode(torch.full((1, 8), 60000.0))
+        E8Codec(0.5, rotation="none", scale="tensor").encode(torch.full((1, 8), 1e40, dtype=torch.float64))
+    # float32's whole range is fine: the step stops at 2^100, the points stay below 2^30
+    huge = torch.full((1, 8), 3e38)
+    assert torch.isfinite(E8Codec(4.0, rotation="none").quantize(huge)).all()
 
 
 def test_codec_mismatch_rejected():

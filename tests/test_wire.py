@@ -9,6 +9,7 @@ import torch
 
 import lqlib
 from lqlib import E8Codec, Encoded
+from lqlib.steps import CODE_MAX, CODE_MIN, pack_codes, packed_codes_size, unpack_codes
 from lqlib.wire import MAGIC, VERSION
 
 
@@ -30,7 +31,7 @@ def test_header_fields(sample):
     assert data[:4] == MAGIC and data[4] == VERSION
     assert (h.rotation, h.scale, h.bits, h.seed, h.shape, h.dtype) == ("rht", "vector", 4.0, 3, (2, 5, 64),
                                                                       torch.float32)
-    assert enc.scales.shape == (10,) and enc.words.dtype == np.uint32
+    assert enc.step_codes.shape == (10,) and enc.words.dtype == np.uint32
 
 
 def test_every_truncation_is_a_clear_error(sample):
@@ -89,22 +90,63 @@ def test_forged_huge_shape_is_rejected_without_allocating(sample):
 
 
 def test_forged_payload_with_valid_checksum(sample):
+    """Past the CRC, the ANS end-state check catches most forged payloads; the rest decode to
+    finite tensors of the declared shape (rANS is a bijection, its only redundancy is the end state)."""
     codec, x, data = sample
     enc = Encoded.from_bytes(data)
     rng = np.random.default_rng(1)
-    for trial in range(20):
+    detected = 0
+    for trial in range(200):
         words = enc.words.copy()
         words[rng.integers(words.size)] ^= np.uint32(1 << int(rng.integers(32)))
-        forged = Encoded(enc.header, enc.scales, words)
-        with pytest.raises(lqlib.CorruptStreamError):
-            codec.decode(Encoded.from_bytes(forged.to_bytes()))
+        forged = Encoded.from_bytes(Encoded(enc.header, enc.step_codes, words).to_bytes())
+        try:
+            y = codec.decode(forged)
+        except lqlib.CorruptStreamError:
+            detected += 1
+        else:
+            assert y.shape == x.shape and bool(torch.isfinite(y).all())
+    assert detected >= 160
 
 
-def test_forged_scales_rejected(sample):
+def test_forged_step_codes_rejected(sample):
     codec, _, data = sample
     enc = Encoded.from_bytes(data)
-    for bad in (np.float16(np.inf), np.float16(np.nan), np.float16(0.0), np.float16(-1.0)):
-        scales = enc.scales.copy()
-        scales[3] = bad
-        with pytest.raises(lqlib.CorruptStreamError, match="step sizes"):
-            codec.decode(Encoded(enc.header, scales, enc.words))
+    for bad in (CODE_MIN - 1, CODE_MAX + 1, 2 ** 30):
+        codes = enc.step_codes.copy()
+        codes[3] = bad
+        with pytest.raises(lqlib.CorruptStreamError, match="step codes"):
+            codec.decode(Encoded(enc.header, codes, enc.words))
+    with pytest.raises(lqlib.CorruptStreamError, match="step codes"):
+        codec.decode(Encoded(enc.header, enc.step_codes[:-1], enc.words))
+    # inside the wire format: an offset width no code range needs
+    n_groups = 1
+    offset = len(data) - 4 - 4 * enc.words.size - (len(pack_codes(enc.step_codes)))
+    body = bytearray(data[:-4])
+    body[offset + 2 * n_groups] = 40
+    with pytest.raises(lqlib.FormatError, match="wider"):
+        Encoded.from_bytes(with_crc(bytes(body)))
+    tensor_codec = E8Codec(4.0, scale="tensor")
+    tenc = tensor_codec.encode(torch.randn(4, 64))
+    for bad in (np.float32(0.0), np.float32(-1.0), np.float32(np.inf), np.float32(np.nan), np.float32(1.0001)):
+        with pytest.raises(lqlib.CorruptStreamError, match="step codes"):
+            tensor_codec.decode(Encoded(tenc.header, np.array([bad]).view(np.int32), tenc.words))
+
+
+@pytest.mark.parametrize("n", [1, 2, 63, 64, 65, 200, 1000])
+def test_step_codes_round_trip(n):
+    rng = np.random.default_rng(n)
+    for codes in (rng.integers(CODE_MIN, CODE_MAX + 1, n), rng.integers(-3, 4, n) - 40, np.full(n, CODE_MAX)):
+        data = pack_codes(codes)
+        assert len(data) == packed_codes_size(codes)
+        back, end = unpack_codes(data + b"tail", 0, n)
+        assert end == len(data) and np.array_equal(back, codes)
+        for cut in range(len(data)):
+            with pytest.raises(lqlib.FormatError):
+                unpack_codes(data[:cut], 0, n)
+
+
+def test_step_codes_are_compact_on_real_like_steps():
+    """Neighbouring vectors' codes within a few grid steps cost about 3 bits each, not 16."""
+    codes = np.random.default_rng(0).integers(-4, 4, 6400)
+    assert 8 * packed_codes_size(codes) / codes.size == pytest.approx(3 + 24 / 64)
