@@ -62,9 +62,8 @@ def _book(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     import json
 
-    from .baselines import standard_methods
     from .corpus import load_corpus
-    from .evaluate import MethodSpec, compare_methods, hf_quantized_cache
+    from .evaluate import compare_methods, hf_quantized_cache, method_specs
     from .kv_capture import capture_kv
     from .models import load
     from .perplexity import token_windows
@@ -73,8 +72,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     text = load_corpus(args.corpus)
     input_ids, labels = token_windows(loaded.tokenizer, text.text, args.window, max_windows=args.windows)
     kv = capture_kv(loaded, input_ids[:1])
-    specs = [MethodSpec(label, key, value, family=family) for b in args.bits
-             for label, family, key, value in standard_methods(b)]
+    specs = [spec for b in args.bits for spec in method_specs(b)]
     if not args.no_hf:
         specs += [hf_quantized_cache(b) for b in args.bits if b in (2, 4)]
     rows = compare_methods(loaded, specs, input_ids, labels, kv)

@@ -13,16 +13,20 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from .baselines import KVMethod
+from .baselines import E8Entropy, KVMethod, standard_methods
+from .codec import MAX_BITS, MIN_BITS, E8Codec
+from .compressed_cache import CompressedKVLayer
 from .kv_capture import KVSample
 from .models import LoadedModel
 from .perplexity import perplexity
 from .quantized_cache import QuantizeDequantizeCache
 
-__all__ = ["MethodSpec", "compare_methods", "tensor_nbytes", "hf_quantized_cache", "generate_throughput"]
+__all__ = ["MethodSpec", "compare_methods", "tensor_nbytes", "hf_quantized_cache", "generate_throughput",
+           "compressed_cache_rate", "e8_bits_for_rate", "method_specs", "e8_spec", "delta_ratio"]
 
 
 @dataclass(frozen=True)
@@ -67,7 +71,8 @@ def compare_methods(loaded: LoadedModel, specs: list[MethodSpec], input_ids: Ten
     model, config = loaded.model, loaded.config
     fp = perplexity(model, input_ids, labels, batch_size=batch_size, progress=progress, desc="full precision")
     rows = [{"method": "full precision", "family": "fp16", "bits_per_dim": 16.0, "ppl": fp.ppl, "delta_pct": 0.0,
-             "mse_k": 0.0, "mse_v": 0.0, "tokens": fp.tokens}]
+             "mse_k": 0.0, "mse_v": 0.0, "tokens": fp.tokens, "window_nll": list(fp.window_nll),
+             "window_tokens": list(fp.window_tokens)}]
     for spec in specs:
         start = time.perf_counter()
         result = perplexity(model, input_ids, labels, spec.cache_factory(config), batch_size=batch_size,
@@ -78,8 +83,27 @@ def compare_methods(loaded: LoadedModel, specs: list[MethodSpec], input_ids: Ten
             "mse_k": _relative_mse(spec.key, kv.keys) if spec.key else float("nan"),
             "mse_v": _relative_mse(spec.value, kv.values) if spec.value else float("nan"),
             "tokens": result.tokens, "seconds": time.perf_counter() - start,
+            "window_nll": list(result.window_nll),
         })
     return rows
+
+
+def delta_ratio(rows: list[dict], method: str, baseline: str, n_boot: int = 4000, seed: int = 0) -> dict:
+    """ΔPPL of ``method`` over ΔPPL of ``baseline`` (rows of :func:`compare_methods`), with a 95%
+    paired bootstrap interval over windows (the same resampled windows for both and for fp)."""
+    by_name = {r["method"]: r for r in rows}
+    fp = np.asarray(rows[0]["window_nll"])
+    tokens = np.asarray(rows[0]["window_tokens"], dtype=np.float64)
+    a, b = np.asarray(by_name[method]["window_nll"]), np.asarray(by_name[baseline]["window_nll"])
+
+    def ratio(index: np.ndarray) -> np.ndarray:
+        n = tokens[index].sum(axis=-1)
+        return np.expm1((a - fp)[index].sum(axis=-1) / n) / np.expm1((b - fp)[index].sum(axis=-1) / n)
+
+    draws = ratio(np.random.default_rng(seed).integers(0, fp.size, (n_boot, fp.size)))
+    lo, hi = np.percentile(draws, [2.5, 97.5])
+    return {"method": method, "baseline": baseline, "ratio": float(ratio(np.arange(fp.size))),
+            "low": float(lo), "high": float(hi), "windows": int(fp.size)}
 
 
 def tensor_nbytes(obj) -> int:
@@ -118,6 +142,51 @@ def hf_quantized_cache(nbits: int, residual_length: int = 32, q_group_size: int 
 
     return MethodSpec(f"HF QuantizedCache quanto int{nbits}", make_cache=make, bits_per_dim=rate,
                       chunk_size=chunk_size, family="HF QuantizedCache")
+
+
+def compressed_cache_rate(kv: KVSample, bits: float, rotation: str = "rht", page_size: int = 64) -> float:
+    """Total bits/dim :class:`lqlib.CompressedKVCache` holds for a captured cache: every byte of its
+    pages (headers, step codes, payload, CRCs) and of its full-precision tail, × 8 / (2 · numel)."""
+    codec = E8Codec(bits, rotation=rotation)
+    total = 0
+    for layer in range(kv.keys.shape[0]):
+        held = CompressedKVLayer(codec, page_size)
+        held.update(kv.keys[layer, None], kv.values[layer, None])
+        total += held.nbytes()
+    return 8.0 * total / (2 * kv.keys.numel())
+
+
+def e8_bits_for_rate(total_bits: float, kv: KVSample, rotation: str = "rht", page_size: int = 64,
+                     tolerance: float = 0.002) -> float:
+    """The codec rate b whose real cache stores ``total_bits`` bits/dim on ``kv`` (to ``tolerance``),
+    by bisection: the stored rate grows with b."""
+    lo, hi = MIN_BITS, MAX_BITS
+    for _ in range(40):
+        mid = 0.5 * (lo + hi)
+        rate = compressed_cache_rate(kv, mid, rotation, page_size)
+        if abs(rate - total_bits) <= tolerance:
+            return mid
+        lo, hi = (mid, hi) if rate < total_bits else (lo, mid)
+    raise ValueError(f"no codec rate stores {total_bits} bits/dim within {tolerance} on this cache")
+
+
+def e8_spec(bits: float, rotation: str = "rht", label: str | None = None, page_size: int = 64) -> MethodSpec:
+    """E8 + entropy coding for the harness: in-loop codec, rate from the real cache's bytes."""
+    method = E8Entropy(bits, rotation)
+    label = label or f"E8 + EC {bits:g}{', no RHT' if rotation == 'none' else ''}"
+    return MethodSpec(label, method, method, family="E8 + EC" + (", no RHT" if rotation == "none" else ""),
+                      bits_per_dim=lambda kv: compressed_cache_rate(kv, bits, rotation, page_size))
+
+
+def method_specs(bits: int) -> list[MethodSpec]:
+    """Every baseline family at integer rate ``bits``; the E8 + EC rows take their rate from the real cache."""
+    specs = []
+    for label, family, key, value in standard_methods(bits):
+        if isinstance(key, E8Entropy):
+            specs.append(e8_spec(float(bits), key.rotation, label))
+        else:
+            specs.append(MethodSpec(label, key, value, family=family))
+    return specs
 
 
 class _OneLayerConfig:

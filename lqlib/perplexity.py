@@ -22,10 +22,12 @@ __all__ = ["PerplexityResult", "token_windows", "perplexity"]
 
 @dataclass(frozen=True)
 class PerplexityResult:
-    """Summed NLL (nats) over the scored tokens, their count, and exp(mean NLL)."""
+    """Summed NLL (nats) over the scored tokens, their count, and exp(mean NLL); also per window."""
 
     nll: float
     tokens: int
+    window_nll: tuple[float, ...] = ()
+    window_tokens: tuple[int, ...] = ()
 
     @property
     def ppl(self) -> float:
@@ -64,7 +66,7 @@ def perplexity(model, input_ids: Tensor, labels: Tensor, make_cache: Callable[[]
     so later chunks attend to what the cache stored for earlier ones (prefill, then
     decode-like steps); without it, one forward pass per batch of windows.
     """
-    nll, count = 0.0, 0
+    window_nll, window_tokens = [], []
     batches = range(0, input_ids.shape[0], batch_size)
     for start in tqdm(batches, desc=desc, disable=not progress, leave=False):
         ids = input_ids[start:start + batch_size].to(model.device)
@@ -79,7 +81,7 @@ def perplexity(model, input_ids: Tensor, labels: Tensor, make_cache: Callable[[]
                                 for s in range(0, ids.shape[1], chunk_size)], dim=1)
         logits = logits[:, :-1].float()
         shifted = target[:, 1:]
-        nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), shifted.reshape(-1), ignore_index=-100,
-                               reduction="sum").item()
-        count += int((shifted != -100).sum())
-    return PerplexityResult(nll, count)
+        per_token = F.cross_entropy(logits.transpose(1, 2), shifted, ignore_index=-100, reduction="none")
+        window_nll += per_token.double().sum(dim=1).tolist()
+        window_tokens += (shifted != -100).sum(dim=1).tolist()
+    return PerplexityResult(float(sum(window_nll)), int(sum(window_tokens)), tuple(window_nll), tuple(window_tokens))

@@ -38,7 +38,9 @@ def markdown_table(rows: Sequence[Mapping[str, object]], columns: Columns, digit
 
 def write_table(rows: Sequence[Mapping[str, object]], stem: str | Path, columns: Columns,
                 digits: int = 4) -> tuple[Path, Path]:
-    """Write ``stem.csv`` (all keys, full precision) and ``stem.md`` (``columns`` only, rounded).
+    """Write ``stem.csv`` (every scalar key, full precision) and ``stem.md`` (``columns`` only, rounded).
+
+    List- or dict-valued keys (e.g. per-window NLLs) stay out of the tidy CSV.
 
     Returns the two paths.
     """
@@ -46,10 +48,11 @@ def write_table(rows: Sequence[Mapping[str, object]], stem: str | Path, columns:
     stem.parent.mkdir(parents=True, exist_ok=True)
     csv_path, md_path = stem.with_suffix(".csv"), stem.with_suffix(".md")
     with csv_path.open("w", newline="") as handle:
-        fieldnames = list(dict.fromkeys(key for row in rows for key in row))  # union, first-seen order
+        scalar_rows = [{k: v for k, v in row.items() if not isinstance(v, (list, tuple, dict))} for row in rows]
+        fieldnames = list(dict.fromkeys(key for row in scalar_rows for key in row))  # union, first-seen order
         writer = csv.DictWriter(handle, fieldnames=fieldnames, restval="")
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows(scalar_rows)
     md_path.write_text(markdown_table(rows, columns, digits))
     return csv_path, md_path
 

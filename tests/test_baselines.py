@@ -2,12 +2,15 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from lqlib.baselines import (E8Entropy, E8FixedRate, IntPerToken, KiviStyle, TurboQuantStyle, _gaussian_codebook,
                              standard_methods)
-from lqlib.evaluate import MethodSpec, compare_methods, hf_quantized_cache, tensor_nbytes
+from lqlib.compressed_cache import CompressedKVCache
+from lqlib.evaluate import (compare_methods, compressed_cache_rate, delta_ratio, e8_bits_for_rate,
+                            hf_quantized_cache, method_specs, tensor_nbytes)
 from lqlib.kv_capture import capture_kv
 from lqlib.corpus import load_corpus
 from lqlib.perplexity import token_windows
@@ -68,12 +71,47 @@ def test_tensor_nbytes_unpacks_subclasses():
 def test_harness_on_the_default_model(default_model):
     ids, labels = token_windows(default_model.tokenizer, load_corpus().text, window=128, max_windows=2)
     kv = capture_kv(default_model, ids[:1])
-    specs = [MethodSpec(label, k, v, family=family) for label, family, k, v in standard_methods(4)
-             if "TurboQuant" in label or "E8 + EC 4" == label]
+    specs = [spec for spec in method_specs(4) if "TurboQuant" in spec.label or "E8 + EC 4" == spec.label]
     specs.append(hf_quantized_cache(4))
     rows = compare_methods(default_model, specs, ids, labels, kv, progress=False)
     by = {r["method"]: r for r in rows}
     assert by["full precision"]["delta_pct"] == 0.0 and all(r["tokens"] == 2 * 127 for r in rows)
-    assert by["E8 + EC 4"]["bits_per_dim"] == pytest.approx(4.25, abs=0.03)
+    assert all(len(r["window_nll"]) == 2 and sum(r["window_nll"]) == pytest.approx(r["ppl"] and
+               math.log(r["ppl"]) * r["tokens"], rel=1e-9) for r in rows)
+    # E8 + EC's rate is the real cache's: 4 bits + step codes + page headers (the cache in a forward
+    # pass holds slightly different K/V past layer 0, since attention there reads quantized history)
+    cache = CompressedKVCache(default_model.config, 4.0)
+    with torch.no_grad():
+        default_model.model(ids[:1], cache=cache, use_cache=True)
+    assert by["E8 + EC 4"]["bits_per_dim"] == pytest.approx(8 * cache.nbytes() / (2 * kv.keys.numel()), rel=1e-3)
+    assert 4.0 < by["E8 + EC 4"]["bits_per_dim"] < 4.12
     assert by["HF QuantizedCache quanto int4"]["bits_per_dim"] == pytest.approx(5.0, abs=0.01)
     assert by["E8 + EC 4"]["mse_k"] < by["TurboQuant-style 4"]["mse_k"]
+
+
+@pytest.mark.model
+def test_e8_bits_for_a_target_rate(default_model):
+    ids, _ = token_windows(default_model.tokenizer, load_corpus().text, window=128, max_windows=1)
+    kv = capture_kv(default_model, ids)
+    b = e8_bits_for_rate(4.25, kv)
+    assert compressed_cache_rate(kv, b) == pytest.approx(4.25, abs=0.002) and 4.1 < b < 4.25
+    assert compressed_cache_rate(kv, 3.0) < compressed_cache_rate(kv, 3.5) < compressed_cache_rate(kv, 4.0)
+
+
+def test_delta_ratio_and_its_interval():
+    rng = np.random.default_rng(0)
+    fp = rng.uniform(300, 400, 40)
+    tokens = [127] * 40
+    a = fp + rng.uniform(1, 3, 40)
+    rows = [{"method": "full precision", "window_nll": fp.tolist(), "window_tokens": tokens},
+            {"method": "a", "window_nll": a.tolist()},
+            {"method": "b", "window_nll": (fp + 2 * (a - fp)).tolist()},
+            {"method": "c", "window_nll": (fp + 2 * (a - fp) + rng.normal(0, 0.5, 40)).tolist()}]
+    exact = delta_ratio(rows, "b", "a")
+    # b's per-window increase is exactly twice a's: ratio of PPL increases ≈ 2, interval tight around it
+    expected = np.expm1(2 * (a - fp).sum() / (127 * 40)) / np.expm1((a - fp).sum() / (127 * 40))
+    assert exact["ratio"] == pytest.approx(expected) and exact["low"] <= exact["ratio"] <= exact["high"]
+    assert exact["high"] - exact["low"] < 0.01
+    noisy = delta_ratio(rows, "c", "a")
+    assert noisy["low"] < noisy["ratio"] < noisy["high"] and noisy["high"] - noisy["low"] > 0.02
+    assert delta_ratio(rows, "a", "a")["ratio"] == 1.0

@@ -1,5 +1,6 @@
 """The compressed KV cache: same numbers as the in-loop path, real bytes, generate(), clear errors."""
 
+import numpy as np
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -41,13 +42,14 @@ def test_real_bytes_and_no_resident_copy(default_model, windows):
     with torch.no_grad():
         default_model.model(windows[0][:1, :150], cache=cache, use_cache=True)
     layer = cache.layers[0]
-    assert len(layer.key_pages) == 2 and layer.key_tail.shape[-2] == 150 - 128
-    pages = sum(len(p) for l in cache.layers for p in l.key_pages + l.value_pages)
+    assert len(layer.pages) == 2 and layer.key_tail.shape[-2] == 150 - 128
+    pages = sum(len(s) for l in cache.layers for p in l.pages for s in p)
     tail = sum(2 * l.key_tail.numel() * 4 for l in cache.layers)
     assert cache.nbytes() == pages + tail
     # every page is a self-contained lqlib bitstream whose rate the codec accounts for
-    page = Encoded.from_bytes(layer.key_pages[0])
-    assert page.shape == (1, 3, 64, 64) and len(layer.key_pages[0]) == page.nbytes()
+    assert all(len(p) == 1 for p in layer.pages)  # keys and values at one rate: one bitstream per page
+    page = Encoded.from_bytes(layer.pages[0][0])
+    assert page.shape == (2, 1, 3, 64, 64) and len(layer.pages[0][0]) == page.nbytes()
     # no tensor of the sealed history stays on the layer
     tensors = [v for v in vars(layer).values() if isinstance(v, torch.Tensor)]
     assert sum(t.shape[-2] for t in tensors) == 2 * (150 - 128)
@@ -96,7 +98,7 @@ def test_recent_window_is_read_at_full_precision():
     layer = CompressedKVLayer(E8Codec(4.0), page_size=4, recent_window=3)
     k, v = torch.randn(2, 3, 9, 64), torch.randn(2, 3, 9, 64)
     keys, values = layer.update(k, v)
-    assert len(layer.key_pages) == 1  # 9 - 3 = 6 >= 4: one page sealed, 5 tokens stay in the tail
+    assert len(layer.pages) == 1  # 9 - 3 = 6 >= 4: one page sealed, 5 tokens stay in the tail
     codec = E8Codec(4.0)
     assert torch.equal(keys[..., 6:, :], k[..., 6:, :])                     # recent window: exact
     assert torch.equal(keys[..., :6, :], codec.quantize(k[..., :6, :]))      # the rest: through the codec
@@ -139,3 +141,48 @@ def test_gqa_random_model_round_trip():
     b = perplexity(model, ids, labels, lambda: QuantizeDequantizeCache(E8Codec(3.0).quantize, config),
                    chunk_size=10, batch_size=2, progress=False)
     assert a.nll == pytest.approx(b.nll, rel=1e-6)
+
+
+def _random_gqa_model(layers: int = 3):
+    config = LlamaConfig(vocab_size=97, hidden_size=256, intermediate_size=256, num_hidden_layers=layers,
+                         num_attention_heads=8, num_key_value_heads=2)
+    torch.manual_seed(0)
+    return config, LlamaForCausalLM(config).eval()
+
+
+def test_bit_schedule_matches_the_in_loop_path_and_its_bytes():
+    """Per-layer K/V rates: pages with two bitstreams where K and V differ, one where they agree."""
+    config, model = _random_gqa_model()
+    schedule = np.array([[5.0, 3.0], [4.0, 4.0], [3.5, 2.5]])
+    ids = torch.randint(0, 97, (2, 48))
+    a = perplexity(model, ids, ids.clone(), lambda: CompressedKVCache(config, schedule, page_size=16),
+                   chunk_size=12, batch_size=2, progress=False)
+    keys = [E8Codec(k).quantize for k, _ in schedule]
+    values = [E8Codec(v).quantize for _, v in schedule]
+    b = perplexity(model, ids, ids.clone(), lambda: QuantizeDequantizeCache(keys, config, values),
+                   chunk_size=12, batch_size=2, progress=False)
+    assert a.nll == pytest.approx(b.nll, rel=1e-6)
+    cache = CompressedKVCache(config, schedule, page_size=16)
+    with torch.no_grad():
+        model(ids, cache=cache, use_cache=True)
+    assert [len(layer.pages[0]) for layer in cache.layers] == [2, 1, 2]
+    first = cache.layers[0].pages[0]
+    assert Encoded.from_bytes(first[0]).header.bits == 5.0 and Encoded.from_bytes(first[1]).header.bits == 3.0
+    with pytest.raises(lqlib.InputError, match="schedule"):
+        CompressedKVCache(config, np.full((2, 2), 4.0))
+
+
+def test_per_channel_key_scales():
+    """Keys are divided by their channel scales before coding and multiplied after; bytes counted."""
+    scales = torch.rand(2, 64) + 0.5
+    layer = CompressedKVLayer(E8Codec(4.0), page_size=4, key_scales=scales)
+    k, v = torch.randn(1, 2, 9, 64), torch.randn(1, 2, 9, 64)
+    keys, values = layer.update(k, v)
+    s16 = scales.to(torch.float16).float()[:, None, :]
+    assert torch.equal(keys, E8Codec(4.0).quantize(k / s16) * s16)
+    assert torch.equal(values, E8Codec(4.0).quantize(v))
+    assert layer.nbytes() == sum(len(x) for p in layer.pages for x in p) + 2 * k[..., 8:, :].numel() * 4 + 2 * 128
+    with pytest.raises(lqlib.InputError, match="key_scales"):
+        CompressedKVLayer(E8Codec(4.0), key_scales=-scales)
+    with pytest.raises(lqlib.InputError, match="key_scales"):
+        CompressedKVLayer(E8Codec(4.0), key_scales=torch.ones(3, 64)).update(k, v)
