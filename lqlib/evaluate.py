@@ -144,13 +144,18 @@ def hf_quantized_cache(nbits: int, residual_length: int = 32, q_group_size: int 
                       chunk_size=chunk_size, family="HF QuantizedCache")
 
 
-def compressed_cache_rate(kv: KVSample, bits: float, rotation: str = "rht", page_size: int = 64) -> float:
+def compressed_cache_rate(kv: KVSample, bits: float | np.ndarray, rotation: str = "rht", page_size: int = 64,
+                          key_scales: Tensor | None = None) -> float:
     """Total bits/dim :class:`lqlib.CompressedKVCache` holds for a captured cache: every byte of its
-    pages (headers, step codes, payload, CRCs) and of its full-precision tail, × 8 / (2 · numel)."""
-    codec = E8Codec(bits, rotation=rotation)
+    pages (headers, step codes, payload, CRCs), of its full-precision tail and of its key scales,
+    × 8 / (2 · numel). ``bits`` is one rate or a (layers, 2) schedule of key and value rates;
+    ``key_scales`` (layers, kv_heads, head_dim) are optional per-channel key scales."""
+    schedule = np.broadcast_to(np.asarray(bits, dtype=np.float64), (kv.keys.shape[0], 2))
+    codecs = {float(b): E8Codec(float(b), rotation=rotation) for b in np.unique(schedule)}
     total = 0
-    for layer in range(kv.keys.shape[0]):
-        held = CompressedKVLayer(codec, page_size)
+    for layer, (kb, vb) in enumerate(schedule):
+        held = CompressedKVLayer(codecs[float(kb)], page_size, value_codec=codecs[float(vb)],
+                                 key_scales=None if key_scales is None else key_scales[layer])
         held.update(kv.keys[layer, None], kv.values[layer, None])
         total += held.nbytes()
     return 8.0 * total / (2 * kv.keys.numel())
