@@ -39,6 +39,7 @@ __all__ = ["Sensitivity", "attention_sensitivity", "propagation_factors", "measu
            "slot_distortion", "E8_DISTORTION_CONSTANT"]
 
 E8_DISTORTION_CONSTANT = entropy_coded_gap("E8")  # c: MSE per dim = c · ms · 4^(−b) at high rate
+_PER_HEAD = ("eta_k", "eta_v", "sigma2_k", "sigma2_v", "weight_k", "weight_v")
 
 
 @dataclass(frozen=True, eq=False)
@@ -57,6 +58,27 @@ class Sensitivity:
         """Γ_l·weight: shape (layers, 2) for the (K, V) slots of each layer, or (layers, 2, kv_heads)."""
         w = np.stack([self.weight_k, self.weight_v], axis=1) * self.gamma[:, None, None]
         return w if per_head else w.sum(axis=-1)
+
+    def to_rows(self) -> list[dict]:
+        """One tidy row per (layer, KV head): every field (Γ repeated per head)."""
+        layers, heads = self.eta_k.shape
+        return [{"layer": l, "kv_head": h, "gamma": float(self.gamma[l]),
+                 **{name: float(getattr(self, name)[l, h]) for name in _PER_HEAD}}
+                for l in range(layers) for h in range(heads)]
+
+    @classmethod
+    def from_rows(cls, rows: list[dict]) -> "Sensitivity":
+        """Inverse of :meth:`to_rows` (values may be strings, as read from CSV)."""
+        layers = 1 + max(int(r["layer"]) for r in rows)
+        heads = 1 + max(int(r["kv_head"]) for r in rows)
+        fields = {name: np.zeros((layers, heads)) for name in _PER_HEAD}
+        gamma = np.zeros(layers)
+        for r in rows:
+            l, h = int(r["layer"]), int(r["kv_head"])
+            gamma[l] = float(r["gamma"])
+            for name in _PER_HEAD:
+                fields[name][l, h] = float(r[name])
+        return cls(gamma=gamma, **fields)
 
     def predicted_distortion(self, bits: np.ndarray | float, per_head: bool = False) -> np.ndarray:
         """Γ_l·weight·c·4^(−b) for rates ``bits`` broadcastable to :meth:`slot_weights`."""

@@ -6,7 +6,7 @@ import csv
 from pathlib import Path
 from typing import Mapping, Sequence
 
-__all__ = ["write_table", "markdown_table", "show_table"]
+__all__ = ["read_table", "write_table", "markdown_table", "show_table"]
 
 
 def _cell(value: object, digits: int) -> str:
@@ -55,6 +55,12 @@ def write_table(rows: Sequence[Mapping[str, object]], stem: str | Path, columns:
         writer.writerows(scalar_rows)
     md_path.write_text(markdown_table(rows, columns, digits))
     return csv_path, md_path
+
+
+def read_table(stem: str | Path) -> list[dict[str, str]]:
+    """The rows of ``stem.csv`` written by :func:`write_table` (values as strings)."""
+    with Path(stem).with_suffix(".csv").open(newline="") as handle:
+        return list(csv.DictReader(handle))
 
 
 def show_table(rows: Sequence[Mapping[str, object]], name: str, columns: Columns, caption: str,

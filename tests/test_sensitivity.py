@@ -110,3 +110,18 @@ def test_scheduled_in_loop_path_equals_the_cache_with_key_scales(tiny):
                    lambda: CompressedKVCache(config, schedule, page_size=8, key_scales=scales), chunk_size=8,
                    progress=False)
     assert a.nll == pytest.approx(b.nll, rel=1e-9)
+
+
+def test_sensitivity_rows_round_trip(tiny, tmp_path):
+    from lqlib.sensitivity import Sensitivity
+    from lqlib.tables import read_table, write_table
+
+    loaded, ids = tiny
+    stats = attention_sensitivity(loaded, ids, progress=False)
+    sens = Sensitivity(gamma=np.array([2.0, 0.5]), **stats)
+    write_table(sens.to_rows(), tmp_path / "sensitivity", {"layer": "layer"})
+    back = Sensitivity.from_rows(read_table(tmp_path / "sensitivity"))
+    np.testing.assert_allclose(back.slot_weights(per_head=True), sens.slot_weights(per_head=True), rtol=1e-15)
+    assert back.slot_weights().shape == (2, 2)
+    np.testing.assert_allclose(sens.predicted_distortion(np.array([[4.0, 3.0], [4.0, 3.0]]))[:, 1],
+                               sens.slot_weights()[:, 1] * 1.2243 * 4.0 ** -3, rtol=1e-3)
