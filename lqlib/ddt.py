@@ -1,0 +1,677 @@
+"""Paper III, Directional Distortion Theory: loss gradients at the KV cache against quantization errors.
+
+Conventions
+-----------
+* **Loss.** L is the *summed* token NLL (nats) of a window: Σ over the scored targets
+  ``ids[:, 1:]`` (or ``labels[:, 1:]`` ≠ −100) of −log p. With the sum, the gradient of one
+  cached vector does not depend on how many windows share a batch or on a 1/T convention;
+  divide by the number of scored tokens to get per-token quantities. Every ΔL and Q1 below is
+  in these units, summed over all windows.
+* **Gradient.** g = ∂L/∂x for a cached vector x *as the cache sees it*: keys after RoPE, of
+  shape (batch, kv_heads, tokens, head_dim). It is the derivative with respect to an error
+  added to that cache write, measured by adding a zero leaf tensor δ to every write
+  (``x + δ``) and differentiating at δ = 0. By default (``downstream=True``) the graph is
+  intact, so g also carries the error's effect through every later layer's keys and values
+  (an error in layer 0 moves the hidden states that layer 1 projects into its K and V): this
+  is the derivative that the in-loop quantized cache realises, where each layer's quantizer
+  acts on whatever arrives. ``downstream=False`` detaches the inputs of ``k_proj``/``v_proj``,
+  which gives the partial derivative with every other layer's cache contents held fixed.
+  The key of the last position has g = 0 (its query scores no target) and is still counted.
+* **Pre-RoPE.** ``pre_rope=True`` differentiates with respect to the ``k_proj`` output
+  instead (per head). RoPE is a rotation R_t per position, so g_pre = R_tᵀ g_post (same norm).
+  Values are not rotated: their gradients are the same either way.
+* **Moments.** Per (layer l, path X ∈ {K = 0, V = 1}, KV head h), over all cached vectors t:
+  M = E_t[g gᵀ], Σ = E_t[e eᵀ] (uncentred), Σ_c = Σ − ē ēᵀ with e = x̂ − x. Arrays are
+  float64 of shape (layers, 2, kv_heads, d, d) and the functions on them work on any
+  leading axes.
+* **Master identity (Theorem A).** ΔL = Q1 + Q2 + …, Q1 = Σ_t gᵀe over every cached vector.
+  :func:`first_order_term` takes e as the quantized pass really injects it (``errors=
+  "injected"``: layer l's quantizer sees inputs already moved by the errors of layers < l)
+  or from the clean cache (``"clean"``; exact for layer 0 only). :func:`master_identity`
+  also runs the *mirror* pass that injects −e: the odd part (ΔL(e) − ΔL(−e))/2 equals Q1 up to
+  third order, the even part is Q2 up to fourth order. (transformers' RMSNorm computes in
+  float32 even in a float64 model, which puts a ~1e-7 relative noise floor under such checks.)
+* **Risks.** directional risk tr(MΣ) ≈ E[(gᵀe)²] per vector; MSE tr(Σ); HLP bounds
+  λ_min(M)·tr(Σ) ≤ tr(MΣ) ≤ λ_max(M)·tr(Σ) for PSD M and Σ.
+
+Quantizers for the studies: :class:`ScalarBlockQuantizer` (uniform, one step per block, the
+step set by the bit width), :class:`Permuted` (any quantizer under a reordering of the dims,
+the "permutation puzzle") and :class:`Dithered` (subtractive dither: error uniform and
+independent of the input, Theorem B; :func:`variance_additivity` checks the variance split).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .kv_capture import KVSample
+from .models import LoadedModel
+from .quantized_cache import QuantizeDequantizeCache
+
+__all__ = [
+    "KVGradients", "kv_gradients", "gradient_moments",
+    "error_moments", "error_moments_for_cache",
+    "directional_risk", "hlp_bounds", "k_path_share", "bias_drift",
+    "first_order_term", "loss_change", "master_identity",
+    "SCALAR_STEP_FACTOR", "ScalarBlockQuantizer", "Permuted", "block_permutation", "Dithered",
+    "variance_additivity",
+]
+
+Quantizer = Callable[[Tensor], Tensor]  # or any object with a ``quantize`` method, e.g. E8Codec
+Quantizers = Quantizer | Sequence[Quantizer]
+
+# Δ = SCALAR_STEP_FACTOR · rms · 2^(−b): the step whose uniform quantizer has an output entropy of
+# about b bits on a Gaussian at high rate (h(X) − log2 Δ = b); the E8 codec uses the same formula.
+SCALAR_STEP_FACTOR = math.sqrt(2.0 * math.pi * math.e)
+
+
+# ===================================================================== model passes
+def _layers(model) -> list:
+    inner = getattr(model, "model", model)
+    return list(inner.layers)
+
+
+def _as_quantizer(quantizer) -> Quantizer:
+    """A callable, or an object with a ``quantize`` method (e.g. :class:`~lqlib.E8Codec`)."""
+    return quantizer.quantize if hasattr(quantizer, "quantize") else quantizer
+
+
+def _per_layer(quantizer: Quantizers, n_layers: int) -> list[Quantizer]:
+    """One quantizer per layer from a quantizer or a sequence of them (a schedule)."""
+    if callable(quantizer) or hasattr(quantizer, "quantize"):
+        return [_as_quantizer(quantizer)] * n_layers
+    quantizer = [_as_quantizer(q) for q in quantizer]
+    if len(quantizer) != n_layers:
+        raise ValueError(f"need one quantizer per layer ({n_layers}), got {len(quantizer)}")
+    return quantizer
+
+
+def _targets(ids: Tensor, labels: Tensor | None) -> Tensor:
+    return (ids if labels is None else labels.to(ids.device))[:, 1:]
+
+
+def _window_nll(logits: Tensor, targets: Tensor) -> Tensor:
+    """Summed NLL (nats) of each window's scored targets, shape (B,); logits (B, T, V), targets (B, T−1)
+    with −100 = unscored. Computed in float32 at least."""
+    work = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))
+    return F.cross_entropy(work.transpose(1, 2), targets, ignore_index=-100, reduction="none").sum(-1)
+
+
+def _windows(loaded: LoadedModel, input_ids: Tensor, labels: Tensor | None, batch_size: int, desc: str,
+             progress: bool):
+    """Yield (ids, targets) per batch of windows, on the model's device."""
+    for start in tqdm(range(0, input_ids.shape[0], batch_size), desc=desc, disable=not progress, leave=False):
+        ids = input_ids[start:start + batch_size].to(loaded.model.device)
+        yield ids, _targets(ids, None if labels is None else labels[start:start + batch_size])
+
+
+def _slot_quantizers(loaded: LoadedModel, keys: Quantizers, values: Quantizers | None
+                     ) -> tuple[list[Quantizer], list[Quantizer]]:
+    """Per-layer key and value quantizers (values default to the keys')."""
+    n = len(_layers(loaded.model))
+    return _per_layer(keys, n), _per_layer(keys if values is None else values, n)
+
+
+@dataclass
+class _Probe:
+    """What one differentiated forward pass gives: per layer, gradients and the cached (clean) vectors.
+
+    Each list holds one tensor per layer of shape (batch, kv_heads, tokens, head_dim).
+    """
+
+    nll: Tensor  # (batch,), summed NLL of each window
+    grad_keys: list[Tensor]
+    grad_values: list[Tensor]
+    keys: list[Tensor]
+    values: list[Tensor]
+
+
+def _probe_pass(loaded: LoadedModel, ids: Tensor, targets: Tensor, pre_rope: bool, downstream: bool) -> _Probe:
+    """One forward pass with zero leaves added to the K and V writes, then ∂(summed NLL)/∂leaves."""
+    model = loaded.model
+    layers = _layers(model)
+    n = len(layers)
+    leaves: dict[tuple[int, int], Tensor] = {}
+    clean: dict[tuple[int, int], Tensor] = {}
+
+    def probe(index: int, path: int) -> Quantizer:
+        def write(x: Tensor) -> Tensor:
+            clean[(index, path)] = x.detach()
+            delta = torch.zeros_like(x.detach()).requires_grad_()
+            leaves[(index, path)] = delta
+            return x + delta
+        return write
+
+    def key_projection(index: int, heads: int):
+        def hook(_module, _inputs, output):
+            delta = torch.zeros_like(output.detach()).requires_grad_()
+            leaves[(index, 0)] = delta
+            b, t, _ = output.shape
+            clean[(index, 0)] = output.detach().view(b, t, heads, -1).transpose(1, 2)
+            return output + delta
+        return hook
+
+    def detach_input(_module, inputs):
+        return (inputs[0].detach(),) + tuple(inputs[1:])
+
+    handles = []
+    try:
+        for index, layer in enumerate(layers):
+            attn = layer.self_attn
+            if not downstream:
+                handles += [attn.k_proj.register_forward_pre_hook(detach_input),
+                            attn.v_proj.register_forward_pre_hook(detach_input)]
+            if pre_rope:
+                heads = attn.config.num_key_value_heads
+                handles.append(attn.k_proj.register_forward_hook(key_projection(index, heads)))
+        keys = [(lambda x: x) if pre_rope else probe(i, 0) for i in range(n)]  # pre-RoPE: probed at k_proj
+        values = [probe(i, 1) for i in range(n)]
+        with torch.enable_grad():
+            logits = model(ids, cache=QuantizeDequantizeCache(keys, loaded.config, values), use_cache=True).logits
+            nll = _window_nll(logits, targets)
+            order = [(i, p) for i in range(n) for p in (0, 1)]
+            grads = torch.autograd.grad(nll.sum(), [leaves[k] for k in order], allow_unused=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+    grads = {k: torch.zeros_like(leaves[k]) if g is None else g for k, g in zip(order, grads)}
+    grad_keys = [grads[(i, 0)] for i in range(n)]
+    if pre_rope:  # (B, T, H·d) → (B, H, T, d)
+        grad_keys = [g.view(*g.shape[:2], clean[(i, 0)].shape[1], -1).transpose(1, 2) for i, g in enumerate(grad_keys)]
+    return _Probe(nll.detach(), grad_keys, [grads[(i, 1)] for i in range(n)],
+                  [clean[(i, 0)] for i in range(n)], [clean[(i, 1)] for i in range(n)])
+
+
+@dataclass(frozen=True)
+class KVGradients:
+    """Loss gradients at every cached vector of some windows (see the module's conventions).
+
+    Attributes
+    ----------
+    grad_keys, grad_values : shape (layers, windows, kv_heads, tokens, head_dim), in the cache's
+        dtype (the model's), on the CPU; ∂(summed NLL of the window)/∂x.
+    keys, values : the clean cached vectors they belong to, same shape (pre-RoPE keys when
+        ``pre_rope``).
+    nll : float64, shape (windows,): summed NLL of each window (nats).
+    tokens : int64, shape (windows,): scored tokens of each window.
+    pre_rope : whether the key gradients are taken before RoPE.
+    """
+
+    grad_keys: Tensor
+    grad_values: Tensor
+    keys: Tensor
+    values: Tensor
+    nll: np.ndarray
+    tokens: np.ndarray
+    pre_rope: bool
+
+
+def kv_gradients(loaded: LoadedModel, input_ids: Tensor, pre_rope: bool = False, progress: bool = True, *,
+                 labels: Tensor | None = None, downstream: bool = True, batch_size: int = 1) -> KVGradients:
+    """∂L/∂x for every cached key and value of the windows ``input_ids`` (n, T); L the summed NLL.
+
+    Keeps everything: memory grows as 4 × the KV cache of all windows. For many windows use
+    :func:`gradient_moments`, which streams.
+
+    Parameters
+    ----------
+    pre_rope : differentiate the keys before RoPE (the ``k_proj`` output, per head).
+    labels : (n, T) targets with −100 for unscored tokens (default: every next token).
+    downstream : include the paths through later layers' keys and values (default); False
+        gives the partial derivative with every other layer's cache held fixed.
+    """
+    parts: dict[str, list[Tensor]] = {"grad_keys": [], "grad_values": [], "keys": [], "values": []}
+    nll, tokens = [], []
+    for ids, targets in _windows(loaded, input_ids, labels, batch_size, "KV gradients", progress):
+        probe = _probe_pass(loaded, ids, targets, pre_rope, downstream)
+        for name in parts:
+            parts[name].append(torch.stack(getattr(probe, name)).cpu())
+        nll += probe.nll.double().tolist()
+        tokens += (targets != -100).sum(-1).tolist()
+    stacked = {name: torch.cat(chunks, dim=1) for name, chunks in parts.items()}
+    return KVGradients(**stacked, nll=np.asarray(nll), tokens=np.asarray(tokens), pre_rope=pre_rope)
+
+
+def gradient_moments(loaded: LoadedModel, input_ids: Tensor, pre_rope: bool = False, batch_size: int = 1,
+                     progress: bool = True, *, labels: Tensor | None = None, downstream: bool = True) -> dict:
+    """M = E_t[g gᵀ] per (layer, K/V, KV head), accumulated window batch by window batch.
+
+    Only the running sums stay in memory (float64 on the model's device); each batch's
+    gradients are dropped after use.
+
+    Returns
+    -------
+    dict with ``M`` float64 (layers, 2, kv_heads, d, d) (path 0 = keys, 1 = values),
+    ``mean_gradient`` float64 (layers, 2, kv_heads, d), ``count`` (cached vectors per head:
+    windows × tokens), ``nll`` (summed NLL of all windows, nats) and ``scored_tokens``.
+    """
+    m_sum = g_sum = None
+    count, nll, scored = 0, 0.0, 0
+    for ids, targets in _windows(loaded, input_ids, labels, batch_size, "gradient moments", progress):
+        probe = _probe_pass(loaded, ids, targets, pre_rope, downstream)
+        for layer, (gk, gv) in enumerate(zip(probe.grad_keys, probe.grad_values)):
+            g = torch.stack([gk, gv]).to(torch.float64)                     # (2, B, H, T, d)
+            if m_sum is None:
+                shape = (len(probe.grad_keys), 2, g.shape[2], g.shape[-1])
+                m_sum = torch.zeros(*shape, g.shape[-1], dtype=torch.float64, device=g.device)
+                g_sum = torch.zeros(shape, dtype=torch.float64, device=g.device)
+            m_sum[layer] += torch.einsum("pbhti,pbhtj->phij", g, g)
+            g_sum[layer] += g.sum(dim=(1, 3))
+        count += ids.shape[0] * ids.shape[1]
+        nll += float(probe.nll.double().sum())
+        scored += int((targets != -100).sum())
+    m_sum = 0.5 * (m_sum + m_sum.transpose(-1, -2))                          # exactly symmetric
+    return {"M": (m_sum / count).cpu().numpy(), "mean_gradient": (g_sum / count).cpu().numpy(),
+            "count": count, "nll": nll, "scored_tokens": scored}
+
+
+# ===================================================================== error moments and risks
+def error_moments(x: Tensor, quantizer: Quantizer) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Σ, Σ_c and ē of the error e = quantizer(x) − x, per head.
+
+    Parameters
+    ----------
+    x : shape (..., kv_heads, T, d); ``quantizer`` is applied to it as a whole (as the cache
+        applies it to a (batch, kv_heads, T, d) write).
+
+    Returns
+    -------
+    (Sigma, Sigma_c, mean_error), float64 arrays of shapes (..., kv_heads, d, d),
+    (..., kv_heads, d, d) and (..., kv_heads, d): moments over the T axis only.
+    """
+    e = _as_quantizer(quantizer)(x).to(torch.float64) - x.to(torch.float64)
+    sigma = torch.einsum("...ti,...tj->...ij", e, e) / e.shape[-2]
+    sigma = 0.5 * (sigma + sigma.transpose(-1, -2))                          # exactly symmetric
+    mean = e.mean(dim=-2)
+    sigma_c = sigma - mean[..., :, None] * mean[..., None, :]
+    return sigma.cpu().numpy(), sigma_c.cpu().numpy(), mean.cpu().numpy()
+
+
+def error_moments_for_cache(kv: KVSample, key_quantizer: Quantizers, value_quantizer: Quantizers | None = None
+                            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`error_moments` of a captured cache, layer by layer (a quantizer or one per layer).
+
+    Each layer's keys (values) are quantized as one (1, kv_heads, T, d) write, as
+    :class:`~lqlib.quantized_cache.QuantizeDequantizeCache` does for one window.
+
+    Returns
+    -------
+    (Sigma, Sigma_c, mean_error): float64 (layers, 2, kv_heads, d, d) twice and (layers, 2, kv_heads, d).
+    """
+    n = kv.keys.shape[0]
+    kq = _per_layer(key_quantizer, n)
+    vq = _per_layer(key_quantizer if value_quantizer is None else value_quantizer, n)
+
+    def one_write(x: Tensor, quantizer: Quantizer) -> list[np.ndarray]:   # (H, T, d) → moments without batch axis
+        return [moment[0] for moment in error_moments(x[None], quantizer)]
+
+    slots = [[one_write(kv.keys[l], kq[l]), one_write(kv.values[l], vq[l])] for l in range(n)]
+    return tuple(np.array([[slot[i] for slot in layer] for layer in slots]) for i in range(3))
+
+
+def _trace_product(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.einsum("...ij,...ji->...", np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64))
+
+
+def directional_risk(M: np.ndarray, Sigma: np.ndarray) -> np.ndarray:
+    """tr(M·Σ) over the last two axes (broadcasting over the leading ones): E[(gᵀe)²] for independent g, e."""
+    return _trace_product(M, Sigma)
+
+
+def hlp_bounds(M: np.ndarray, Sigma: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(λ_min(M)·tr Σ, λ_max(M)·tr Σ): bounds on tr(MΣ) for symmetric PSD M and Σ, per leading index.
+
+    Tight: the lower (upper) bound is reached by Σ ∝ v vᵀ with v the eigenvector of λ_min (λ_max).
+    """
+    eig = np.linalg.eigvalsh(np.asarray(M, dtype=np.float64))
+    trace = np.trace(np.asarray(Sigma, dtype=np.float64), axis1=-2, axis2=-1)
+    return eig[..., 0] * trace, eig[..., -1] * trace
+
+
+def k_path_share(M: np.ndarray, Sigma: np.ndarray) -> np.ndarray:
+    """tr(MΣ)_K / (tr(MΣ)_K + tr(MΣ)_V) summed over layers and heads.
+
+    M, Sigma : shape (..., layers, 2, kv_heads, d, d); returns shape (...).
+    """
+    risk = directional_risk(M, Sigma)                    # (..., layers, 2, kv_heads)
+    k, v = risk[..., 0, :].sum(axis=(-1, -2)), risk[..., 1, :].sum(axis=(-1, -2))
+    return k / (k + v)
+
+
+def bias_drift(M: np.ndarray, Sigma: np.ndarray, Sigma_c: np.ndarray,
+               axis: int | tuple[int, ...] | None = None) -> np.ndarray:
+    """|tr(MΣ) − tr(MΣ_c)| / tr(MΣ): the share of the directional risk due to the mean error
+    (= ēᵀMē / tr MΣ).
+
+    With ``axis``, the risks are first summed over those axes of the (leading-axes) risk array,
+    e.g. ``axis=(0, 1, 2)`` on (layers, 2, kv_heads, d, d) inputs gives one model-level number.
+    """
+    risk, centred = directional_risk(M, Sigma), directional_risk(M, Sigma_c)
+    if axis is not None:
+        risk, centred = risk.sum(axis=axis), centred.sum(axis=axis)
+    return np.abs(risk - centred) / risk
+
+
+# ===================================================================== Theorem A: Q1 against ΔL
+def _recording(quantizer: Quantizer, store: dict, key: tuple[int, int]) -> Quantizer:
+    """``quantizer`` that also records the error it injects (x̂ − x) under ``key``."""
+    def write(x: Tensor) -> Tensor:
+        out = quantizer(x)
+        store[key] = (out - x).detach()
+        return out
+    return write
+
+
+def _shifted(shift: Tensor) -> Quantizer:
+    return lambda x: x + shift.to(x.dtype)
+
+
+@torch.no_grad()
+def _quantized_pass(loaded: LoadedModel, ids: Tensor, targets: Tensor, kq: list[Quantizer], vq: list[Quantizer]
+                    ) -> tuple[Tensor, dict]:
+    """Summed NLL per window with the in-loop quantized cache, and the injected errors {(layer, path): e}."""
+    errors: dict[tuple[int, int], Tensor] = {}
+    keys = [_recording(q, errors, (i, 0)) for i, q in enumerate(kq)]
+    values = [_recording(q, errors, (i, 1)) for i, q in enumerate(vq)]
+    logits = loaded.model(ids, cache=QuantizeDequantizeCache(keys, loaded.config, values), use_cache=True).logits
+    return _window_nll(logits, targets), errors
+
+
+def _dot(g: Tensor, e: Tensor) -> float:
+    return float((g.to(torch.float64) * e.to(torch.float64)).sum())
+
+
+def _first_order(probe: _Probe, errors: dict) -> float:
+    return sum(_dot(g, errors[(i, p)]) for p, grads in enumerate((probe.grad_keys, probe.grad_values))
+               for i, g in enumerate(grads))
+
+
+@torch.no_grad()
+def _clean_errors(probe: _Probe, kq: list[Quantizer], vq: list[Quantizer]) -> dict:
+    """e = q(x) − x on the clean cache of a probe pass, {(layer, path): e}."""
+    return {(i, p): q[i](x[i]) - x[i] for p, (x, q) in enumerate(((probe.keys, kq), (probe.values, vq)))
+            for i in range(len(kq))}
+
+
+def master_identity(loaded: LoadedModel, input_ids: Tensor, key_quantizers: Quantizers,
+                    value_quantizers: Quantizers | None = None, batch_size: int = 1, progress: bool = True, *,
+                    labels: Tensor | None = None) -> dict:
+    """Theorem A on real windows: Q1, ΔL, and ΔL of the mirrored errors, in one go.
+
+    Per batch: a differentiated clean pass (g, clean K/V), the in-loop quantized pass (ΔL and
+    the errors e it injects, post-RoPE) and a mirror pass injecting −e. With φ(s) the summed NLL
+    when s·e is injected, ΔL = φ(1) − φ(0); ``odd`` = (φ(1) − φ(−1))/2 = Q1 + O(e³) and
+    ``even`` = (φ(1) + φ(−1))/2 − φ(0) = Q2 + O(e⁴) = ½ eᵀHe + O(e⁴).
+
+    Returns
+    -------
+    dict of floats (nats, summed over windows): ``nll`` (clean), ``delta_loss``,
+    ``delta_loss_mirror``, ``q1`` (injected errors), ``q1_clean`` (errors of the clean cache),
+    ``odd``, ``even``; and ``scored_tokens``.
+    """
+    kq, vq = _slot_quantizers(loaded, key_quantizers, value_quantizers)
+    out = dict.fromkeys(("nll", "delta_loss", "delta_loss_mirror", "q1", "q1_clean"), 0.0)
+    scored = 0
+    for ids, targets in _windows(loaded, input_ids, labels, batch_size, "master identity", progress):
+        probe = _probe_pass(loaded, ids, targets, pre_rope=False, downstream=True)
+        nll_q, errors = _quantized_pass(loaded, ids, targets, kq, vq)
+        mirror_k = [_shifted(-errors[(i, 0)]) for i in range(len(kq))]
+        mirror_v = [_shifted(-errors[(i, 1)]) for i in range(len(vq))]
+        nll_m, _ = _quantized_pass(loaded, ids, targets, mirror_k, mirror_v)
+        clean = float(probe.nll.double().sum())
+        out["nll"] += clean
+        out["delta_loss"] += float(nll_q.double().sum()) - clean
+        out["delta_loss_mirror"] += float(nll_m.double().sum()) - clean
+        out["q1"] += _first_order(probe, errors)
+        out["q1_clean"] += _first_order(probe, _clean_errors(probe, kq, vq))
+        scored += int((targets != -100).sum())
+    out["odd"] = 0.5 * (out["delta_loss"] - out["delta_loss_mirror"])
+    out["even"] = 0.5 * (out["delta_loss"] + out["delta_loss_mirror"])
+    out["scored_tokens"] = scored
+    return out
+
+
+def first_order_term(loaded: LoadedModel, input_ids: Tensor, key_quantizers: Quantizers,
+                     value_quantizers: Quantizers | None = None, errors: str = "injected", batch_size: int = 1,
+                     progress: bool = True, *, labels: Tensor | None = None) -> float:
+    """Q1 = Σ gᵀe over every cached key and value of the windows (nats, summed NLL convention).
+
+    Parameters
+    ----------
+    key_quantizers, value_quantizers : a quantizer or one per layer, as for
+        :class:`~lqlib.quantized_cache.QuantizeDequantizeCache` (values default to the keys').
+    errors : ``"injected"``: e as the in-loop quantized pass injects it (one extra forward
+        pass; exact first-order term of :func:`loss_change`); ``"clean"``: e = q(x) − x on the
+        clean cache (what a captured cache gives; exact for layer 0, approximate later,
+        because there the quantizer really sees inputs moved by earlier errors).
+    """
+    if errors not in ("injected", "clean"):
+        raise ValueError(f"errors must be 'injected' or 'clean', got {errors!r}")
+    kq, vq = _slot_quantizers(loaded, key_quantizers, value_quantizers)
+    total = 0.0
+    for ids, targets in _windows(loaded, input_ids, labels, batch_size, "first-order term", progress):
+        probe = _probe_pass(loaded, ids, targets, pre_rope=False, downstream=True)
+        e = (_quantized_pass(loaded, ids, targets, kq, vq)[1] if errors == "injected"
+             else _clean_errors(probe, kq, vq))
+        total += _first_order(probe, e)
+    return total
+
+
+@torch.no_grad()
+def loss_change(loaded: LoadedModel, input_ids: Tensor, key_quantizers: Quantizers,
+                value_quantizers: Quantizers | None = None, batch_size: int = 1, progress: bool = True, *,
+                labels: Tensor | None = None) -> float:
+    """ΔL: summed NLL with the in-loop quantized cache minus the clean one (nats, summed over windows).
+
+    Divide by the number of scored tokens for the change in mean NLL.
+    """
+    kq, vq = _slot_quantizers(loaded, key_quantizers, value_quantizers)
+    total = 0.0
+    for ids, targets in _windows(loaded, input_ids, labels, batch_size, "loss change", progress):
+        clean = _window_nll(loaded.model(ids, use_cache=False).logits, targets)
+        quantized, _ = _quantized_pass(loaded, ids, targets, kq, vq)
+        total += float(quantized.double().sum() - clean.double().sum())
+    return total
+
+
+# ===================================================================== quantizers for the studies
+def _check_permutation(permutation, d: int | None = None) -> Tensor:
+    perm = torch.as_tensor(np.asarray(permutation), dtype=torch.int64).reshape(-1)
+    if d is not None and perm.numel() != d:
+        raise ValueError(f"permutation has {perm.numel()} entries for vectors of dim {d}")
+    if not torch.equal(torch.sort(perm).values, torch.arange(perm.numel())):
+        raise ValueError("not a permutation of 0..d−1")
+    return perm
+
+
+class Permuted:
+    """``quantizer`` applied to the dims in another order: x ↦ q(x[..., p])[..., p⁻¹].
+
+    The order decides which dims share an 8-block (E8 point, block step). A reordering *inside*
+    a block changes neither E8 (its points are closed under coordinate permutations) nor a
+    per-block scalar quantizer; what matters is which dims end up together.
+    """
+
+    def __init__(self, quantizer: Quantizer, permutation) -> None:
+        self.quantizer = _as_quantizer(quantizer)
+        self.permutation = _check_permutation(permutation)
+        self.inverse = torch.argsort(self.permutation)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        perm = self.permutation.to(x.device)
+        return self.quantizer(x[..., perm])[..., self.inverse.to(x.device)]
+
+
+def block_permutation(kind: str, d: int, sample: Tensor | None = None, seed: int = 0) -> Tensor:
+    """An ordering of d dims for the permutation puzzle: int64 (d,).
+
+    ``"identity"``; ``"sorted"``: by decreasing second moment of ``sample`` (..., d) per dim, so
+    dims of similar scale share blocks; ``"random"``: a seeded uniform permutation.
+    """
+    if kind == "identity":
+        return torch.arange(d)
+    if kind == "random":
+        return torch.randperm(d, generator=torch.Generator().manual_seed(seed))
+    if kind == "sorted":
+        if sample is None or sample.shape[-1] != d:
+            raise ValueError("'sorted' needs a sample of shape (..., d)")
+        second = sample.detach().to(torch.float64).reshape(-1, d).square().mean(dim=0).cpu()
+        return torch.argsort(second, descending=True, stable=True)
+    raise ValueError(f"kind must be 'identity', 'sorted' or 'random', got {kind!r}")
+
+
+def _work(x: Tensor) -> Tensor:
+    return x.detach().to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+
+
+class ScalarBlockQuantizer:
+    """Uniform scalar quantizer with one step per block of ``block`` dims, set by the bit width.
+
+    For a block with mean square ms, ``Δ = factor · sqrt(ms) · 2^(−bits)`` (default factor
+    √(2πe), :data:`SCALAR_STEP_FACTOR`, the E8 codec's formula); x̂ = Δ·round(x/Δ). At high rate
+    on Gaussian data the output entropy is about ``bits`` per dim and the MSE is
+    Δ²/12 = (πe/6)·ms·4^(−bits): each extra bit divides the MSE by 4. (The original proxy's step
+    ignored the bit width.) A block of zeros stays zero. The step needs one scale per block as
+    side information, not counted here.
+
+    Parameters
+    ----------
+    bits : rate b > 0 (bits/dim).
+    block : dims per step; must divide d. ``block = d`` gives one step per vector.
+    permutation : optional ordering of the d dims applied before blocking and undone after
+        (see :class:`Permuted`, :func:`block_permutation`).
+    """
+
+    def __init__(self, bits: float, block: int = 8, permutation=None, factor: float = SCALAR_STEP_FACTOR) -> None:
+        if not bits > 0:
+            raise ValueError(f"bits must be positive, got {bits}")
+        if block < 1:
+            raise ValueError(f"block must be positive, got {block}")
+        self.bits, self.block, self.factor = float(bits), int(block), float(factor)
+        self.permutation = None if permutation is None else _check_permutation(permutation)
+
+    def __repr__(self) -> str:
+        perm = "" if self.permutation is None else ", permuted"
+        return f"ScalarBlockQuantizer(bits={self.bits}, block={self.block}{perm})"
+
+    def _order(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        if self.permutation is None:
+            return x, None
+        if self.permutation.numel() != x.shape[-1]:
+            raise ValueError(f"permutation has {self.permutation.numel()} entries for vectors of dim {x.shape[-1]}")
+        perm = self.permutation.to(x.device)
+        return x[..., perm], torch.argsort(perm)
+
+    def _blocks(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(permuted x as blocks (..., d/block, block), step per block (..., d/block, 1), inverse)."""
+        d = x.shape[-1]
+        if d % self.block:
+            raise ValueError(f"block {self.block} does not divide the dim {d}")
+        ordered, inverse = self._order(_work(x))
+        blocks = ordered.reshape(*x.shape[:-1], d // self.block, self.block)
+        step = self.factor * blocks.square().mean(dim=-1, keepdim=True).sqrt() * 2.0 ** (-self.bits)
+        return blocks, torch.where(step > 0, step, torch.ones_like(step)), inverse
+
+    @staticmethod
+    def _unblock(blocks: Tensor, inverse: Tensor | None) -> Tensor:
+        flat = blocks.flatten(-2)
+        return flat if inverse is None else flat[..., inverse]
+
+    def step(self, x: Tensor) -> Tensor:
+        """The step of every element of ``x`` (..., d), in x's own dim order."""
+        blocks, step, inverse = self._blocks(x)
+        return self._unblock(step.expand_as(blocks), inverse).to(x.dtype)
+
+    def symbols(self, x: Tensor) -> Tensor:
+        """Integer symbols round(x/Δ), int64 (..., d) in x's dim order (for entropy/rate estimates)."""
+        blocks, step, inverse = self._blocks(x)
+        return self._unblock(torch.round(blocks / step), inverse).to(torch.int64)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        blocks, step, inverse = self._blocks(x)
+        return self._unblock(torch.round(blocks / step) * step, inverse).to(x.dtype)
+
+
+class Dithered:
+    """Subtractive dithered uniform quantization: x̂ = Δ·(round(x/Δ + u) − u), u ~ U[−½, ½) per element.
+
+    Crypto lemma: e = x̂ − x is uniform on [−Δ/2, Δ/2) and independent of x (given Δ), whatever
+    the input; so E e = 0 and E e² = Δ²/12. The dither is a fixed pseudo-random function of
+    (seed, shape): the decoder can regenerate it, and the same input gives the same output (so
+    a captured cache and the in-loop pass see the same dither). Give each layer its own seed
+    for dither independent across layers; elements of one call always get independent dither.
+
+    Parameters
+    ----------
+    step : Δ, a float or a function x ↦ steps broadcastable to x (e.g.
+        ``ScalarBlockQuantizer(b).step``); computed from the input, before the dither.
+    seed : seed of the dither.
+    """
+
+    def __init__(self, step: float | Callable[[Tensor], Tensor], seed: int = 0) -> None:
+        self.step = step
+        self.seed = int(seed)
+
+    def __repr__(self) -> str:
+        return f"Dithered(step={self.step!r}, seed={self.seed})"
+
+    def steps(self, x: Tensor) -> Tensor:
+        """Δ for ``x``, broadcastable to it (work dtype); zero steps are replaced by 1."""
+        work = _work(x)
+        step = self.step(x) if callable(self.step) else torch.tensor(float(self.step))
+        step = torch.as_tensor(step, device=x.device).to(work.dtype)
+        return torch.where(step > 0, step, torch.ones_like(step))
+
+    def dither(self, x: Tensor) -> Tensor:
+        """u ~ U[−½, ½) of x's shape, in step units (work dtype, x's device)."""
+        generator = torch.Generator(device=x.device).manual_seed(self.seed)
+        return torch.rand(x.shape, generator=generator, device=x.device, dtype=_work(x).dtype) - 0.5
+
+    def __call__(self, x: Tensor) -> Tensor:
+        work, step, u = _work(x), self.steps(x), self.dither(x)
+        return ((torch.round(work / step + u) - u) * step).to(x.dtype)
+
+
+# ===================================================================== Theorem B
+def _float64(a) -> Tensor:
+    if isinstance(a, Tensor):
+        return a.detach().to(device="cpu", dtype=torch.float64)
+    return torch.as_tensor(np.ascontiguousarray(a, dtype=np.float64))
+
+
+def variance_additivity(g_parts, e_parts, step=None) -> dict:
+    """Does Var(Σ_parts gᵀe) split into Σ_parts Var(gᵀe)? (Theorem B, on samples.)
+
+    Parameters
+    ----------
+    g_parts : gradients, broadcastable to ``e_parts`` (e.g. fixed per part: (*parts, d)).
+    e_parts : errors, shape (S, *parts, d): S independent realisations (e.g. dither draws) of
+        the error of every part (layers, positions, …).
+    step : quantizer step Δ broadcastable to ``e_parts`` (e.g. (*parts, 1)); enables ``pred``.
+
+    Returns
+    -------
+    dict of floats: ``var_total`` = Var_S(Σ_parts gᵀe), ``sum_var_parts`` = Σ_parts Var_S(gᵀe),
+    ``pos_add`` = their ratio (1 when the parts' contributions are uncorrelated),
+    ``analytic`` = E_S Σ ‖g‖²Δ²/12 (elementwise g²Δ²/12 summed) and ``pred`` =
+    var_total / analytic (1 under the Crypto lemma); NaN without ``step``.
+    """
+    e = _float64(e_parts)
+    g = torch.broadcast_to(_float64(g_parts), e.shape)
+    contributions = (g * e).sum(dim=-1).reshape(e.shape[0], -1)          # (S, parts)
+    var_total = float(contributions.sum(dim=1).var())
+    sum_var = float(contributions.var(dim=0).sum())
+    analytic = float("nan")
+    if step is not None:
+        analytic = float((g.square() * torch.broadcast_to(_float64(step), e.shape).square() / 12.0).sum()
+                         / e.shape[0])
+    return {"var_total": var_total, "sum_var_parts": sum_var, "pos_add": var_total / sum_var,
+            "analytic": analytic, "pred": var_total / analytic}
