@@ -366,3 +366,22 @@ def test_clean_errors_are_exact_for_layer_zero_only(tiny):
     assert abs(both["q1_clean"] - both["q1"]) > 0.05 * abs(both["q1"])
     with pytest.raises(ValueError):
         first_order_term(loaded, ids, codec, errors="mirror", progress=False)
+
+
+def test_labels_follow_the_perplexity_protocol(tiny):
+    """With context-only tokens (labels −100) the summed NLL is the perplexity harness's; context tokens'
+    keys and values still get gradients through the scored queries."""
+    from lqlib.perplexity import perplexity
+
+    loaded, ids = tiny
+    labels = ids.clone()
+    labels[:, :12] = -100
+    grads = kv_gradients(loaded, ids, progress=False, labels=labels, batch_size=2)
+    reference = perplexity(loaded.model, ids, labels, progress=False)
+    assert grads.nll.sum() == pytest.approx(reference.nll, rel=1e-6)   # the harness scores in float32
+    assert list(grads.tokens) == list(reference.window_tokens) == [12, 12]
+    moments = gradient_moments(loaded, ids, progress=False, labels=labels)
+    assert moments["scored_tokens"] == 24 and moments["nll"] == pytest.approx(grads.nll.sum(), rel=1e-12)
+    # queries before position 11 score nothing, but their keys and values feed later queries
+    assert float(grads.grad_values[:, :, :, :11].abs().min(dim=-1).values.max()) > 0
+    assert torch.all(grads.grad_values[:, :, :, -1] == 0)
