@@ -162,13 +162,13 @@ def compressed_cache_rate(kv: KVSample, bits: float | np.ndarray, rotation: str 
 
 
 def e8_bits_for_rate(total_bits: float, kv: KVSample, rotation: str = "rht", page_size: int = 64,
-                     tolerance: float = 0.002) -> float:
+                     tolerance: float = 0.002, key_scales: Tensor | None = None) -> float:
     """The codec rate b whose real cache stores ``total_bits`` bits/dim on ``kv`` (to ``tolerance``),
-    by bisection: the stored rate grows with b."""
+    by bisection: the stored rate grows with b. ``key_scales`` count as the cache holds them."""
     lo, hi = MIN_BITS, MAX_BITS
     for _ in range(40):
         mid = 0.5 * (lo + hi)
-        rate = compressed_cache_rate(kv, mid, rotation, page_size)
+        rate = compressed_cache_rate(kv, mid, rotation, page_size, key_scales)
         if abs(rate - total_bits) <= tolerance:
             return mid
         lo, hi = (mid, hi) if rate < total_bits else (lo, mid)

@@ -25,9 +25,11 @@ from .kv_capture import KVSample
 __all__ = ["uniform_schedule", "fit_schedule", "schedule_quantizers", "channel_scales"]
 
 
-def uniform_schedule(target_bits: float, kv: KVSample, rotation: str = "rht") -> np.ndarray:
-    """Every slot at the one codec rate whose real cache stores ``target_bits`` bits/dim on ``kv``."""
-    b = e8_bits_for_rate(target_bits, kv, rotation)
+def uniform_schedule(target_bits: float, kv: KVSample, rotation: str = "rht",
+                     key_scales: Tensor | None = None) -> np.ndarray:
+    """Every slot at the one codec rate whose real cache (with ``key_scales``, if any) stores
+    ``target_bits`` bits/dim on ``kv``."""
+    b = e8_bits_for_rate(target_bits, kv, rotation, key_scales=key_scales)
     return np.full((kv.keys.shape[0], 2), b)
 
 

@@ -21,7 +21,9 @@ CHROMIUM = "/usr/bin/chromium"
 PAGES = ["book/paper1/01_scalar_barrier", "book/paper1/02_lattices", "book/paper1/03_e8_entropy_coding",
          "book/paper1/04_rht", "book/paper1/05_real_kv", "book/paper1/06_perplexity", "book/paper2/01_system",
          "book/paper2/02_end_to_end", "book/paper2/03_mse_vs_turboquant", "book/paper2/04_all_methods",
-         "book/paper2/05_generate", "book/scorecard"]
+         "book/paper2/05_generate", "book/paper4/01_sensitivity", "book/paper4/02_allocation",
+         "book/paper4/03_water_filling", "book/scorecard"]
+SLIDER_PAGES = ["book/paper1/01_scalar_barrier", "book/paper4/03_water_filling"]
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +63,13 @@ def test_every_page_is_built_with_its_figures_tables_and_glue(built):
         assert (root / "book" / "paper2" / "figures" / f"{figure}.png").stat().st_size > 1000
     for table in ("page_budget", "end_to_end", "mse_vs_turboquant", "all_methods", "generate"):
         assert (root / "book" / "paper2" / "tables" / f"{table}.csv").is_file()
+    for figure in ("sensitivity_profile", "slot_check", "allocation", "schedule"):
+        assert (root / "book" / "paper4" / "figures" / f"{figure}.png").stat().st_size > 1000
+    for table in ("sensitivity", "sensitivity_per_layer", "am_gm", "slot_check", "allocation", "water_filling"):
+        assert (root / "book" / "paper4" / "tables" / f"{table}.csv").is_file()
     scorecard = (html / "book/scorecard.html").read_text()
     assert "reproduced" in scorecard and "pending" in scorecard and "MSE vs TurboQuant" in scorecard
+    assert "Optimal vs uniform allocation" in scorecard
 
 
 @pytest.fixture(scope="module")
@@ -94,10 +101,6 @@ def test_pages_render_offline_and_the_slider_changes_the_picture(server, tmp_pat
         assert not failed, failed
         assert not foreign, foreign
 
-        page.goto(f"{server}/book/paper1/01_scalar_barrier.html", wait_until="networkidle")
-        page.wait_for_selector("mjx-container", timeout=20_000)
-        page.wait_for_selector(".widget-slider .noUi-handle, .widget-slider .ui-slider-handle", timeout=30_000)
-
         def visible_picture() -> str:
             return page.evaluate("""() => {
                 const imgs = [...document.querySelectorAll('.jupyter-widgets img, .widget-image')];
@@ -105,13 +108,20 @@ def test_pages_render_offline_and_the_slider_changes_the_picture(server, tmp_pat
                 return shown.map(i => i.src).join('|');
             }""")
 
-        before = visible_picture()
-        assert before, "no widget picture is visible"
-        handle = page.locator(".widget-slider .noUi-handle, .widget-slider .ui-slider-handle").first
-        handle.focus()
-        page.keyboard.press("ArrowRight")
-        page.wait_for_timeout(500)
-        after = visible_picture()
-        page.screenshot(path=str(tmp_path / "widget.png"))
+        changes = {}
+        for name in SLIDER_PAGES:
+            page.goto(f"{server}/{name}.html", wait_until="networkidle")
+            page.wait_for_selector("mjx-container", timeout=20_000)
+            page.wait_for_selector(".widget-slider .noUi-handle, .widget-slider .ui-slider-handle", timeout=30_000)
+            before = visible_picture()
+            handle = page.locator(".widget-slider .noUi-handle, .widget-slider .ui-slider-handle").first
+            handle.focus()
+            page.keyboard.press("ArrowRight")
+            page.wait_for_timeout(500)
+            after = visible_picture()
+            page.screenshot(path=str(tmp_path / f"{name.replace('/', '_')}.png"))
+            changes[name] = (before, after)
         browser.close()
-    assert after and after != before
+    for name, (before, after) in changes.items():
+        assert before, f"no widget picture is visible on {name}"
+        assert after and after != before, f"the slider does not change the picture on {name}"

@@ -6,6 +6,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lqlib.compressed_cache import CompressedKVCache
+from lqlib.evaluate import compressed_cache_rate
 from lqlib.kv_capture import capture_kv
 from lqlib.models import LoadedModel
 from lqlib.perplexity import perplexity
@@ -95,6 +96,10 @@ def test_fit_schedule_meets_the_measured_budget(tiny):
     assert np.all(np.remainder(schedule, 0.125) == 0)
     uniform = uniform_schedule(4.0, kv)
     assert np.ptp(uniform) == 0
+    scales = channel_scales(kv)
+    scaled = uniform_schedule(4.0, kv, key_scales=scales)
+    assert scaled[0, 0] < uniform[0, 0]  # the scales' bytes come out of the same budget
+    assert compressed_cache_rate(kv, scaled, key_scales=scales) == pytest.approx(4.0, abs=0.002)
 
 
 def test_scheduled_in_loop_path_equals_the_cache_with_key_scales(tiny):
