@@ -20,6 +20,7 @@ from torch import Tensor
 from .baselines import E8Entropy, KVMethod, standard_methods
 from .codec import MAX_BITS, MIN_BITS, E8Codec
 from .compressed_cache import CompressedKVLayer
+from .errors import InputError
 from .kv_capture import KVSample
 from .models import LoadedModel
 from .perplexity import perplexity
@@ -172,7 +173,7 @@ def e8_bits_for_rate(total_bits: float, kv: KVSample, rotation: str = "rht", pag
         if abs(rate - total_bits) <= tolerance:
             return mid
         lo, hi = (mid, hi) if rate < total_bits else (lo, mid)
-    raise ValueError(f"no codec rate stores {total_bits} bits/dim within {tolerance} on this cache")
+    raise InputError(f"no codec rate stores {total_bits} bits/dim within {tolerance} on this cache")
 
 
 def e8_spec(bits: float, rotation: str = "rht", label: str | None = None, page_size: int = 64) -> MethodSpec:
