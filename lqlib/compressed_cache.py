@@ -32,7 +32,20 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from .codec import E8Codec, Encoded
 from .errors import InputError
 
-__all__ = ["CompressedKVCache", "CompressedKVLayer"]
+__all__ = ["CompressedKVCache", "CompressedKVLayer", "schedule_codecs"]
+
+
+def schedule_codecs(bits: float | np.ndarray, n_layers: int, rotation: str = "rht",
+                    seed: int = 0) -> list[tuple[E8Codec, E8Codec]]:
+    """(key codec, value codec) of every layer for one rate or a (layers, 2) bit schedule;
+    layers at the same rate share one codec (and so its cached RHT and tables)."""
+    schedule = np.asarray(bits, dtype=np.float64)
+    if schedule.ndim == 0:
+        schedule = np.full((n_layers, 2), float(schedule))
+    if schedule.shape != (n_layers, 2):
+        raise InputError(f"a bit schedule must have shape (layers, 2) = ({n_layers}, 2), got {schedule.shape}")
+    codecs = {float(b): E8Codec(float(b), rotation=rotation, scale="vector", seed=seed) for b in np.unique(schedule)}
+    return [(codecs[float(kb)], codecs[float(vb)]) for kb, vb in schedule]
 
 
 class CompressedKVLayer(CacheLayerMixin):
@@ -202,20 +215,13 @@ class CompressedKVCache(Cache):
         if kinds != {"full_attention"}:
             raise InputError(f"CompressedKVCache supports full-attention layers only, this model has {sorted(kinds)}")
         n_layers = text.num_hidden_layers
-        schedule = np.broadcast_to(np.asarray(bits, dtype=np.float64), (n_layers, 2)) if np.ndim(bits) == 0 else \
-            np.asarray(bits, dtype=np.float64)
-        if schedule.shape != (n_layers, 2):
-            raise InputError(f"a bit schedule must have shape (layers, 2) = ({n_layers}, 2), got {schedule.shape}")
+        codecs = schedule_codecs(bits, n_layers, rotation, seed)
         if key_scales is not None and (key_scales.dim() != 3 or key_scales.shape[0] != n_layers):
             raise InputError(f"key_scales must have shape (layers={n_layers}, kv_heads, head_dim)")
-        self.schedule = schedule
-        codecs: dict[float, E8Codec] = {}
-        for b in np.unique(schedule):
-            codecs[float(b)] = E8Codec(float(b), rotation=rotation, scale="vector", seed=seed)
-        self.codec = codecs[float(schedule[0, 0])]
-        layers = [CompressedKVLayer(codecs[float(kb)], page_size, recent_window, codecs[float(vb)],
+        self.codec = codecs[0][0]
+        layers = [CompressedKVLayer(key_codec, page_size, recent_window, value_codec,
                                     None if key_scales is None else key_scales[i])
-                  for i, (kb, vb) in enumerate(schedule)]
+                  for i, (key_codec, value_codec) in enumerate(codecs)]
         super().__init__(layers=layers)
 
     def nbytes(self) -> int:

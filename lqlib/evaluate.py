@@ -18,8 +18,8 @@ import torch
 from torch import Tensor
 
 from .baselines import E8Entropy, KVMethod, standard_methods
-from .codec import MAX_BITS, MIN_BITS, E8Codec
-from .compressed_cache import CompressedKVLayer
+from .codec import MAX_BITS, MIN_BITS
+from .compressed_cache import CompressedKVLayer, schedule_codecs
 from .errors import InputError
 from .kv_capture import KVSample
 from .models import LoadedModel
@@ -151,11 +151,9 @@ def compressed_cache_rate(kv: KVSample, bits: float | np.ndarray, rotation: str 
     pages (headers, step codes, payload, CRCs), of its full-precision tail and of its key scales,
     × 8 / (2 · numel). ``bits`` is one rate or a (layers, 2) schedule of key and value rates;
     ``key_scales`` (layers, kv_heads, head_dim) are optional per-channel key scales."""
-    schedule = np.broadcast_to(np.asarray(bits, dtype=np.float64), (kv.keys.shape[0], 2))
-    codecs = {float(b): E8Codec(float(b), rotation=rotation) for b in np.unique(schedule)}
     total = 0
-    for layer, (kb, vb) in enumerate(schedule):
-        held = CompressedKVLayer(codecs[float(kb)], page_size, value_codec=codecs[float(vb)],
+    for layer, (key_codec, value_codec) in enumerate(schedule_codecs(bits, kv.keys.shape[0], rotation)):
+        held = CompressedKVLayer(key_codec, page_size, value_codec=value_codec,
                                  key_scales=None if key_scales is None else key_scales[layer])
         held.update(kv.keys[layer, None], kv.values[layer, None])
         total += held.nbytes()

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from .allocation import allocate
 from .codec import E8Codec
+from .compressed_cache import schedule_codecs
 from .errors import InputError
 from .evaluate import compressed_cache_rate, e8_bits_for_rate
 from .kv_capture import KVSample
@@ -64,10 +65,9 @@ def schedule_quantizers(schedule: np.ndarray, rotation: str = "rht", key_scales:
                         ) -> tuple[list[Callable[[Tensor], Tensor]], list[Callable[[Tensor], Tensor]]]:
     """Per-layer key and value quantizers for :class:`lqlib.quantized_cache.QuantizeDequantizeCache`,
     the in-loop twin of ``CompressedKVCache(config, schedule, key_scales=...)``."""
-    codecs = {float(b): E8Codec(float(b), rotation=rotation) for b in np.unique(schedule)}
+    schedule = np.asarray(schedule, dtype=np.float64)
     keys, values = [], []
-    for layer, (kb, vb) in enumerate(np.asarray(schedule, dtype=np.float64)):
-        codec = codecs[float(kb)]
+    for layer, (codec, value_codec) in enumerate(schedule_codecs(schedule, len(schedule), rotation)):
         if key_scales is None:
             keys.append(codec.quantize)
         else:
@@ -77,7 +77,7 @@ def schedule_quantizers(schedule: np.ndarray, rotation: str = "rht", key_scales:
                 s = scale.to(device=x.device, dtype=x.dtype)
                 return codec.quantize(x / s) * s
             keys.append(scaled)
-        values.append(codecs[float(vb)].quantize)
+        values.append(value_codec.quantize)
     return keys, values
 
 
