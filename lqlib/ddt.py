@@ -505,7 +505,8 @@ class PredictorStudy:
     mean_error : (C, layers, 2, kv_heads, d) ē per slot.
     M : (layers, 2, kv_heads, d, d) gradient moments of the windows (:func:`gradient_moments`).
     count : N; nll : clean summed NLL (nats); scored_tokens : number of scored targets.
-    delta_loss_mirror : (C,) ΔL with −e injected (``mirror=True``), else None.
+    delta_loss_mirror : (C,) ΔL with −e injected (NaN for configurations without the mirror pass),
+        or None when no configuration had it.
     sigma : (C, layers, 2, kv_heads, d, d) Σ per slot (``keep_sigma=True``), else None.
     """
 
@@ -564,8 +565,8 @@ class PredictorStudy:
 
     def rows(self) -> list[dict]:
         """One dict of floats per configuration: ``config`` (index), ``delta_loss``, ``q1``, ``risk``,
-        ``mse``, ``k_path_share``, ``bias_drift`` and, with the mirror pass, ``delta_loss_mirror``,
-        ``odd`` and ``even``."""
+        ``mse``, ``k_path_share``, ``bias_drift`` and, when any configuration had the mirror pass,
+        ``delta_loss_mirror``, ``odd`` and ``even`` (NaN for the others)."""
         columns = {"delta_loss": self.delta_loss, "q1": self.q1, "risk": self.risk, "mse": self.mse,
                    "k_path_share": self.k_path_share, "bias_drift": self.bias_drift}
         if self.delta_loss_mirror is not None:
@@ -575,7 +576,8 @@ class PredictorStudy:
 
 
 def predictor_study(loaded: LoadedModel, input_ids: Tensor, configs: Sequence[Quantizers],
-                    value_configs: Sequence[Quantizers | None] | None = None, *, mirror: bool = False,
+                    value_configs: Sequence[Quantizers | None] | None = None, *,
+                    mirror: bool | Sequence[bool] = False,
                     keep_sigma: bool = False, batch_size: int = 1, progress: bool = True,
                     labels: Tensor | None = None) -> PredictorStudy:
     """Theorem A for many quantizer configurations on the same windows, sharing the gradients.
@@ -598,7 +600,8 @@ def predictor_study(loaded: LoadedModel, input_ids: Tensor, configs: Sequence[Qu
         :class:`~lqlib.quantized_cache.QuantizeDequantizeCache`).
     value_configs : C value quantizers (an entry None: the keys'); default: the keys'.
     mirror : also run the mirror pass injecting −e (one more pass per configuration and batch)
-        for the odd / even parts of ΔL (:attr:`PredictorStudy.odd`, :attr:`PredictorStudy.even`).
+        for the odd / even parts of ΔL (:attr:`PredictorStudy.odd`, :attr:`PredictorStudy.even`):
+        for every configuration, or one bool per configuration.
     keep_sigma : also return Σ per configuration and slot (C · layers · 2 · heads · d² floats).
     labels : (n, T) targets with −100 for unscored tokens.
 
@@ -612,6 +615,9 @@ def predictor_study(loaded: LoadedModel, input_ids: Tensor, configs: Sequence[Qu
     values = [None] * len(configs) if value_configs is None else list(value_configs)
     if len(values) != len(configs):
         raise ValueError(f"{len(values)} value configurations for {len(configs)} key configurations")
+    mirrors = [bool(mirror)] * len(configs) if isinstance(mirror, bool) else [bool(m) for m in mirror]
+    if len(mirrors) != len(configs):
+        raise ValueError(f"{len(mirrors)} mirror flags for {len(configs)} configurations")
     slots = [_slot_quantizers(loaded, k, v) for k, v in zip(configs, values)]   # validates every config
 
     moments = gradient_moments(loaded, input_ids, batch_size=batch_size, progress=progress, labels=labels)
@@ -620,7 +626,7 @@ def predictor_study(loaded: LoadedModel, input_ids: Tensor, configs: Sequence[Qu
     n_layers, _, heads, d, _ = M.shape
     n_configs = len(configs)
     delta = np.zeros(n_configs)
-    mirrored = np.zeros(n_configs) if mirror else None
+    mirrored = np.where(mirrors, 0.0, np.nan) if any(mirrors) else None
     slot_q1 = torch.zeros(n_configs, n_layers, 2, heads, dtype=torch.float64, device=device)
     square_sum = torch.zeros_like(slot_q1)                                       # Σ_t e eᵀ contracted with M
     trace_sum = torch.zeros_like(slot_q1)
@@ -638,7 +644,7 @@ def predictor_study(loaded: LoadedModel, input_ids: Tensor, configs: Sequence[Qu
         for c, (kq, vq) in enumerate(slots):
             nll_q, errors = _quantized_pass(loaded, ids, targets, kq, vq)
             delta[c] += float(nll_q.double().sum()) - clean
-            if mirror:
+            if mirrors[c]:
                 nll_m, _ = _quantized_pass(loaded, ids, targets,
                                            [_shifted(-errors[(i, 0)]) for i in range(n_layers)],
                                            [_shifted(-errors[(i, 1)]) for i in range(n_layers)])
@@ -672,7 +678,120 @@ def predictor_study(loaded: LoadedModel, input_ids: Tensor, configs: Sequence[Qu
         delta_loss_mirror=mirrored, sigma=sigma)
 
 
-__all__ += ["PredictorStudy", "predictor_study"]
+def _average_ranks(a: np.ndarray) -> np.ndarray:
+    """Ranks 1..n along the last axis, ties sharing their average rank (as scipy's ``rankdata``)."""
+    below = (a[..., :, None] > a[..., None, :]).sum(axis=-1)
+    equal = (a[..., :, None] == a[..., None, :]).sum(axis=-1)
+    return below + 0.5 * (equal - 1) + 1.0
+
+
+def _pearson_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    x, y = x - x.mean(axis=-1, keepdims=True), y - y.mean(axis=-1, keepdims=True)
+    denominator = np.sqrt((x * x).sum(axis=-1) * (y * y).sum(axis=-1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denominator > 0, (x * y).sum(axis=-1) / denominator, np.nan)
+
+
+def spearman_bootstrap(x, y, draws: int = 2000, level: float = 0.95, seed: int = 0) -> dict:
+    """Spearman ρ of paired samples with a percentile bootstrap interval over the pairs.
+
+    Parameters
+    ----------
+    x, y : (n,) paired values (e.g. one per quantizer configuration).
+    draws : bootstrap resamples of the n pairs (with replacement; ties get average ranks).
+    level : coverage of the interval.
+
+    Returns
+    -------
+    dict: ``rho``, ``ci_low``, ``ci_high`` (floats; draws with a constant side are dropped) and ``n``.
+    """
+    x, y = np.asarray(x, dtype=np.float64).ravel(), np.asarray(y, dtype=np.float64).ravel()
+    if x.shape != y.shape or x.size < 3:
+        raise ValueError(f"need two equally long samples of at least 3 values, got {x.size} and {y.size}")
+    if not 0 < level < 1:
+        raise ValueError(f"level must lie in (0, 1), got {level}")
+    if not (np.isfinite(x).all() and np.isfinite(y).all()):
+        raise ValueError("the samples must be finite")
+    rho = float(_pearson_rows(_average_ranks(x), _average_ranks(y)))
+    index = np.random.default_rng(seed).integers(0, x.size, (draws, x.size))
+    boot = _pearson_rows(_average_ranks(x[index]), _average_ranks(y[index]))
+    tail = 50.0 * (1.0 - level)
+    low, high = np.nanpercentile(boot, [tail, 100.0 - tail])
+    return {"rho": rho, "ci_low": float(low), "ci_high": float(high), "n": int(x.size)}
+
+
+def theorem_a_configurations(bits: float, sample: KVSample, *, e8_seeds: int = 12, random_orders: int = 10,
+                             mixtures: int = 13) -> list[dict]:
+    """A fixed family of quantizer configurations at one bit width that differ in error direction.
+
+    With the defaults, 50 configurations in four families (in this order):
+
+    * ``"E8 + RHT"``: :class:`~lqlib.E8Codec` with a randomized Hadamard transform, RHT seeds
+      0 … e8_seeds−1 (e8_seeds).
+    * ``"E8, permuted"``: E8 without RHT on the dims in another order: identity, sorted by
+      second moment (per layer and path, from ``sample``), random orders 1 … random_orders
+      (2 + random_orders).
+    * ``"scalar block"``: :class:`ScalarBlockQuantizer` with blocks of 8, 16, 32 dims, each in
+      the identity, sorted, random-1 and random-2 orders, and one step per vector (block = d)
+      (13).
+    * ``"per-layer mix"``: every (layer, K/V) slot draws, with numpy seed 0 … mixtures−1, one
+      of E8 + RHT (seed 0), E8 identity, E8 random-1, scalar 8 identity, scalar 16 sorted and
+      scalar 32 random-1 (mixtures).
+
+    Every member has the same nominal rate ``bits`` (the E8 codec's and the scalar quantizer's
+    step rule; side information not counted).
+
+    Parameters
+    ----------
+    bits : nominal bits/dim.
+    sample : a captured cache (calibration text) for the sorted orders.
+
+    Returns
+    -------
+    list of dicts: ``name``, ``family``, ``keys`` and ``values`` (one quantizer per layer).
+    """
+    from .codec import E8Codec
+
+    layers, d = sample.keys.shape[0], sample.keys.shape[-1]
+    if d % 32:
+        raise ValueError(f"the family needs a head dim divisible by 32, got {d}")
+    sorted_orders = [[block_permutation("sorted", d, sample.keys[l]) for l in range(layers)],
+                     [block_permutation("sorted", d, sample.values[l]) for l in range(layers)]]
+
+    def ordered(make: Callable[[Tensor | None], Quantizer], kind: str, seed: int = 0) -> tuple[list, list]:
+        if kind == "sorted":
+            return tuple([make(order) for order in orders] for orders in sorted_orders)
+        quantizer = make(None if kind == "identity" else block_permutation(kind, d, seed=seed))
+        return [quantizer] * layers, [quantizer] * layers
+
+    def e8(order: Tensor | None) -> Quantizer:
+        codec = E8Codec(bits, rotation="none")
+        return codec if order is None else Permuted(codec, order)
+
+    def scalar(block: int) -> Callable[[Tensor | None], Quantizer]:
+        return lambda order: ScalarBlockQuantizer(bits, block=block, permutation=order)
+
+    def config(name: str, family: str, slots: tuple[list, list]) -> dict:
+        return {"name": name, "family": family, "keys": slots[0], "values": slots[1]}
+
+    out = [config(f"E8 RHT seed {s}", "E8 + RHT", ([E8Codec(bits, seed=s)] * layers,) * 2) for s in range(e8_seeds)]
+    orders = [("identity", 0), ("sorted", 0)] + [("random", s) for s in range(1, random_orders + 1)]
+    out += [config(f"E8 {kind}" + (f" {seed}" if kind == "random" else ""), "E8, permuted", ordered(e8, kind, seed))
+            for kind, seed in orders]
+    out += [config(f"scalar {block} {kind}" + (f" {seed}" if kind == "random" else ""), "scalar block",
+                   ordered(scalar(block), kind, seed))
+            for block in (8, 16, 32) for kind, seed in orders[:4]]
+    out.append(config(f"scalar {d}", "scalar block", ordered(scalar(d), "identity")))
+    menu = [([E8Codec(bits, seed=0)] * layers,) * 2, ordered(e8, "identity"), ordered(e8, "random", 1),
+            ordered(scalar(8), "identity"), ordered(scalar(16), "sorted"), ordered(scalar(32), "random", 1)]
+    for seed in range(mixtures):
+        pick = np.random.default_rng(seed).integers(0, len(menu), (2, layers))
+        out.append(config(f"mix {seed}", "per-layer mix",
+                          tuple([menu[pick[p, l]][p][l] for l in range(layers)] for p in (0, 1))))
+    return out
+
+
+__all__ += ["PredictorStudy", "predictor_study", "spearman_bootstrap", "theorem_a_configurations"]
 
 
 # ===================================================================== quantizers for the studies

@@ -10,7 +10,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from lqlib.codec import E8Codec
 from lqlib.ddt import (Dithered, ScalarBlockQuantizer, bias_drift, block_permutation, directional_risk,
                        error_moments_for_cache, first_order_term, gradient_moments, k_path_share, kv_gradients,
-                       loss_change, master_identity, predictor_study)
+                       loss_change, master_identity, predictor_study, spearman_bootstrap,
+                       theorem_a_configurations)
 from lqlib.kv_capture import capture_kv
 from lqlib.models import LoadedModel
 from tests.test_ddt import _float64_rms_norm
@@ -161,3 +162,72 @@ def test_study_rejects_bad_configurations(tiny):
         predictor_study(loaded, ids, [E8Codec(4.0)], [None, None], progress=False)
     with pytest.raises(ValueError):
         predictor_study(loaded, ids, [[E8Codec(4.0)] * 3], progress=False)
+
+
+def test_mirror_for_some_configurations_only(tiny):
+    loaded, ids = tiny
+    configs = [E8Codec(5.0), ScalarBlockQuantizer(4, block=8)]
+    study = predictor_study(loaded, ids, configs, mirror=[False, True], progress=False)
+    full = predictor_study(loaded, ids, configs, mirror=True, progress=False)
+    assert np.isnan(study.delta_loss_mirror[0]) and np.isnan(study.odd[0]) and np.isnan(study.rows()[0]["even"])
+    assert study.delta_loss_mirror[1] == full.delta_loss_mirror[1]
+    np.testing.assert_array_equal(study.delta_loss, full.delta_loss)
+    with pytest.raises(ValueError):
+        predictor_study(loaded, ids, configs, mirror=[True], progress=False)
+
+
+def test_spearman_bootstrap_matches_scipy_and_covers():
+    from scipy.stats import spearmanr
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(50)
+    y = np.round(x + rng.standard_normal(50), 1)                    # ties in y
+    result = spearman_bootstrap(x, y, draws=2000, seed=1)
+    assert result["rho"] == pytest.approx(spearmanr(x, y)[0], rel=1e-12)
+    assert result["ci_low"] < result["rho"] < result["ci_high"] and result["n"] == 50
+    # the bootstrap resamples have ties from repeated pairs: same ρ as scipy on one resample
+    index = rng.integers(0, 50, 50)
+    assert spearman_bootstrap(x[index], y[index], draws=10)["rho"] == pytest.approx(spearmanr(x[index], y[index])[0])
+    exact = spearman_bootstrap(x, np.exp(x), draws=500)
+    assert exact["rho"] == exact["ci_low"] == exact["ci_high"] == pytest.approx(1.0)
+    assert spearman_bootstrap(x, -x, draws=500)["ci_high"] == pytest.approx(-1.0)
+    # coverage: independent samples of 50, the 90% interval contains 0 in about 90% of trials
+    covered = [spearman_bootstrap(rng.standard_normal(50), rng.standard_normal(50), draws=400, level=0.9,
+                                  seed=t)["ci_low"] < 0 for t in range(100)]
+    assert 0.75 <= np.mean(covered) <= 1.0
+    for bad in ((x[:2], y[:2]), (x, y[:-1]), (np.append(x[:-1], np.nan), y)):
+        with pytest.raises(ValueError):
+            spearman_bootstrap(*bad)
+
+
+def test_theorem_a_configurations():
+    """50 configurations in four families at one bit width; same nominal rate (MSE ∝ 4^−b), other errors."""
+    from lqlib.kv_capture import KVSample
+
+    generator = torch.Generator().manual_seed(0)
+    scales = torch.logspace(-1, 1, 64)[torch.randperm(64, generator=generator)]
+    keys = torch.randn(2, 3, 256, 64, generator=generator) * scales
+    sample = KVSample(keys, torch.randn(2, 3, 256, 64, generator=generator), "synthetic")
+    configs = {b: theorem_a_configurations(b, sample) for b in (4.0, 5.0)}
+    four = configs[4.0]
+    assert len(four) == 50 and len({c["name"] for c in four}) == 50
+    families = [c["family"] for c in four]
+    assert [families.count(f) for f in ("E8 + RHT", "E8, permuted", "scalar block", "per-layer mix")] == [12, 12, 13, 13]
+    assert all(len(c["keys"]) == len(c["values"]) == 2 for c in four)
+    x = keys[:1, :, :, :]                                              # (1, heads, T, d) like one cache write
+    outputs = []
+    for c4, c5 in zip(four, configs[5.0]):
+        e4 = c4["keys"][0](x) - x if callable(c4["keys"][0]) else c4["keys"][0].quantize(x) - x
+        e5 = c5["keys"][0](x) - x if callable(c5["keys"][0]) else c5["keys"][0].quantize(x) - x
+        assert e4.shape == x.shape
+        assert 2.5 < float(e4.square().mean() / e5.square().mean()) < 6.5, c4["name"]   # about 4 per bit
+        outputs.append(e4)
+    distinct = {tuple(np.round(e.flatten()[:256].numpy(), 6)) for e in outputs[:37]}
+    assert len(distinct) == 37                                       # the non-mixed members all err differently
+    mixes = {tuple(id(q) for q in c["keys"] + c["values"]) for c in four[37:]}
+    assert len(mixes) == 13                                          # each mixture its own slot assignment
+    sorted_e8 = next(c for c in four if c["name"] == "E8 sorted")
+    assert torch.equal(sorted_e8["keys"][1].permutation, block_permutation("sorted", 64, keys[1]))
+    assert torch.equal(sorted_e8["values"][0].permutation, block_permutation("sorted", 64, sample.values[0]))
+    with pytest.raises(ValueError):
+        theorem_a_configurations(4.0, KVSample(keys[..., :16], keys[..., :16], "small"))
