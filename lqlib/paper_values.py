@@ -30,14 +30,17 @@ PAPER2_MSE: dict[str, float] = {"latticequant": 0.005, "turboquant": 0.009}
 #: M = near-isotropic. Ranges are in PAPER3_RANGES.
 PAPER3: dict[str, float] = {"theorem_a_rho_llama": 0.71, "theorem_a_rho_risk_llama": 0.39,
                             "theorem_a_rho_mse_llama": 0.43, "theorem_b_pos_add": 0.975, "theorem_b_pred": 0.982,
-                            "theorem_c_range_iso_near_isotropic": 0.01, "permutation_ppl_ratio_equal_mse": 50.0}
+                            "theorem_c_range_iso_near_isotropic": 0.01, "permutation_ppl_ratio_equal_mse": 50.0,
+                            "theorem_a_dl_over_l_llama_pct": 17.0}
 #: Paper III, ranges as printed: K-path share and bias drift (%, Llama and Qwen2.5-7B), Theorem B
 #: pos_add over random orderings, Theorem C range/iso (Llama) per M type.
 PAPER3_RANGES: dict[str, tuple[float, float]] = {
     "k_path_share_llama_pct": (34.0, 38.0), "k_path_share_qwen_pct": (92.0, 96.0),
     "bias_drift_llama_pct": (10.0, 17.0), "bias_drift_qwen_pct": (65.0, 82.0),
     "theorem_b_pos_add_random": (0.97, 1.08),
-    "theorem_c_actual": (0.16, 0.25), "theorem_c_rank1": (0.17, 0.21), "theorem_c_near_isotropic": (0.01, 0.01)}
+    "theorem_c_actual": (0.16, 0.25), "theorem_c_rank1": (0.17, 0.21), "theorem_c_near_isotropic": (0.01, 0.01),
+    # not the paper: the original authors' re-runs with 50 configurations per bit width (within-bit ρ of Q1)
+    "theorem_a_rerun_rho": (-0.2, 0.5)}
 #: Paper IV: Qwen2.5-7B 4-bit PPL uniform vs optimal allocation; AM/GM ratios.
 PAPER4: dict[str, float] = {"qwen_uniform_4b": 8400.0, "qwen_optimal_4b": 293.0, "am_gm_llama": 1.36, "am_gm_qwen": 122.7}
 #: Paper II, end-to-end table (Llama-3.1-8B, RTX 4070 Ti): bits → (PPL, compressed MB, compression, tok/s).
