@@ -47,13 +47,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .ddt import directional_risk
+from .ddt import directional_risk, error_moments_for_cache
+from .kv_capture import capture_kv
+from .models import LoadedModel
 
 __all__ = [
     "M_TYPES", "haar_orthogonal", "rotation_risk", "spectral_rotation_risk", "isotropic_risk",
     "rotation_extremes", "extreme_rotations", "rotation_risk_variance", "range_over_iso", "m_variant",
     "RotationRange", "sampled_rotation_range", "SHAPES", "error_shapes", "GaussianNoise",
-    "relative_risk", "noise_quantizers", "paired_delta_pct",
+    "relative_risk", "risk_ratio", "noise_quantizers", "paired_delta_pct", "plane_rotations",
+    "rotation_study", "error_second_moments",
 ]
 
 M_TYPES = ("actual", "rank-1", "near-isotropic")
@@ -175,6 +178,21 @@ def extreme_rotations(M, Sigma) -> tuple[np.ndarray, np.ndarray]:
     _, vs = np.linalg.eigh(_square(Sigma, "Sigma"))
     vst = np.swapaxes(vs, -1, -2)
     return np.matmul(vm[..., ::-1], vst), np.matmul(vm, vst)
+
+
+def plane_rotations(u, v, thetas) -> np.ndarray:
+    """Rotations by each angle θ in the plane of orthonormal u, v (d,), identity elsewhere: (n, d, d).
+
+    U_θ u = cos θ·u + sin θ·v and U_θ v = −sin θ·u + cos θ·v.
+    """
+    u, v = np.asarray(u, dtype=np.float64), np.asarray(v, dtype=np.float64)
+    if u.ndim != 1 or u.shape != v.shape:
+        raise ValueError(f"u and v must be vectors of one length, got {u.shape} and {v.shape}")
+    if not np.allclose([u @ u, v @ v, u @ v], [1.0, 1.0, 0.0], atol=1e-10):
+        raise ValueError("u and v must be orthonormal")
+    t = np.asarray(thetas, dtype=np.float64).reshape(-1, 1, 1)
+    uu, vv, vu = np.outer(u, u), np.outer(v, v), np.outer(v, u)
+    return np.eye(u.size) + (np.cos(t) - 1.0) * (uu + vv) + np.sin(t) * (vu - vu.T)
 
 
 def rotation_risk_variance(M, Sigma) -> np.ndarray:
@@ -367,6 +385,21 @@ def relative_risk(M, shape) -> np.ndarray:
     return directional_risk(M, shape) / (_trace(M) / M.shape[-1]) / _trace(shape)
 
 
+def risk_ratio(M, shape, weight=1.0) -> float:
+    """Σ w·tr(M·C) / Σ w·tr(M)/d over all leading indices: the summed risk of errors of shape C
+    against isotropic errors of the same MSE per slot.
+
+    Parameters
+    ----------
+    M, shape : (..., d, d). weight : broadcastable to (...), e.g. the mean ‖x‖² of each slot
+        (an error of relative MSE r has Σ = r·E‖x‖²·C, so the weight makes slots count by size).
+    """
+    M, shape = _square(M, "M"), _square(shape, "shape")
+    w = np.asarray(weight, dtype=np.float64)
+    iso = w * _trace(M) / M.shape[-1] * _trace(shape)
+    return float((w * directional_risk(M, shape)).sum() / np.broadcast_to(iso, _trace(M).shape).sum())
+
+
 def noise_quantizers(shapes, rel_mse: float, seed: int = 0) -> tuple[list[GaussianNoise], list[GaussianNoise]]:
     """Per-layer key and value noise injectors for a ``QuantizeDequantizeCache``.
 
@@ -414,3 +447,56 @@ def paired_delta_pct(window_nll, clean_window_nll, window_tokens, n_boot: int = 
     draws = delta(np.random.default_rng(seed).integers(0, a.size, (n_boot, a.size)))
     low, high = np.percentile(draws, [2.5, 97.5])
     return float(delta(np.arange(a.size))), float(low), float(high)
+
+
+# ===================================================================== studies on a model
+def rotation_study(M, sigmas: dict, eps: float = 0.05, n_rotations: int = 1000, seed: int = 0
+                   ) -> dict[tuple[str, str], RotationRange]:
+    """:func:`sampled_rotation_range` for every M variant × error source.
+
+    Parameters
+    ----------
+    M : (..., d, d) gradient moments (e.g. (layers, 2, kv_heads, d, d)).
+    sigmas : {source name: Σ of the same shape}.
+    eps : the near-isotropic mixing weight (:func:`m_variant`).
+
+    Returns
+    -------
+    {(m_type, source): RotationRange}, every entry drawn with the same rotations (``seed``).
+    """
+    variants = {kind: m_variant(M, kind, eps) for kind in M_TYPES}
+    return {(kind, name): sampled_rotation_range(variants[kind], sigma, n_rotations, seed)
+            for kind in M_TYPES for name, sigma in sigmas.items()}
+
+
+def error_second_moments(loaded: LoadedModel, input_ids: Tensor, quantizers: dict
+                         ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Σ = E[e eᵀ] of each quantizer's error on the clean cache of the windows, and E‖x‖².
+
+    Each window's cache is captured once (:func:`~lqlib.kv_capture.capture_kv`) and every
+    quantizer is applied to it as one write per layer (:func:`~lqlib.ddt.error_moments_for_cache`);
+    the moments are averaged over windows (equal tokens each).
+
+    Parameters
+    ----------
+    input_ids : (n, T) windows.
+    quantizers : {name: quantizer} (a callable or an object with ``quantize``), used for keys
+        and values alike.
+
+    Returns
+    -------
+    ({name: Σ float64 (layers, 2, kv_heads, d, d)}, mean square norm E‖x‖² float64
+    (layers, 2, kv_heads)).
+    """
+    if input_ids.dim() != 2 or input_ids.shape[0] < 1:
+        raise ValueError(f"input_ids must be (n, T) with n >= 1, got {tuple(input_ids.shape)}")
+    sums: dict[str, np.ndarray] = {}
+    norm2 = 0.0
+    for window in input_ids:
+        kv = capture_kv(loaded, window[None])
+        for name, quantizer in quantizers.items():
+            sigma = error_moments_for_cache(kv, quantizer)[0]
+            sums[name] = sums.get(name, 0.0) + sigma
+        norm2 = norm2 + torch.stack([kv.keys, kv.values], dim=1).double().square().sum(-1).mean(-1).numpy()
+    n = input_ids.shape[0]
+    return {name: total / n for name, total in sums.items()}, norm2 / n

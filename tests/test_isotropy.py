@@ -8,11 +8,24 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lqlib.isotropy import (GaussianNoise, error_shapes, extreme_rotations, haar_orthogonal, isotropic_risk,
-                            m_variant, noise_quantizers, paired_delta_pct, range_over_iso, relative_risk,
-                            rotation_extremes, rotation_risk, rotation_risk_variance, sampled_rotation_range,
+from lqlib.ddt import ScalarBlockQuantizer, error_moments_for_cache
+from lqlib.isotropy import (M_TYPES, GaussianNoise, error_second_moments, error_shapes, extreme_rotations,
+                            haar_orthogonal, isotropic_risk, m_variant, noise_quantizers, paired_delta_pct,
+                            plane_rotations, range_over_iso, relative_risk, risk_ratio, rotation_extremes,
+                            rotation_risk, rotation_risk_variance, rotation_study, sampled_rotation_range,
                             spectral_rotation_risk)
+from lqlib.kv_capture import capture_kv
+from lqlib.models import LoadedModel
 from lqlib.quantized_cache import QuantizeDequantizeCache
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run much faster on one thread when the machine is busy."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 def _psd(d, seed, decay=0.5):
@@ -212,12 +225,75 @@ def test_gaussian_noise_has_the_requested_covariance():
         noise(x[0])                                                  # not (batch, heads, T, d)
 
 
-def test_noise_quantizers_in_the_cache():
+@pytest.fixture(scope="module")
+def tiny():
+    """A random GQA Llama (float32): 2 layers, 2 KV heads of dim 16; two windows of 24 tokens."""
     config = LlamaConfig(vocab_size=53, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config).eval()
-    ids = torch.randint(0, 53, (2, 24))
+    return LoadedModel(LlamaForCausalLM(config).eval(), None, "tiny"), torch.randint(0, 53, (2, 24))
+
+
+def test_plane_rotation_of_an_anisotropic_error():
+    """Σ₀ = tr Σ·((1 − α)I/d + α·u uᵀ) rotated from M's top to its bottom eigenvector: the risk/iso is
+    (1 − α) + α·d·(cos²θ λ_max + sin²θ λ_min)/tr M, and reaches the exact extremes at 0 and 90°."""
+    d, alpha = 12, 0.6
+    M = _psd(d, 20)
+    vals, vecs = np.linalg.eigh(M)
+    top, bottom = vecs[:, -1], vecs[:, 0]
+    thetas = np.linspace(0, np.pi, 13)
+    U = plane_rotations(top, bottom, thetas)
+    np.testing.assert_allclose(U @ U.transpose(0, 2, 1), np.broadcast_to(np.eye(d), U.shape), atol=1e-12)
+    np.testing.assert_allclose(U[3] @ top, np.cos(thetas[3]) * top + np.sin(thetas[3]) * bottom, atol=1e-12)
+    other = vecs[:, 5]
+    np.testing.assert_allclose(U[3] @ other, other, atol=1e-12)              # identity off the plane
+    sigma0 = 2.0 * ((1 - alpha) * np.eye(d) / d + alpha * np.outer(top, top))
+    ratio = rotation_risk(M, sigma0, U) / isotropic_risk(M, sigma0)
+    expected = (1 - alpha) + alpha * d * (np.cos(thetas) ** 2 * vals[-1] + np.sin(thetas) ** 2 * vals[0]) / vals.sum()
+    np.testing.assert_allclose(ratio, expected, rtol=1e-12)
+    lo, hi = rotation_extremes(M, sigma0)
+    iso = isotropic_risk(M, sigma0)
+    assert ratio[0] == pytest.approx(hi / iso, rel=1e-12) and ratio[6] == pytest.approx(lo / iso, rel=1e-12)
+    with pytest.raises(ValueError):
+        plane_rotations(top, top, thetas)
+
+
+def test_risk_ratio_weights_the_slots():
+    d = 8
+    M = np.stack([_psd(d, 21), 10 * _psd(d, 22)])
+    C = error_shapes(M, "top", k=2)
+    per_slot = relative_risk(M, C)
+    w = np.array([1.0, 3.0])
+    iso = w * np.trace(M, axis1=1, axis2=2) / d
+    assert risk_ratio(M, C, w) == pytest.approx((per_slot * iso).sum() / iso.sum(), rel=1e-12)
+    assert risk_ratio(M[:1], C[:1]) == pytest.approx(per_slot[0], rel=1e-12)
+    assert risk_ratio(M, error_shapes(M, "isotropic"), w) == pytest.approx(1.0, rel=1e-12)
+
+
+def test_rotation_study_and_error_moments_on_a_model(tiny):
+    loaded, ids = tiny
+    quantizers = {"scalar": ScalarBlockQuantizer(3.0, block=8), "noise": GaussianNoise(np.eye(16) / 16, 0.01)}
+    sigmas, norm2 = error_second_moments(loaded, ids, quantizers)
+    assert sigmas["scalar"].shape == (2, 2, 2, 16, 16) and norm2.shape == (2, 2, 2)
+    kvs = [capture_kv(loaded, ids[i:i + 1]) for i in range(2)]
+    expected = sum(error_moments_for_cache(kv, quantizers["scalar"])[0] for kv in kvs) / 2
+    np.testing.assert_allclose(sigmas["scalar"], expected, rtol=1e-12)
+    keys = torch.stack([kv.keys for kv in kvs]).double()
+    np.testing.assert_allclose(norm2[:, 0], keys.square().sum(-1).mean(dim=(0, 3)).numpy(), rtol=1e-10)
+    # isotropic noise: trace of Σ is 0.01·E‖x‖² per slot (sampling error ~ 1/√(2·24·16))
+    np.testing.assert_allclose(np.trace(sigmas["noise"], axis1=-2, axis2=-1) / norm2, 0.01, rtol=0.2)
+    M = np.broadcast_to(_psd(16, 23), sigmas["scalar"].shape)
+    study = rotation_study(M, sigmas, eps=0.1, n_rotations=300, seed=4)
+    assert set(study) == {(m, s) for m in M_TYPES for s in sigmas}
+    np.testing.assert_allclose(study[("near-isotropic", "scalar")].range_iso,
+                               0.1 * study[("actual", "scalar")].range_iso, rtol=1e-9)
+    single = sampled_rotation_range(M, sigmas["noise"], 300, seed=4)
+    np.testing.assert_array_equal(study[("actual", "noise")].sampled_max, single.sampled_max)
+
+
+def test_noise_quantizers_in_the_cache(tiny):
+    loaded, ids = tiny
+    model, config = loaded.model, loaded.config
     M = np.stack([[[_psd(16, 10 * l + 2 * p + h) for h in range(2)] for p in range(2)] for l in range(2)])
 
     def nll(cache=None):
