@@ -41,6 +41,7 @@ directions.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,6 +70,38 @@ def _square(a, name: str) -> np.ndarray:
     if a.ndim < 2 or a.shape[-1] != a.shape[-2]:
         raise ValueError(f"{name} must have shape (..., d, d), got {a.shape}")
     return a
+
+
+# Batches of small matrices go through torch's LAPACK on one thread: on many 64×64 problems
+# NumPy's OpenBLAS threads, or torch's intra-op threads, can be tens to hundreds of times slower
+# on a busy machine.
+@contextmanager
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _eigh(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenvalues (ascending) and eigenvectors (columns) of symmetric a (..., d, d), float64."""
+    with _one_thread():
+        vals, vecs = torch.linalg.eigh(torch.from_numpy(np.ascontiguousarray(a, dtype=np.float64)))
+    return vals.numpy(), vecs.numpy()
+
+
+def _eigvalsh(a: np.ndarray) -> np.ndarray:
+    """Eigenvalues (ascending) of symmetric a (..., d, d), float64."""
+    with _one_thread():
+        return torch.linalg.eigvalsh(torch.from_numpy(np.ascontiguousarray(a, dtype=np.float64))).numpy()
+
+
+def _qr(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    with _one_thread():
+        q, r = torch.linalg.qr(torch.from_numpy(np.ascontiguousarray(a, dtype=np.float64)))
+    return q.numpy(), r.numpy()
 
 
 def _trace(a: np.ndarray) -> np.ndarray:
@@ -103,7 +136,7 @@ def haar_orthogonal(d: int, n: int | None = None, seed: int = 0) -> np.ndarray:
     if n is not None and n < 0:
         raise ValueError(f"n must be non-negative, got {n}")
     g = np.random.default_rng(seed).standard_normal((1 if n is None else n, d, d))
-    q, r = np.linalg.qr(g)
+    q, r = _qr(g)
     signs = np.sign(np.diagonal(r, axis1=-2, axis2=-1))
     q = q * np.where(signs == 0, 1.0, signs)[..., None, :]
     return q[0] if n is None else q
@@ -150,9 +183,13 @@ def spectral_rotation_risk(m_eigs, s_eigs, W) -> np.ndarray:
     if W.ndim != 3 or not m_eigs.shape[-1] == s_eigs.shape[-1] == W.shape[-1]:
         raise ValueError(f"need eigenvalues (..., d) and W (n, d, d); got {m_eigs.shape}, {s_eigs.shape}, "
                          f"{W.shape}")
-    p = np.square(W)                                            # (n, d, d), doubly stochastic
-    y = np.matmul(p, s_eigs[..., None, :, None])[..., 0]       # (..., n, d): P μ
-    return np.matmul(y, m_eigs[..., :, None])[..., 0]          # (..., n): λᵀ P μ
+    n, d = W.shape[0], W.shape[-1]
+    lead = np.broadcast_shapes(m_eigs.shape[:-1], s_eigs.shape[:-1])
+    lam = np.broadcast_to(m_eigs, lead + (d,)).reshape(-1, d)           # (H, d)
+    mu = np.broadcast_to(s_eigs, lead + (d,)).reshape(-1, d)
+    p = np.square(W).reshape(n * d, d)                                   # W∘W, doubly stochastic
+    y = (p @ mu.T).reshape(n, d, -1)                                     # (n, d, H): P μ, one GEMM
+    return np.einsum("nih,hi->hn", y, lam).reshape(lead + (n,))          # λᵀ P μ
 
 
 def isotropic_risk(M, Sigma) -> np.ndarray:
@@ -163,8 +200,8 @@ def isotropic_risk(M, Sigma) -> np.ndarray:
 
 def rotation_extremes(M, Sigma) -> tuple[np.ndarray, np.ndarray]:
     """(min, max) over orthogonal U of tr(M·UΣUᵀ): Σ λ↓_i μ↑_i and Σ λ↓_i μ↓_i; each of shape (...)."""
-    lam = np.linalg.eigvalsh(_square(M, "M"))        # ascending
-    mu = np.linalg.eigvalsh(_square(Sigma, "Sigma"))
+    lam = _eigvalsh(_square(M, "M"))        # ascending
+    mu = _eigvalsh(_square(Sigma, "Sigma"))
     return (lam * mu[..., ::-1]).sum(axis=-1), (lam * mu).sum(axis=-1)
 
 
@@ -174,8 +211,8 @@ def extreme_rotations(M, Sigma) -> tuple[np.ndarray, np.ndarray]:
     U_max = V_M V_Σᵀ maps Σ's k-th eigenvector (ascending) onto M's k-th; U_min onto M's
     (d+1−k)-th.
     """
-    _, vm = np.linalg.eigh(_square(M, "M"))
-    _, vs = np.linalg.eigh(_square(Sigma, "Sigma"))
+    _, vm = _eigh(_square(M, "M"))
+    _, vs = _eigh(_square(Sigma, "Sigma"))
     vst = np.swapaxes(vs, -1, -2)
     return np.matmul(vm[..., ::-1], vst), np.matmul(vm, vst)
 
@@ -220,7 +257,7 @@ def m_variant(M, kind: str, eps: float = 0.05) -> np.ndarray:
     if kind == "actual":
         return M.copy()
     if kind == "rank-1":
-        _, vecs = np.linalg.eigh(M)
+        _, vecs = _eigh(M)
         v = vecs[..., :, -1]
         return _trace(M)[..., None, None] * v[..., :, None] * v[..., None, :]
     if kind == "near-isotropic":
@@ -268,6 +305,25 @@ class RotationRange:
         return self.std / self.iso
 
 
+def _haar_chunks(d: int, n_rotations: int, seed: int, chunk: int) -> list[np.ndarray]:
+    if n_rotations < 1 or chunk < 1:
+        raise ValueError(f"n_rotations and chunk must be positive, got {n_rotations}, {chunk}")
+    return [haar_orthogonal(d, min(chunk, n_rotations - start), seed=seed * 100_003 + i)
+            for i, start in enumerate(range(0, n_rotations, chunk))]
+
+
+def _range_from_spectra(M: np.ndarray, Sigma: np.ndarray, chunks: list[np.ndarray]) -> RotationRange:
+    lam, mu = _eigvalsh(M), _eigvalsh(Sigma)                 # ascending
+    lo = hi = None
+    for W in chunks:
+        risks = spectral_rotation_risk(lam, mu, W)
+        lo = risks.min(axis=-1) if lo is None else np.minimum(lo, risks.min(axis=-1))
+        hi = risks.max(axis=-1) if hi is None else np.maximum(hi, risks.max(axis=-1))
+    exact_min, exact_max = (lam * mu[..., ::-1]).sum(axis=-1), (lam * mu).sum(axis=-1)  # as rotation_extremes
+    return RotationRange(lo, hi, isotropic_risk(M, Sigma), exact_min, exact_max,
+                         np.sqrt(rotation_risk_variance(M, Sigma)), sum(len(W) for W in chunks))
+
+
 def sampled_rotation_range(M, Sigma, n_rotations: int = 1000, seed: int = 0, chunk: int = 256) -> RotationRange:
     """Min and max of tr(M·UΣUᵀ) over ``n_rotations`` Haar U, beside the exact extremes.
 
@@ -279,19 +335,7 @@ def sampled_rotation_range(M, Sigma, n_rotations: int = 1000, seed: int = 0, chu
     M, Sigma : symmetric PSD, shape (..., d, d), broadcasting against each other.
     """
     M, Sigma = _square(M, "M"), _square(Sigma, "Sigma")
-    if n_rotations < 1:
-        raise ValueError(f"n_rotations must be positive, got {n_rotations}")
-    d = M.shape[-1]
-    lam, mu = np.linalg.eigvalsh(M), np.linalg.eigvalsh(Sigma)
-    lo = hi = None
-    for i, start in enumerate(range(0, n_rotations, chunk)):
-        W = haar_orthogonal(d, min(chunk, n_rotations - start), seed=seed * 100_003 + i)
-        risks = spectral_rotation_risk(lam, mu, W)
-        lo = risks.min(axis=-1) if lo is None else np.minimum(lo, risks.min(axis=-1))
-        hi = risks.max(axis=-1) if hi is None else np.maximum(hi, risks.max(axis=-1))
-    exact_min, exact_max = rotation_extremes(M, Sigma)
-    return RotationRange(lo, hi, isotropic_risk(M, Sigma), exact_min, exact_max,
-                         np.sqrt(rotation_risk_variance(M, Sigma)), int(n_rotations))
+    return _range_from_spectra(M, Sigma, _haar_chunks(M.shape[-1], n_rotations, seed, chunk))
 
 
 # ===================================================================== noise for end-to-end checks
@@ -310,7 +354,7 @@ def error_shapes(M, kind: str, k: int = 8, seed: int = 0) -> np.ndarray:
     if kind == "isotropic":
         return np.broadcast_to(np.eye(d) / d, M.shape).copy()
     if kind in ("top", "bottom"):
-        _, vecs = np.linalg.eigh(M)                         # ascending
+        _, vecs = _eigh(M)                         # ascending
         basis = vecs[..., -k:] if kind == "top" else vecs[..., :k]
     elif kind == "random":
         lead = int(np.prod(M.shape[:-2]))
@@ -345,7 +389,7 @@ class GaussianNoise:
             raise ValueError(f"rel_mse must be non-negative, got {rel_mse}")
         if not np.allclose(_trace(shape), 1.0, rtol=1e-9, atol=1e-12):
             raise ValueError("each shape must have unit trace")
-        vals, vecs = np.linalg.eigh(0.5 * (shape + np.swapaxes(shape, -1, -2)))
+        vals, vecs = _eigh(0.5 * (shape + np.swapaxes(shape, -1, -2)))
         if vals.min() < -1e-9:
             raise ValueError("each shape must be positive semi-definite")
         self.factor = torch.as_tensor(vecs * np.sqrt(np.clip(vals, 0.0, None))[..., None, :])  # F = V √Λ
@@ -464,8 +508,10 @@ def rotation_study(M, sigmas: dict, eps: float = 0.05, n_rotations: int = 1000, 
     -------
     {(m_type, source): RotationRange}, every entry drawn with the same rotations (``seed``).
     """
+    M = _square(M, "M")
     variants = {kind: m_variant(M, kind, eps) for kind in M_TYPES}
-    return {(kind, name): sampled_rotation_range(variants[kind], sigma, n_rotations, seed)
+    chunks = _haar_chunks(M.shape[-1], n_rotations, seed, 256)   # drawn once, shared by all entries
+    return {(kind, name): _range_from_spectra(variants[kind], _square(sigma, name), chunks)
             for kind in M_TYPES for name, sigma in sigmas.items()}
 
 

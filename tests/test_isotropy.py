@@ -107,6 +107,8 @@ def test_exact_extremes_bound_the_samples_and_are_reached():
     assert np.all(lo < hi)
     result = sampled_rotation_range(M, Sigma, n_rotations=3000, seed=1, chunk=700)
     assert result.n_rotations == 3000
+    np.testing.assert_allclose(result.exact_min, lo, rtol=1e-12)
+    np.testing.assert_allclose(result.exact_max, hi, rtol=1e-12)
     assert np.all(result.exact_min <= result.sampled_min + 1e-12)
     assert np.all(result.sampled_max <= result.exact_max + 1e-12)
     assert np.all(result.range_iso < result.exact_range_iso)
