@@ -54,7 +54,8 @@ from .models import LoadedModel
 
 __all__ = [
     "M_TYPES", "haar_orthogonal", "rotation_risk", "spectral_rotation_risk", "isotropic_risk",
-    "rotation_extremes", "extreme_rotations", "rotation_risk_variance", "range_over_iso", "m_variant",
+    "rotation_extremes", "extreme_rotations", "rotation_risk_variance", "anisotropy", "range_over_iso",
+    "m_variant",
     "RotationRange", "sampled_rotation_range", "SHAPES", "error_shapes", "GaussianNoise",
     "relative_risk", "risk_ratio", "noise_quantizers", "paired_delta_pct", "plane_rotations",
     "rotation_study", "error_second_moments",
@@ -239,6 +240,16 @@ def rotation_risk_variance(M, Sigma) -> np.ndarray:
     if d < 2:
         raise ValueError("the variance formula needs d >= 2")
     return 2.0 * _traceless_norm2(M) * _traceless_norm2(Sigma) / ((d - 1) * (d + 2))
+
+
+def anisotropy(Sigma) -> np.ndarray:
+    """√d·‖Σ₀‖_F / tr Σ: the RMS of Σ's eigenvalues about their mean, relative to the mean; shape (...).
+
+    0 exactly for Σ = s²I. The sample second moment of n isotropic Gaussian vectors has about
+    √(d/n) (Marchenko–Pastur), the floor below which a measured Σ cannot be told from s²I.
+    """
+    Sigma = _square(Sigma, "Sigma")
+    return np.sqrt(Sigma.shape[-1] * np.clip(_traceless_norm2(Sigma), 0.0, None)) / _trace(Sigma)
 
 
 def range_over_iso(risks, iso) -> np.ndarray:

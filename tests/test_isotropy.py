@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lqlib.ddt import ScalarBlockQuantizer, error_moments_for_cache
-from lqlib.isotropy import (M_TYPES, GaussianNoise, error_second_moments, error_shapes, extreme_rotations,
+from lqlib.isotropy import (M_TYPES, GaussianNoise, anisotropy, error_second_moments, error_shapes, extreme_rotations,
                             haar_orthogonal, isotropic_risk, m_variant, noise_quantizers, paired_delta_pct,
                             plane_rotations, range_over_iso, relative_risk, risk_ratio, rotation_extremes,
                             rotation_risk, rotation_risk_variance, rotation_study, sampled_rotation_range,
@@ -320,3 +320,14 @@ def test_noise_quantizers_in_the_cache(tiny):
     delta, low, high = paired_delta_pct(noisy, clean, tokens, n_boot=500)
     assert delta == pytest.approx(100 * math.expm1((noisy - clean).sum() / 46), rel=1e-12)
     assert low <= delta <= high
+
+
+def test_anisotropy_index():
+    d, n = 32, 4096
+    assert anisotropy(0.3 * np.eye(d)) == pytest.approx(0.0, abs=1e-7)
+    mu = np.linspace(1.0, 3.0, d)
+    q = haar_orthogonal(d, seed=2)
+    assert anisotropy((q * mu) @ q.T) == pytest.approx(mu.std() / mu.mean(), rel=1e-10)
+    # sample second moment of n isotropic Gaussian vectors: about √(d/n)
+    z = np.random.default_rng(0).standard_normal((n, d))
+    assert anisotropy(z.T @ z / n) == pytest.approx(math.sqrt(d / n), rel=0.1)
