@@ -13,9 +13,9 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from lqlib import E8Codec, Encoded, InputError  # noqa: E402
-from lqlib import kernels as K  # noqa: E402
-from lqlib.symbols import points_to_symbols  # noqa: E402
+from lqlib import E8Codec, Encoded, InputError
+from lqlib import kernels as K
+from lqlib.symbols import points_to_symbols
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":

@@ -19,7 +19,7 @@ operations through the codec, on any device and without Triton.
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 import torch
@@ -79,7 +79,7 @@ def code_dtype(codec: E8Codec, dim: int) -> torch.dtype:
     raise InputError(f"codes of {codec.bits} bits/dim at d={dim} do not fit int16")
 
 
-@lru_cache(maxsize=None)
+@cache
 def _constants(bits: float, dim: int) -> tuple[int, tuple[int, int, int, int]]:
     """n0 and the thresholds' float64 bit patterns (the kernel compares mantissas as integers)."""
     n0, taus = code_constants(bits, dim)
@@ -96,11 +96,15 @@ def _tables(device: torch.device) -> Tensor:
     return _TABLES[device]
 
 
-def _launch_config(n_vectors: int, dim: int, device: torch.device, block_v: int | None, num_warps: int | None,
+def _launch_config(device: torch.device, block_v: int | None, num_warps: int | None,
                    chunk_major: bool | None) -> tuple[int, int, bool]:
+    """Vectors per program, warps, load order. On the GPU, 32·num_warps vectors: one per thread, so
+    the transform's butterflies and the E8 blocks stay in registers (benchmarks/gpu_codec.py)."""
+    chunk_major = True if chunk_major is None else chunk_major
     if device.type == "cpu":  # the interpreter: few, large programs
-        return block_v or 64, num_warps or 1, True if chunk_major is None else chunk_major
-    return block_v or max(1, 2048 // dim), num_warps or 4, True if chunk_major is None else chunk_major
+        return block_v or 64, num_warps or 1, chunk_major
+    num_warps = num_warps or 2
+    return block_v or 32 * num_warps, num_warps, chunk_major
 
 
 def _check_input(codec: E8Codec, x: Tensor) -> None:
@@ -114,10 +118,12 @@ def _check_input(codec: E8Codec, x: Tensor) -> None:
 
 
 def quantize(codec: E8Codec, x: Tensor, *, codes_dtype: torch.dtype | None = None, block_v: int | None = None,
-             num_warps: int | None = None, chunk_major: bool | None = None, split: int = 1) -> tuple[Tensor, Tensor]:
+             num_warps: int | None = None, chunk_major: bool | None = None, split: int = 2) -> tuple[Tensor, Tensor]:
     """Kernel: ``x`` (..., d) → (codes ``2·p`` (..., d) int8/int16, step codes (...) int16).
 
     The input must be finite (not checked: no host synchronisation); the codec raises on NaN/Inf.
+    ``block_v`` (vectors per program), ``num_warps``, ``chunk_major`` (load order) and ``split``
+    (the E8 stage runs on 2^split parts of a tile in turn) change the speed, never the result.
     """
     _check_input(codec, x)
     kernels = _kernels()
@@ -127,7 +133,7 @@ def quantize(codec: E8Codec, x: Tensor, *, codes_dtype: torch.dtype | None = Non
     codes = torch.empty(x2.shape, dtype=codes_dtype or code_dtype(codec, d), device=x.device)
     steps = torch.empty(n, dtype=STEP_DTYPE, device=x.device)
     if n:
-        bv, warps, cm = _launch_config(n, d, x.device, block_v, num_warps, chunk_major)
+        bv, warps, cm = _launch_config(x.device, block_v, num_warps, chunk_major)
         n0, t = _constants(codec.bits, d)
         rht = codec.rotation == "rht"
         signs = codec._signs(d, x.device, torch.float32)
@@ -154,7 +160,7 @@ def dequantize(codec: E8Codec, codes: Tensor, step_codes: Tensor, dtype: torch.d
     n = c2.shape[0]
     out = torch.empty(c2.shape, dtype=dtype, device=codes.device)
     if n:
-        bv, warps, cm = _launch_config(n, d, codes.device, block_v, num_warps, chunk_major)
+        bv, warps, cm = _launch_config(codes.device, block_v, num_warps, chunk_major)
         kernels.e8_dequantize_kernel[(triton_cdiv(n, bv),)](
             c2, step_codes.contiguous().reshape(-1), out, codec._signs(d, codes.device, torch.float32),
             _tables(codes.device), n,
