@@ -30,10 +30,9 @@ import torch
 from lqlib import E8Codec
 from lqlib import kernels as K
 
-QUANTIZE_CONFIGS = [  # (block_v, num_warps, split): block_v = 32·num_warps puts one vector on each thread
-    (32, 1, 2), (64, 2, 2), (128, 4, 2), (64, 2, 1), (64, 2, 0), (16, 4, 1),
-]
-DEQUANTIZE_CONFIGS = [(32, 1), (64, 2), (128, 4), (256, 8), (16, 4)]
+# (block_v, num_warps, split, chunk_major): block_v = 32·num_warps puts one vector on each thread
+QUANTIZE_CONFIGS = [(64, 2, 2, False), (32, 1, 2, False), (128, 4, 2, False), (64, 2, 1, False)]
+DEQUANTIZE_CONFIGS = [(16, 4, False), (16, 4, True), (64, 2, False), (128, 4, False)]
 _BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}
 
 
@@ -92,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kv-heads", type=int, default=8)
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--bits", type=float, default=4.0)
-    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--identity-vectors", type=int, default=20_000)
     ap.add_argument("--out", default="results")
     args = ap.parse_args(argv)
@@ -119,12 +118,12 @@ def main(argv: list[str] | None = None) -> int:
             c = E8Codec(args.bits, seed=d)
             checks.append({"dim": d, "dtype": str(dtype), "config": "default", **identical(c, x, {}, {})})
     x = sample(4096, args.dim, seed=1, dtype=torch.float16)
-    for bv, warps, split in QUANTIZE_CONFIGS:
-        checks.append({"dim": args.dim, "dtype": "torch.float16", "config": f"quantize {bv}/{warps}/split{split}",
-                       **identical(codec, x, {"block_v": bv, "num_warps": warps, "split": split}, {})})
-    for bv, warps in DEQUANTIZE_CONFIGS:
-        checks.append({"dim": args.dim, "dtype": "torch.float16", "config": f"dequantize {bv}/{warps}",
-                       **identical(codec, x, {}, {"block_v": bv, "num_warps": warps})})
+    for bv, warps, split, cm in QUANTIZE_CONFIGS:
+        checks.append({"dim": args.dim, "dtype": "torch.float16", "config": f"quantize {bv}/{warps}/split{split}/cm{cm:d}",
+                       **identical(codec, x, {"block_v": bv, "num_warps": warps, "split": split, "chunk_major": cm}, {})})
+    for bv, warps, cm in DEQUANTIZE_CONFIGS:
+        checks.append({"dim": args.dim, "dtype": "torch.float16", "config": f"dequantize {bv}/{warps}/cm{cm:d}",
+                       **identical(codec, x, {}, {"block_v": bv, "num_warps": warps, "chunk_major": cm})})
     result["bit_identity"] = checks
     result["bit_identical_everywhere"] = all(c["codes"] and c["step_codes"] and c["values"] for c in checks)
     print(f"bit identity: {result['bit_identical_everywhere']} ({len(checks)} checks, {time.time() - t0:.0f} s)")
@@ -175,24 +174,24 @@ def main(argv: list[str] | None = None) -> int:
     x = torch.randn(shape, generator=gen, device="cuda", dtype=torch.float16)
     x *= torch.exp(torch.randn(*shape[:-1], 1, generator=gen, device="cuda")).half()
     codes = steps = None
-    for bv, warps, split in QUANTIZE_CONFIGS:
-        c, s = run_quantize(x, {"block_v": bv, "num_warps": warps, "split": split},
-                            f"quantize fp16 d={args.dim} {bv}/{warps}/split{split}")
+    for bv, warps, split, cm in QUANTIZE_CONFIGS:
+        c, s = run_quantize(x, {"block_v": bv, "num_warps": warps, "split": split, "chunk_major": cm},
+                            f"quantize fp16 d={args.dim} {bv}/{warps}/split{split}/cm{cm:d}")
         codes, steps = (c, s) if codes is None else (codes, steps)
-    for bv, warps in DEQUANTIZE_CONFIGS:
-        run_dequantize(codes, steps, torch.float16, {"block_v": bv, "num_warps": warps},
-                       f"dequantize fp16 d={args.dim} {bv}/{warps}")
+    for bv, warps, cm in DEQUANTIZE_CONFIGS:
+        run_dequantize(codes, steps, torch.float16, {"block_v": bv, "num_warps": warps, "chunk_major": cm},
+                       f"dequantize fp16 d={args.dim} {bv}/{warps}/cm{cm:d}")
     best_q = min((r for r in rows if r["kernel"] == "quantize"), key=lambda r: r["median_ms"])
     best_d = min((r for r in rows if r["kernel"] == "dequantize"), key=lambda r: r["median_ms"])
-    qcfg = {k: best_q[k] for k in ("block_v", "num_warps", "split")}
-    dcfg = {k: best_d[k] for k in ("block_v", "num_warps")}
+    qcfg = {k: best_q[k] for k in ("block_v", "num_warps", "split", "chunk_major")}
+    dcfg = {k: best_d[k] for k in ("block_v", "num_warps", "chunk_major")}
     run_quantize(x.to(torch.bfloat16), qcfg, f"quantize bf16 d={args.dim} best")
     run_dequantize(codes, steps, torch.bfloat16, dcfg, f"dequantize bf16 d={args.dim} best")
     del x, codes, steps
     x64 = torch.randn(2 * args.layers * args.kv_heads * args.tokens * 2, 64, generator=gen, device="cuda",
                       dtype=torch.float16)
-    c64, s64 = run_quantize(x64, {"block_v": qcfg["block_v"], "num_warps": qcfg["num_warps"]}, "quantize fp16 d=64")
-    run_dequantize(c64, s64, torch.float16, dcfg, "dequantize fp16 d=64")
+    c64, s64 = run_quantize(x64, qcfg, "quantize fp16 d=64 best")
+    run_dequantize(c64, s64, torch.float16, dcfg, "dequantize fp16 d=64 best")
     del x64, c64, s64
 
     # the codec's own torch path on CUDA, one layer's keys (what the cache did before the kernels)

@@ -96,15 +96,22 @@ def _tables(device: torch.device) -> Tensor:
     return _TABLES[device]
 
 
-def _launch_config(device: torch.device, block_v: int | None, num_warps: int | None,
+def _launch_config(kernel: str, device: torch.device, block_v: int | None, num_warps: int | None,
                    chunk_major: bool | None) -> tuple[int, int, bool]:
-    """Vectors per program, warps, load order. On the GPU, 32·num_warps vectors: one per thread, so
-    the transform's butterflies and the E8 blocks stay in registers (benchmarks/gpu_codec.py)."""
-    chunk_major = True if chunk_major is None else chunk_major
+    """Vectors per program, warps and load order: the fastest measured on an H100 with Triton 3.6
+    (results/gpu_codec_*.json).
+
+    Quantize: 32 vectors on one warp, one vector per thread, so that the transform's butterflies
+    and the E8 blocks stay in registers; the tile is addressed vector-major (``chunk_major=False``),
+    which Triton 3.6 and 3.9 both lay out that way (chunk-major, Triton 3.6 spreads a vector over
+    threads and the kernel runs 50 times slower). Dequantize: 16 vectors over 4 warps, chunk-major.
+    """
     if device.type == "cpu":  # the interpreter: few, large programs
-        return block_v or 64, num_warps or 1, chunk_major
-    num_warps = num_warps or 2
-    return block_v or 32 * num_warps, num_warps, chunk_major
+        return block_v or 64, num_warps or 1, bool(chunk_major)
+    if kernel == "quantize":
+        num_warps = num_warps or 1
+        return block_v or 32 * num_warps, num_warps, False if chunk_major is None else chunk_major
+    return block_v or 16, num_warps or 4, True if chunk_major is None else chunk_major
 
 
 def _check_input(codec: E8Codec, x: Tensor) -> None:
@@ -133,7 +140,7 @@ def quantize(codec: E8Codec, x: Tensor, *, codes_dtype: torch.dtype | None = Non
     codes = torch.empty(x2.shape, dtype=codes_dtype or code_dtype(codec, d), device=x.device)
     steps = torch.empty(n, dtype=STEP_DTYPE, device=x.device)
     if n:
-        bv, warps, cm = _launch_config(x.device, block_v, num_warps, chunk_major)
+        bv, warps, cm = _launch_config("quantize", x.device, block_v, num_warps, chunk_major)
         n0, t = _constants(codec.bits, d)
         rht = codec.rotation == "rht"
         signs = codec._signs(d, x.device, torch.float32)
@@ -160,7 +167,7 @@ def dequantize(codec: E8Codec, codes: Tensor, step_codes: Tensor, dtype: torch.d
     n = c2.shape[0]
     out = torch.empty(c2.shape, dtype=dtype, device=codes.device)
     if n:
-        bv, warps, cm = _launch_config(codes.device, block_v, num_warps, chunk_major)
+        bv, warps, cm = _launch_config("dequantize", codes.device, block_v, num_warps, chunk_major)
         kernels.e8_dequantize_kernel[(triton_cdiv(n, bv),)](
             c2, step_codes.contiguous().reshape(-1), out, codec._signs(d, codes.device, torch.float32),
             _tables(codes.device), n,

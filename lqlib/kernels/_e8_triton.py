@@ -5,9 +5,8 @@ the CPU codec's operations (:meth:`lqlib.E8Codec._analyse` / ``_synthesise``) on
 the same order and with the same IEEE operations, and is compiled without fused multiply-add
 (``enable_fp_fusion=False``), so its results are the CPU codec's bits:
 
-* the RHT is :func:`lqlib.rht.fwht` of ``signs ⊙ x``: butterfly stages h = 1, 2, 4, ..., d/2
-  (written constant-geometry: each stage adds and subtracts adjacent pairs and writes sums
-  then differences; the same pairs are combined at each stage, hence the same roundings);
+* the RHT is :func:`lqlib.rht.fwht` of ``signs ⊙ x``: butterfly stages h = 1, 2, 4, ..., d/2,
+  each combining elements i and i + h as ``(a + b, a - b)``: the same roundings;
 * the step code comes from the float64 sum of squares of ``x`` in the pairwise order of
   :func:`lqlib.lattices.pairwise_sum`, by exponent and threshold (:func:`lqlib.steps.code_constants`);
 * lattice units are ``u · R[g mod 8]·2^(-(g div 8) - shift)`` (a product, not a division:
@@ -55,15 +54,19 @@ def _sum_blocks(v, LOG2C: tl.constexpr):
 
 @triton.jit
 def _fwht(v, LOG2C: tl.constexpr):
-    """Unnormalised Walsh–Hadamard transform of (C, B, 8) tiles along the flattened (C·8) axis."""
+    """Unnormalised Walsh–Hadamard transform of (C, B, 8) tiles along the flattened (C·8) axis:
+    stages h = 1, 2, 4 inside each block of 8, then h = 8, 16, ... across blocks, each stage in place
+    (element i with i + h), so that every stage hands on the layout it was given."""
     C: tl.constexpr = v.shape[0]
     B: tl.constexpr = v.shape[1]
-    for i in tl.static_range(3):  # h = 1, 2, 4: inside each block of 8
-        a, b = tl.split(tl.reshape(v, (C, B, 4, 2)))
-        v = tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 1, 3, 2)), (C, B, 8))
-    for i in tl.static_range(LOG2C):  # h = 8, 16, ...: across blocks
-        a, b = tl.split(tl.permute(tl.reshape(v, (C // 2, 2, B, 8)), (0, 2, 3, 1)))
-        v = tl.reshape(tl.permute(tl.join(a + b, a - b), (3, 0, 1, 2)), (C, B, 8))
+    for i in tl.static_range(3):  # h = 2^i
+        w = tl.permute(tl.reshape(v, (C, B, 4 >> i, 2, 1 << i)), (0, 1, 2, 4, 3))
+        a, b = tl.split(w)
+        v = tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 1, 2, 4, 3)), (C, B, 8))
+    for i in tl.static_range(LOG2C):  # h = 8·2^i
+        w = tl.permute(tl.reshape(v, (C >> (i + 1), 2, 1 << i, B, 8)), (0, 2, 3, 4, 1))
+        a, b = tl.split(w)
+        v = tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 4, 1, 2, 3)), (C, B, 8))
     return v
 
 
