@@ -10,12 +10,23 @@ integer codes k (:mod:`lqlib.steps`, about 3–4 bits per vector); a per-tensor 
 is stored as a float32. Either way the decoder multiplies by exactly the value the
 encoder divided by.
 
+The RHT is applied unnormalised, ``u = H·(signs ⊙ x)`` by the butterfly stages of
+:func:`lqlib.rht.fwht` (so ``u = sqrt(d)·w`` with ``w`` the orthonormal rotation), and the
+factor ``1/sqrt(d)`` is folded into the step: ``sqrt(d) = 2^(4·log2(d)/8)`` lies on the step
+grid. With per-vector steps, the encoder computes ``u · R(k − 4·log2 d)·2^(-log2 d)`` and
+the decoder ``signs ⊙ H·p · 2^((k − 4·log2 d)/8)`` (grid values of :mod:`lqlib.steps`);
+the step code comes from the float64 sum of squares of ``x`` (equal to that of ``w``).
+Every operation is one IEEE operation in a fixed order, with no fused multiply-add and no
+library reduction, so the CUDA tensors' result, the CPU's and that of the Triton kernels in
+:mod:`lqlib.kernels` are the same bits.
+
 Invariant: ``decode(encode(x))`` equals ``quantize(x)`` bit for bit on the
 device ``x`` lives on.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,11 +35,11 @@ from torch import Tensor
 
 from .entropy_model import gaussian_symbol_model
 from .errors import CodecMismatchError, CorruptStreamError, InputError
-from .lattices import nearest_e8
+from .lattices import nearest_e8, pairwise_sum
 from .rans import decode_symbols, encode_symbols
-from .rht import RandomizedHadamard
-from .steps import (CODE_MAX, CODE_MIN, exact_step_code, exact_step_value, step_codes, step_values,
-                    valid_exact_code)
+from .rht import RandomizedHadamard, fwht
+from .steps import (CODE_MAX, CODE_MIN, exact_step_code, exact_step_value, inverse_step_values, step_codes_of_sum,
+                    step_values, valid_exact_code)
 from .symbols import points_to_symbols, symbols_to_points
 from .wire import DTYPES, ROTATIONS, SCALES, WireHeader, pack, packed_size, unpack
 
@@ -107,6 +118,7 @@ class E8Codec:
         self.scale = scale
         self.seed = int(seed)
         self._rhts: dict[int, RandomizedHadamard] = {}
+        self._signs_cache: dict[tuple[int, torch.device, torch.dtype], Tensor] = {}
 
     def __repr__(self) -> str:
         return f"E8Codec(bits={self.bits}, rotation={self.rotation!r}, scale={self.scale!r}, seed={self.seed})"
@@ -117,27 +129,58 @@ class E8Codec:
             self._rhts[dim] = RandomizedHadamard(dim, self.seed)
         return self._rhts[dim]
 
-    def _step_codes(self, rotated: Tensor) -> Tensor:
-        """int32 step codes, broadcastable to ``rotated`` (one per vector, or one in all)."""
+    def _signs(self, dim: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+        """The RHT's ±1 signs of dimension ``dim`` on ``device`` in ``dtype`` (cached)."""
+        key = (dim, torch.device(device), dtype)
+        if key not in self._signs_cache:
+            self._signs_cache[key] = self._rht(dim).signs.to(device=key[1], dtype=dtype)
+        return self._signs_cache[key]
+
+    def _log2_dim(self, dim: int) -> int:
+        """log2(d) with the RHT (its unnormalised output is sqrt(d) times the rotation's), else 0."""
+        return dim.bit_length() - 1 if self.rotation == "rht" else 0
+
+    def _step_codes(self, x: Tensor) -> Tensor:
+        """int32 step codes, broadcastable to ``x`` (one per vector, or one in all).
+
+        The mean square is that of ``x``, which the orthonormal rotation keeps."""
+        squares = x.to(torch.float64).square()
         if self.scale == "vector":
-            return step_codes(rotated.square().mean(dim=-1, keepdim=True), self.bits)
-        mean_square = (rotated.square().sum() / max(rotated.numel(), 1)).reshape([1] * rotated.dim())
+            return step_codes_of_sum(pairwise_sum(squares), x.shape[-1], self.bits)
+        mean_square = (squares.sum() / max(x.numel(), 1)).reshape([1] * x.dim())
         return exact_step_code(mean_square, self.bits)
 
-    def _step_values(self, codes: Tensor, dtype: torch.dtype) -> Tensor:
-        return step_values(codes, dtype) if self.scale == "vector" else exact_step_value(codes, dtype)
+    def _to_lattice_units(self, transformed: Tensor, codes: Tensor) -> Tensor:
+        """The transformed vectors in lattice units: ``u · R(k − 4·log2 d)·2^-log2(d)`` per vector,
+        ``u / (a·sqrt(d))`` with one step ``a`` for the tensor."""
+        shift = self._log2_dim(transformed.shape[-1])
+        if self.scale == "vector":
+            return transformed * inverse_step_values(codes - 4 * shift, transformed.dtype, shift)
+        return transformed / (exact_step_value(codes, transformed.dtype) * math.sqrt(2 ** shift))
+
+    def _synthesis_factors(self, codes: Tensor, dim: int, dtype: torch.dtype) -> Tensor:
+        """Factors that take lattice points back to the transformed domain (``H·p · factor``)."""
+        shift = self._log2_dim(dim)
+        if self.scale == "vector":
+            return step_values(codes - 4 * shift, dtype)
+        return exact_step_value(codes, dtype) / math.sqrt(2 ** shift)
 
     def _analyse(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x (..., d) in the work dtype → (E8 points in lattice units (..., d), step codes)."""
-        rotated = self._rht(x.shape[-1]).forward(x) if self.rotation == "rht" else x
-        codes = self._step_codes(rotated)
-        blocks = (rotated / self._step_values(codes, rotated.dtype)).reshape(*x.shape[:-1], x.shape[-1] // 8, 8)
-        return nearest_e8(blocks).reshape(x.shape), codes
+        d = x.shape[-1]
+        transformed = fwht(x * self._signs(d, x.device, x.dtype)) if self.rotation == "rht" else x
+        codes = self._step_codes(x)
+        scaled = self._to_lattice_units(transformed, codes)
+        points = nearest_e8(scaled.reshape(*x.shape[:-1], d // 8, 8)).reshape(x.shape)
+        return points + 0.0, codes  # + 0.0: no negative zeros, whatever the rounding's path
 
     def _synthesise(self, points: Tensor, codes: Tensor) -> Tensor:
         """Inverse of :meth:`_analyse` up to the quantization error."""
-        scaled = points * self._step_values(codes, points.dtype)
-        return self._rht(points.shape[-1]).inverse(scaled) if self.rotation == "rht" else scaled
+        d = points.shape[-1]
+        factors = self._synthesis_factors(codes, d, points.dtype)
+        if self.rotation == "rht":
+            return fwht(points) * factors * self._signs(d, points.device, points.dtype)
+        return points * factors
 
     # ----------------------------------------------------------------- checks
     def _validate(self, x: Tensor) -> Tensor:

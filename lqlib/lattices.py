@@ -4,6 +4,11 @@ All maps act on the last axis of a float tensor of any leading shape, work on
 CPU and CUDA in float32/float64, and are written with ``where``/``gather``
 only: no boolean indexing, no ``.item()``, hence no host synchronisation.
 
+Sums over a block (the D_n parity, the E8 candidates' squared distances) are taken
+in one fixed order, :func:`pairwise_sum`, not in whatever order a library's
+reduction picks: every device, and the Triton kernels of :mod:`lqlib.kernels`,
+then make the same decision on the same input, ties and near-ties included.
+
 The algorithms are those of Conway & Sloane, "Fast quantizing and decoding
 algorithms for lattice quantizers and codes" (IEEE Trans. IT, 1982).
 """
@@ -25,9 +30,27 @@ __all__ = [
     "nearest_dn",
     "nearest_e8",
     "normalized_second_moment",
+    "pairwise_sum",
 ]
 
 _SQRT3 = math.sqrt(3.0)
+
+
+def pairwise_sum(x: Tensor) -> Tensor:
+    """Sum over the last axis in a fixed order: adjacent pairs, then pairs of pairs, and so on.
+
+    ``((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))`` for 8 values; a length that is not
+    a power of two is padded with zeros. Returns shape (..., 1). Each addition is one IEEE
+    operation, so the result is the same on every device.
+    """
+    n = x.shape[-1]
+    width = 1 << max(n - 1, 0).bit_length()
+    if width != n:
+        x = torch.cat([x, x.new_zeros(*x.shape[:-1], width - n)], dim=-1)
+    while x.shape[-1] > 1:
+        pairs = x.reshape(*x.shape[:-1], x.shape[-1] // 2, 2)
+        x = pairs[..., 0] + pairs[..., 1]
+    return x
 
 
 def nearest_zn(x: Tensor) -> Tensor:
@@ -52,7 +75,7 @@ def nearest_dn(x: Tensor) -> Tensor:
     """
     f = torch.round(x)
     err = x - f
-    total = f.sum(dim=-1, keepdim=True)
+    total = pairwise_sum(f)
     odd = total - 2.0 * torch.floor(total / 2.0)  # 0.0 or 1.0
     worst = err.abs().argmax(dim=-1, keepdim=True)
     err_worst = err.gather(-1, worst)
@@ -76,8 +99,8 @@ def nearest_e8(x: Tensor) -> Tensor:
         raise ValueError(f"E8 acts on blocks of 8 coordinates, got last dim {x.shape[-1]}")
     even = nearest_dn(x)
     odd = nearest_dn(x - 0.5) + 0.5
-    d_even = (x - even).square().sum(dim=-1, keepdim=True)
-    d_odd = (x - odd).square().sum(dim=-1, keepdim=True)
+    d_even = pairwise_sum((x - even).square())
+    d_odd = pairwise_sum((x - odd).square())
     return torch.where(d_odd < d_even, odd, even)
 
 

@@ -8,8 +8,16 @@ the mean squared error as they were to within 0.3% (the rounding is symmetric in
 
 Every device gets the same float for a code: ``a = ldexp(T[k mod 8], k div 8)`` with
 ``T[j]`` the float16 value of ``2^(j/8)``; multiplying by a power of two is exact. The
-short (11-bit) mantissa keeps ``point × step`` exact in float32, so the inverse RHT's sums
-do not depend on the summation order: batch size and device do not change a decoded bit.
+encoder multiplies by the reciprocal ``ldexp(R[k mod 8], -(k div 8))`` with ``R[j]`` the
+float32 value of ``1/T[j]`` (a product is one IEEE operation everywhere; a Triton division
+is not correctly rounded).
+
+The code itself is computed without a logarithm: from the sum of squares ``S = m·2^e``
+(float64, ``m`` in [0.5, 1)) of the ``n`` values a step covers, ``k = 4e + n0 − 4 + #{j :
+m ≥ τ_j}`` with four thresholds ``τ_j`` and an integer ``n0`` that depend on the rate and
+``n`` only (:func:`code_constants`). That is ``round(8·log2(sqrt(2πe·S/n)·2^-b))`` with
+its boundaries held as float64 numbers: every device, and the Triton kernels, get the same
+code from the same ``S``.
 
 A single step for a whole tensor is not rounded to the grid: it is rounded to an 11-bit
 mantissa (float16 precision, float32 range) and its code is its IEEE float32 bit pattern
@@ -32,7 +40,8 @@ from torch import Tensor
 
 from .errors import FormatError, InputError
 
-__all__ = ["STEPS_PER_OCTAVE", "CODE_MIN", "CODE_MAX", "GROUP", "step_codes", "step_values",
+__all__ = ["STEPS_PER_OCTAVE", "CODE_MIN", "CODE_MAX", "GROUP", "step_codes", "step_codes_of_sum", "step_values",
+           "inverse_step_values", "code_constants", "pow2", "FRACTIONS", "INVERSE_FRACTIONS",
            "exact_step_code", "exact_step_value", "valid_exact_code", "pack_codes", "unpack_codes",
            "packed_codes_size"]
 
@@ -42,8 +51,40 @@ CODE_MAX = 100 * STEPS_PER_OCTAVE  # ... to 2^100: normal float32 numbers
 GROUP = 64
 _MAX_WIDTH = int(CODE_MAX - CODE_MIN).bit_length()
 _TWO_PI_E = 2.0 * math.pi * math.e
-_FRACTIONS = np.array([2.0 ** (j / STEPS_PER_OCTAVE) for j in range(STEPS_PER_OCTAVE)],
-                      dtype=np.float16).astype(np.float32)
+# T[j] = 2^(j/8) to float16 precision, and R[j] = 1/T[j] to float32 precision (both float32 arrays).
+FRACTIONS = np.array([2.0 ** (j / STEPS_PER_OCTAVE) for j in range(STEPS_PER_OCTAVE)],
+                     dtype=np.float16).astype(np.float32)
+INVERSE_FRACTIONS = (1.0 / FRACTIONS.astype(np.float64)).astype(np.float32)
+_FRACTIONS = FRACTIONS  # the name older code imports
+
+
+def code_constants(bits: float, count: int) -> tuple[int, tuple[float, float, float, float]]:
+    """``(n0, (τ_1, ..., τ_4))`` of the step code of a sum of squares of ``count`` values at ``bits``.
+
+    With ``S = m·2^e``, ``m`` in [0.5, 1): ``k = 4e + n0 − 4 + #{j : m ≥ τ_j}``, which is
+    ``floor(4·log2(2πe·S/count) − 8·bits + 1/2)`` with the boundaries rounded to float64.
+    """
+    offset = 4.0 * math.log2(_TWO_PI_E / count) - 8.0 * float(bits) + 0.5
+    n0 = math.floor(offset)
+    frac = offset - n0
+    return n0, tuple(2.0 ** ((j - 4 - frac) / 4.0) for j in range(1, 5))
+
+
+def step_codes_of_sum(sum_squares: Tensor, count: int, bits: float) -> Tensor:
+    """Codes ``k`` (int32, same shape) of the steps ``sqrt(2πe·sum_squares/count)·2^(-bits)``.
+
+    Computed in float64 by exponent and four comparisons (see the module docstring); a zero
+    sum gets ``CODE_MIN``, codes are clamped to [CODE_MIN, CODE_MAX]. No host synchronisation.
+    """
+    s = sum_squares.to(torch.float64)
+    n0, taus = code_constants(bits, count)
+    mantissa, exponent = torch.frexp(s)
+    codes = 4 * exponent.to(torch.int64) + (n0 - 4)
+    for tau in taus:
+        codes = codes + (mantissa >= tau).to(torch.int64)
+    codes = torch.where(s > 0, codes, CODE_MIN)
+    codes = torch.where(torch.isinf(s), CODE_MAX, codes)
+    return codes.clamp(CODE_MIN, CODE_MAX).to(torch.int32)
 
 
 def step_codes(mean_square: Tensor, bits: float) -> Tensor:
@@ -52,16 +93,30 @@ def step_codes(mean_square: Tensor, bits: float) -> Tensor:
     A zero mean square gets ``CODE_MIN``; codes are clamped to [CODE_MIN, CODE_MAX].
     No host synchronisation.
     """
-    log2_step = 0.5 * torch.log2(_TWO_PI_E * mean_square) - bits
-    codes = torch.round(STEPS_PER_OCTAVE * log2_step).clamp(CODE_MIN, CODE_MAX)
-    return codes.to(torch.int32)
+    return step_codes_of_sum(mean_square, 1, bits)
+
+
+def pow2(exponents: Tensor, dtype: torch.dtype) -> Tensor:
+    """``2^n`` of integer ``exponents`` (normal range of ``dtype``), built from its bit pattern: exact."""
+    n = exponents.to(torch.int64)
+    if dtype == torch.float64:
+        return ((n + 1023) << 52).view(torch.float64)
+    return ((n + 127) << 23).to(torch.int32).view(torch.float32).to(dtype)
 
 
 def step_values(codes: Tensor, dtype: torch.dtype) -> Tensor:
     """The steps ``2^(k/8)`` of integer ``codes``, exactly the same floats on every device."""
     codes = codes.to(torch.int64)
-    fractions = torch.from_numpy(_FRACTIONS).to(device=codes.device, dtype=dtype)
-    return torch.ldexp(fractions[codes % STEPS_PER_OCTAVE], (codes // STEPS_PER_OCTAVE).to(dtype))
+    fractions = torch.from_numpy(FRACTIONS).to(device=codes.device, dtype=dtype)
+    return fractions[codes % STEPS_PER_OCTAVE] * pow2(codes // STEPS_PER_OCTAVE, dtype)
+
+
+def inverse_step_values(codes: Tensor, dtype: torch.dtype, shift: int = 0) -> Tensor:
+    """``R[k mod 8]·2^(-(k div 8) - shift)``: the encoder's factor for the steps of ``codes``
+    (``1/2^(k/8)`` to float32 precision), times ``2^-shift``; exactly the same floats on every device."""
+    codes = codes.to(torch.int64)
+    fractions = torch.from_numpy(INVERSE_FRACTIONS).to(device=codes.device, dtype=dtype)
+    return fractions[codes % STEPS_PER_OCTAVE] * pow2(-(codes // STEPS_PER_OCTAVE) - shift, dtype)
 
 
 _LOW_MANTISSA = (1 << 13) - 1  # float32 mantissa bits below float16's 10

@@ -13,6 +13,11 @@ import torch
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
+# Without CUDA, the Triton kernels (tests/test_kernels.py) run in Triton's interpreter on CPU
+# tensors. Triton reads this when a kernel is defined, so it is set before any test imports it.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 @pytest.fixture(scope="session")
 def default_model():

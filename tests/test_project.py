@@ -97,3 +97,26 @@ def test_cli_evaluate(tmp_path, capsys):
     assert {"full precision", "E8 + EC 4", "TurboQuant-style 4", "KIVI-4", "HF QuantizedCache quanto int4"} <= methods
     assert all(r["window"] == 64 and r["model"] == "smollm2-135m-instruct" for r in rows)
     assert (tmp_path / "evaluation.csv").is_file() and "E8 + EC 4" in capsys.readouterr().out
+
+
+def test_lqlib_imports_without_triton():
+    """A CPU-only install without Triton imports lqlib and lqlib.kernels; only the kernels need Triton."""
+    probe = """
+import sys
+sys.modules["triton"] = None  # as if it were not installed: every import of it fails
+import torch, lqlib, lqlib.kernels as K
+assert not K.triton_available()
+codec = lqlib.E8Codec(4.0)
+x = torch.randn(3, 64)
+codes, steps = K.reference_quantize(codec, x)
+assert torch.equal(K.reference_dequantize(codec, codes, steps, torch.float32), codec.quantize(x))
+try:
+    K.quantize(codec, x)
+except ImportError as err:
+    assert "lqlib[gpu]" in str(err)
+else:
+    raise AssertionError("quantize ran without Triton")
+"""
+    result = subprocess.run(["python", "-c", probe], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+

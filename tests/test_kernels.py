@@ -1,0 +1,187 @@
+"""The Triton kernels of the E8 codec against the CPU codec: same codes, step codes and values, bit for bit.
+
+Without CUDA the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, set by conftest) on
+CPU tensors; with CUDA they are compiled for the GPU, and compared with the codec on CPU tensors.
+"""
+
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from lqlib import E8Codec, Encoded, InputError
+from lqlib import kernels as K
+from lqlib.symbols import points_to_symbols
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("the kernels need CUDA, or TRITON_INTERPRET=1 before Triton is imported", allow_module_level=True)
+
+_BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}
+
+
+def bits_of(t: torch.Tensor) -> torch.Tensor:
+    """The IEEE bit patterns: equality of these is equality to the bit, signed zeros included."""
+    return t.contiguous().view(_BITS[t.dtype])
+
+
+def check(codec: E8Codec, x: torch.Tensor, **launch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernels on DEVICE against the CPU codec on CPU tensors: codes, step codes, values."""
+    codes, steps = K.quantize(codec, x.to(DEVICE), **launch)
+    assert codes.shape == x.shape and steps.shape == x.shape[:-1] and codes.device.type == DEVICE
+    ref_codes, ref_steps = K.reference_quantize(codec, x.cpu(), codes_dtype=codes.dtype)
+    assert torch.equal(steps.cpu(), ref_steps), (steps.cpu() != ref_steps).sum()
+    assert torch.equal(codes.cpu(), ref_codes), (codes.cpu() != ref_codes).sum()
+    y = K.dequantize(codec, codes, steps, x.dtype, **{k: v for k, v in launch.items() if k != "split"})
+    assert y.dtype == x.dtype and y.shape == x.shape
+    assert torch.equal(bits_of(y.cpu()), bits_of(codec.quantize(x.cpu())))
+    return codes, steps
+
+
+def sample(n: int, d: int, seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Vectors with norms from 1e-3 to 1e3 and heavy-tailed coordinates (no zeros)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    x = x * torch.exp(torch.randn(n, d, generator=gen, dtype=torch.float64))  # heavy tails
+    return (x * torch.logspace(-3, 3, n, dtype=torch.float64)[:, None]).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("d", [64, 128])
+def test_random_vectors_match_the_codec(d, dtype):
+    codec = E8Codec(4.0, rotation="rht", seed=d)
+    check(codec, sample(300, d, seed=d + len(str(dtype)), dtype=dtype))
+
+
+@pytest.mark.parametrize("rotation", ["rht", "none"])
+@pytest.mark.parametrize("bits", [0.5, 2.5, 5.5, 9.0])
+def test_rates_and_rotations(bits, rotation):
+    codec = E8Codec(bits, rotation=rotation, seed=3)
+    codes, _ = check(codec, sample(130, 64, seed=int(bits * 10), dtype=torch.float16))
+    assert codes.dtype == K.code_dtype(codec, 64)
+
+
+def test_launch_layouts_agree():
+    """Block size, warps, load order and the split of the E8 stage change nothing."""
+    codec = E8Codec(3.0, seed=9)
+    x = sample(100, 128, seed=9, dtype=torch.float16)
+    launches = [{"block_v": 32, "num_warps": 1, "split": 1}, {"block_v": 128, "num_warps": 4, "split": 0}]
+    if DEVICE == "cpu":  # on the GPU, these layouts compile to much slower code (and take long to compile)
+        launches += [{"block_v": 16, "chunk_major": True, "split": 2}, {"block_v": 8, "chunk_major": False, "split": 0}]
+    for launch in launches:
+        check(codec, x, **launch)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast")  # float16 near 65504 rounds to inf, on both sides
+def test_edge_cases():
+    """Zero, one-hot, constant and dyadic vectors (exact ties in the rounding and between the E8
+    cosets), tiny and huge norms, subnormals, one huge coordinate among tiny ones."""
+    gen = torch.Generator().manual_seed(4)
+    d = 64
+    rows = [torch.zeros(4, d), torch.eye(d)[:8] * 3.0, -torch.eye(d)[8:12], torch.ones(3, d), -0.25 * torch.ones(2, d)]
+    for scale in (2.0 ** -6, 1.0, 2.0 ** 5):  # small integers, halves and quarters: ties everywhere
+        rows.append(torch.randint(-8, 9, (24, d), generator=gen).float() / 4 * scale)
+    rows.append(torch.randint(-1, 2, (16, d), generator=gen).float() * 0.5)
+    spiky = torch.randn(6, d, generator=gen) * 1e-3
+    spiky[:, 5] = 300.0
+    rows.append(spiky)
+    x = torch.cat(rows)
+    for rotation in ("rht", "none"):
+        for bits in (2.0, 4.0):
+            codec = E8Codec(bits, rotation=rotation, seed=1)
+            for dtype in (torch.float32, torch.float16, torch.bfloat16):
+                check(codec, x.to(dtype))
+    codec = E8Codec(4.0, seed=2)
+    base = torch.randn(32, d, generator=gen).clamp(-4, 4)
+    for dtype, scales in ((torch.float32, (1e-30, 1e30, 1e-38)), (torch.bfloat16, (1e-30, 1e30, 1e-38)),
+                          (torch.float16, (6e-8, 1e-5, 65504 / 4))):
+        for s in scales:
+            check(codec, (base * s).to(dtype))
+    # float16 subnormals only, and an all-zero vector beside them
+    tiny = (torch.randint(-3, 4, (8, d), generator=gen).float() * 2.0 ** -24).to(torch.float16)
+    check(codec, tiny)
+
+
+def test_shapes():
+    codec = E8Codec(4.0, seed=5)
+    x = sample(2 * 3 * 5, 64, seed=5, dtype=torch.float16).reshape(2, 3, 5, 64)
+    check(codec, x)
+    check(codec, x[0, 0, 0])  # one vector
+    check(codec, x.transpose(0, 1))  # not contiguous
+    codes, steps = K.quantize(codec, torch.zeros(0, 64, dtype=torch.float16, device=DEVICE))
+    assert codes.shape == (0, 64) and steps.shape == (0,)
+    assert K.dequantize(codec, codes, steps).shape == (0, 64)
+
+
+def test_codes_fit_their_dtype():
+    """The int8/int16 choice holds for the worst vectors: one-hot without a rotation (|q_0| = ‖x‖/a)."""
+    for d in (64, 128):
+        for bits in (1.0, 4.0, 4.5, 6.0, 10.0):
+            codec = E8Codec(bits, rotation="none")
+            x = torch.eye(d) * torch.logspace(-2, 2, d)[:, None]
+            points, _ = codec._analyse(x)
+            largest = int((points * 2).abs().max())
+            dtype = K.code_dtype(codec, d)
+            assert largest <= torch.iinfo(dtype).max, (d, bits, largest, dtype)
+            bound = 2 * (math.sqrt(d / (2 * math.pi * math.e)) * 2 ** (bits + 1 / 16) + 1)
+            assert largest <= bound
+
+
+def test_codes_are_the_entropy_coders_points():
+    """The kernel's codes are the lattice points the encoder codes; decoding the bitstream gives
+    what the dequantize kernel gives."""
+    codec = E8Codec(4.0, seed=6)
+    x = sample(64, 128, seed=6, dtype=torch.float16)
+    codes, steps = K.quantize(codec, x.to(DEVICE))
+    points, _ = codec._analyse(codec._validate(x))
+    assert torch.equal(K.codes_to_symbols(codes.cpu()), points_to_symbols(points.reshape(64, 16, 8)))
+    enc = codec.encode(x)
+    assert np.array_equal(enc.step_codes, steps.cpu().numpy().astype(np.int32))
+    decoded = codec.decode(Encoded.from_bytes(enc.to_bytes()))
+    assert torch.equal(bits_of(decoded), bits_of(K.dequantize(codec, codes, steps).cpu()))
+
+
+def test_references_need_no_triton_and_match():
+    codec = E8Codec(5.0, seed=7)
+    x = sample(40, 64, seed=7, dtype=torch.bfloat16)
+    codes, steps = K.reference_quantize(codec, x)
+    assert torch.equal(bits_of(K.reference_dequantize(codec, codes, steps, torch.bfloat16)), bits_of(codec.quantize(x)))
+
+
+def test_bad_inputs_rejected():
+    x = torch.randn(4, 64, device=DEVICE)
+    with pytest.raises(InputError, match="per-vector"):
+        K.quantize(E8Codec(4.0, scale="tensor"), x)
+    with pytest.raises(InputError, match="power-of-two"):
+        K.quantize(E8Codec(4.0, rotation="none"), torch.randn(4, 24, device=DEVICE))
+    with pytest.raises(InputError, match="dtype"):
+        K.quantize(E8Codec(4.0), x.double())
+    with pytest.raises(InputError, match="E8Codec"):
+        K.quantize("codec", x)
+    codes, steps = K.quantize(E8Codec(4.0), x)
+    with pytest.raises(InputError, match="do not match"):
+        K.dequantize(E8Codec(4.0), codes, steps[:2])
+    with pytest.raises(InputError, match="dtype"):
+        K.dequantize(E8Codec(4.0), codes, steps, torch.float64)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_torch_codec_matches_cpu_codec():
+    """The codec's own torch path gives the same bits on CUDA as on the CPU (and as the kernels)."""
+    codec = E8Codec(4.0, seed=8)
+    x = sample(4096, 128, seed=8, dtype=torch.float16)
+    points_cpu, codes_cpu = codec._analyse(codec._validate(x))
+    points_gpu, codes_gpu = codec._analyse(codec._validate(x.cuda()))
+    assert torch.equal(points_gpu.cpu(), points_cpu) and torch.equal(codes_gpu.cpu(), codes_cpu)
+    assert torch.equal(bits_of(codec.quantize(x.cuda()).cpu()), bits_of(codec.quantize(x)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_large_sample_on_the_gpu():
+    for d in (64, 128):
+        for dtype in (torch.float16, torch.bfloat16, torch.float32):
+            check(E8Codec(4.0, seed=d), sample(20_000, d, seed=d, dtype=dtype))
