@@ -29,7 +29,7 @@ from .perplexity import perplexity
 from .quantized_cache import QuantizeDequantizeCache
 
 __all__ = ["ORDERINGS", "cache_orderings", "permuted_quantizers", "ErrorMeter", "QuantizedRun",
-           "measure_quantized", "ordering_summary"]
+           "measure_quantized", "ordering_summary", "pearson_ci"]
 
 #: The orderings of the puzzle (RESEARCH.md §3).
 ORDERINGS = ("identity", "sorted", "random")
@@ -250,3 +250,31 @@ def ordering_summary(rows: Sequence[dict], baseline_window_nll, tokens, mse_tole
 def _name(row: dict) -> str:
     seed = row.get("seed", "")
     return row["ordering"] if seed in ("", None) else f"{row['ordering']} (seed {seed})"
+
+
+def pearson_ci(x, y, n_boot: int = 4000, seed: int = 0, level: float = 0.95) -> dict:
+    """Pearson correlation of paired samples with a percentile bootstrap interval over the pairs.
+
+    Parameters
+    ----------
+    x, y : shape (n,), n ≥ 3, e.g. log ratios per configuration.
+
+    Returns
+    -------
+    dict: ``r`` (all pairs), ``low``, ``high`` (resamples where x or y is constant are dropped;
+    NaN when none is left) and ``n``.
+    """
+    x, y = np.asarray(x, dtype=np.float64).reshape(-1), np.asarray(y, dtype=np.float64).reshape(-1)
+    if x.shape != y.shape or x.size < 3:
+        raise ValueError(f"need two samples of one length ≥ 3, got {x.size} and {y.size}")
+    if not 0 < level < 1:
+        raise ValueError(f"level must lie in (0, 1), got {level}")
+    index = np.random.default_rng(seed).integers(0, x.size, (n_boot, x.size))
+    xs, ys = x[index], y[index]
+    xc, yc = xs - xs.mean(axis=1, keepdims=True), ys - ys.mean(axis=1, keepdims=True)
+    norm = np.sqrt((xc ** 2).sum(axis=1) * (yc ** 2).sum(axis=1))
+    keep = norm > 0
+    draws = (xc * yc).sum(axis=1)[keep] / norm[keep]
+    draws = draws[np.isfinite(draws)]
+    low, high = np.percentile(draws, [50 * (1 - level), 50 * (1 + level)]) if draws.size else (np.nan, np.nan)
+    return {"r": float(np.corrcoef(x, y)[0, 1]), "low": float(low), "high": float(high), "n": int(x.size)}

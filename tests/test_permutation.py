@@ -11,7 +11,8 @@ from lqlib.evaluate import delta_pct_ci, delta_pct_gap_ci
 from lqlib.kv_capture import KVSample, capture_kv
 from lqlib.models import LoadedModel
 from lqlib.perplexity import perplexity
-from lqlib.permutation import ErrorMeter, cache_orderings, measure_quantized, ordering_summary, permuted_quantizers
+from lqlib.permutation import (ErrorMeter, cache_orderings, measure_quantized, ordering_summary, pearson_ci,
+                               permuted_quantizers)
 from lqlib.quantized_cache import QuantizeDequantizeCache
 
 
@@ -170,3 +171,19 @@ def test_ordering_summary_spreads_and_verdicts():
     assert set(a) == {"quantizer", "bits", "mse_spread_pct", "dppl_spread", "dppl_spread_ci", "verdict", "details"}
     with pytest.raises(ValueError):
         ordering_summary([], base, tokens)
+
+
+def test_pearson_interval():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=40)
+    line = pearson_ci(x, 3 * x - 1)
+    assert line["r"] == pytest.approx(1.0) and line["low"] == pytest.approx(1.0) and line["n"] == 40
+    assert pearson_ci(x, -x)["high"] == pytest.approx(-1.0)
+    y = x + 0.7 * rng.normal(size=40)
+    noisy = pearson_ci(x, y)
+    assert noisy["r"] == pytest.approx(np.corrcoef(x, y)[0, 1])
+    assert noisy["low"] < noisy["r"] < noisy["high"] and noisy["low"] > 0
+    unrelated = pearson_ci(x, rng.normal(size=40))
+    assert unrelated["low"] < 0 < unrelated["high"]
+    with pytest.raises(ValueError):
+        pearson_ci(x[:2], x[:2])
