@@ -678,7 +678,7 @@ def variance_additivity(g_parts, e_parts, step=None) -> dict:
 
 
 # ===================================================================== Theorem B: dithered trials
-__all__ += ["trial_seed", "dithered_quantizers", "layer_groups", "DitheredTrials", "dithered_trials",
+__all__ += ["trial_seed", "dithered_quantizers", "ordering_steps", "layer_groups", "DitheredTrials", "dithered_trials",
             "fixed_gradient_additivity", "real_pass_additivity"]
 
 Step = float | Callable[[Tensor], Tensor]
@@ -753,6 +753,40 @@ def dithered_quantizers(n_layers: int, key_step: Steps, value_step: Steps | None
              _per_layer_steps(key_step if value_step is None else value_step, n_layers))
     return tuple([Dithered(steps[p][l], trial_seed(seed, trial, l, p, batch)) if mask[l, p] else _identity
                   for l in range(n_layers)] for p in (0, 1))
+
+
+def ordering_steps(bits: float, kind: str, n_layers: int, d: int, *, keys: Tensor | None = None,
+                   values: Tensor | None = None, seed: int = 0, block: int = 8) -> tuple[list[Step], list[Step]]:
+    """Per-layer key and value steps of :class:`ScalarBlockQuantizer` ``(bits, block)`` under a dim ordering.
+
+    The ordering decides which dims share a block, hence a step (the permutation puzzle's modes).
+
+    Parameters
+    ----------
+    kind : ``"identity"`` (the baseline order), ``"sorted"`` (per layer and path by decreasing
+        second moment of the calibration sample, see :func:`block_permutation`) or ``"random"``
+        (a seeded uniform ordering per layer and path).
+    keys, values : calibration vectors of shape (layers, ..., d), needed for ``"sorted"`` (e.g.
+        captured keys and values of windows other than the evaluated ones).
+    seed : seed of the ``"random"`` orderings (layer l, path p uses ``trial_seed(seed, 0, l, p)``).
+
+    Returns
+    -------
+    (key steps, value steps): one function x ↦ steps (x's shape, x's dim order) per layer, for
+    :func:`dithered_trials`.
+    """
+    if kind == "sorted":
+        if keys is None or values is None or keys.shape[0] != n_layers or values.shape[0] != n_layers:
+            raise ValueError(f"'sorted' needs calibration keys and values of shape ({n_layers}, ..., {d})")
+    elif kind not in ("identity", "random"):
+        raise ValueError(f"kind must be 'identity', 'sorted' or 'random', got {kind!r}")
+
+    def step(layer: int, path: int) -> Step:
+        sample = None if kind != "sorted" else (keys, values)[path][layer]
+        perm = block_permutation(kind, d, sample=sample, seed=trial_seed(seed, 0, layer, path))
+        return ScalarBlockQuantizer(bits, block=block, permutation=None if kind == "identity" else perm).step
+
+    return [step(l, 0) for l in range(n_layers)], [step(l, 1) for l in range(n_layers)]
 
 
 def layer_groups(n_layers: int, n_groups: int) -> list[np.ndarray]:

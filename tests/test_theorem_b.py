@@ -9,7 +9,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lqlib.ddt import (DitheredTrials, Dithered, ScalarBlockQuantizer, dithered_quantizers, dithered_trials,
+from lqlib.ddt import (DitheredTrials, Dithered, ScalarBlockQuantizer, dithered_quantizers, dithered_trials, block_permutation,
+                       ordering_steps,
                        first_order_term, fixed_gradient_additivity, kv_gradients, layer_groups, loss_change,
                        real_pass_additivity, trial_seed, variance_additivity)
 from lqlib.models import LoadedModel
@@ -213,3 +214,27 @@ def test_seeds_and_groups():
     assert [int(m[:, 0].sum()) for m in masks] == [8, 8, 7, 7]
     with pytest.raises(ValueError):
         layer_groups(3, 4)
+
+
+def test_ordering_steps_follow_the_blocks():
+    """Sorted: dims of similar second moment share a step; random: per-slot seeded orderings; identity: the
+    plain block steps."""
+    rng = torch.Generator().manual_seed(7)
+    scale = torch.logspace(-1, 1, 16, dtype=torch.float64)[torch.randperm(16, generator=rng)]
+    keys = torch.randn(2, 2, 1000, 16, generator=rng, dtype=torch.float64) * scale
+    values = torch.randn(2, 2, 50, 16, generator=rng, dtype=torch.float64)
+    x = torch.randn(3, 2, 5, 16, generator=rng, dtype=torch.float64) * scale
+    key_steps, value_steps = ordering_steps(4, "sorted", 2, 16, keys=keys, values=values)
+    perm = block_permutation("sorted", 16, sample=keys[1])
+    torch.testing.assert_close(key_steps[1](x), ScalarBlockQuantizer(4, permutation=perm).step(x))
+    high = torch.argsort(scale, descending=True)[:8]
+    assert torch.all(key_steps[0](x)[..., high] == key_steps[0](x)[..., high[:1]])  # the 8 largest dims: one block
+    plain = ordering_steps(4, "identity", 2, 16)[0][0](x)
+    torch.testing.assert_close(plain, ScalarBlockQuantizer(4).step(x))
+    first, again = ordering_steps(4, "random", 2, 16, seed=3), ordering_steps(4, "random", 2, 16, seed=3)
+    torch.testing.assert_close(first[1][0](x), again[1][0](x))
+    assert not torch.equal(first[0][0](x), first[0][1](x)) and not torch.equal(first[0][0](x), plain)
+    with pytest.raises(ValueError):
+        ordering_steps(4, "sorted", 2, 16)
+    with pytest.raises(ValueError):
+        ordering_steps(4, "reversed", 2, 16)
