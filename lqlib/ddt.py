@@ -957,11 +957,21 @@ def _weighted_variance(counts: np.ndarray, x: np.ndarray) -> np.ndarray:
     """Sample variances (ddof 1) of x (S, P) under resampling multiplicities (B, S): (B, P)."""
     s = x.shape[0]
     first, second = counts @ x, counts @ np.square(x)
-    return (second - first ** 2 / s) / (s - 1)
+    return np.maximum(second - first ** 2 / s, 0.0) / (s - 1)      # ≥ 0 despite rounding
+
+
+def _ratio(numerator: np.ndarray, denominator: np.ndarray | float) -> np.ndarray:
+    """numerator / denominator, NaN where a resample has no spread at all (possible for a handful of trials)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(np.asarray(denominator) > 0, numerator / denominator, np.nan)
 
 
 def _interval(samples: np.ndarray, level: float) -> tuple[float, float]:
+    """Percentile interval of the bootstrap samples, ignoring NaN resamples (NaN if all are)."""
     tail = 50.0 * (1.0 - level)
+    samples = samples[np.isfinite(samples)]
+    if samples.size == 0:
+        return float("nan"), float("nan")
     low, high = np.percentile(samples, [tail, 100.0 - tail])
     return float(low), float(high)
 
@@ -1008,8 +1018,8 @@ def fixed_gradient_additivity(trials: DitheredTrials, position_blocks: int = 8, 
     counts = _bootstrap_counts(trials.n_trials, n_boot, np.random.default_rng(seed))
     var_total = _weighted_variance(counts, contributions.sum(axis=1, keepdims=True))[:, 0]
     sum_var = _weighted_variance(counts, contributions).sum(axis=1)
-    pos_low, pos_high = _interval(var_total / sum_var, level)
-    pred_low, pred_high = _interval(var_total / point["analytic"], level)
+    pos_low, pos_high = _interval(_ratio(var_total, sum_var), level)
+    pred_low, pred_high = _interval(_ratio(var_total, point["analytic"]), level)
     return {"n_trials": trials.n_trials, "n_parts": int(analytic_parts.size), "var_total": point["var_total"],
             "sum_var_parts": point["sum_var_parts"], "analytic": point["analytic"],
             "analytic_clean": trials.analytic_clean, "pos_add": point["pos_add"], "pos_add_low": pos_low,
@@ -1062,8 +1072,8 @@ def real_pass_additivity(trials: DitheredTrials, groups: Sequence[DitheredTrials
         boot_sum = sum(_weighted_variance(_bootstrap_counts(g.n_trials, n_boot, rng), g.delta_loss[:, None])[:, 0]
                        for g in groups)
         pos_add = var_total / sum_var
-        pos_low, pos_high = _interval(boot_total / boot_sum, level)
-    pred_low, pred_high = _interval(boot_total / trials.analytic, level)
+        pos_low, pos_high = _interval(_ratio(boot_total, boot_sum), level)
+    pred_low, pred_high = _interval(_ratio(boot_total, trials.analytic), level)
     remainder = delta - trials.first_order
     remainder_stats = _mean_stats(remainder, "remainder_")
     out.update({"sum_var_groups": sum_var, "pos_add": pos_add, "pos_add_low": pos_low, "pos_add_high": pos_high,
