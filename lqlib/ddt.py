@@ -884,7 +884,8 @@ def dithered_trials(loaded: LoadedModel, input_ids: Tensor, key_step: Steps, val
     key_step, value_step : as for :func:`dithered_quantizers`.
     n_trials : number of dithered passes S ≥ 2.
     slots : boolean (layers, 2) mask of the dithered slots (default all); group-only runs for
-        :func:`real_pass_additivity` dither one group and leave the rest exact.
+        :func:`real_pass_additivity` dither one group and leave the rest exact (with the
+        all-slot run's ``seed`` they draw the same dither per slot and trial: paired runs).
     gradients : :func:`kv_gradients` of the same windows (post-RoPE, downstream, same labels),
         to share one differentiated pass between several runs; computed here when None.
     batch_size : windows per forward pass (each batch gets its own dither seeds).
@@ -1034,19 +1035,28 @@ def real_pass_additivity(trials: DitheredTrials, groups: Sequence[DitheredTrials
     ``pred`` = Var(ΔL)/analytic, the analytic Crypto-lemma variance Σ ‖g‖²Δ²/12 of ``trials``.
     ``pos_add`` = Var(ΔL, all slots dithered) / Σ_groups Var(ΔL, only that group dithered): the
     group-only runs must dither disjoint slot sets whose union is the slots of ``trials`` (e.g.
-    :func:`layer_groups`); NaN without groups. Intervals: percentile bootstrap, every run
-    resampled on its own (the analytic variance held fixed).
+    :func:`layer_groups`); NaN without groups.
 
-    Also the mean of ΔL (not zero: the second-order term ½eᵀHe has a positive mean) and the
-    second-order remainder R = ΔL − X with X the fixed-gradient first-order sum: its mean is the
-    second-order bias, measured far more precisely than E ΔL because X, whose mean is zero,
-    carries most of ΔL's spread.
+    **Paired runs.** Group runs made with the same ``seed`` (and windows and batch size) as
+    ``trials`` draw, in trial s, the same dither u in every slot as trial s of the all-slot run
+    (:func:`trial_seed` does not depend on the mask). Then pos_add is computed over the first
+    n = min(group trials) trials of every run, resampled together: numerator and denominator
+    share their randomness and the ratio is far more precise than from independent runs. The
+    expectation is unchanged: each variance is still that of its own run. Otherwise every run is
+    resampled on its own. Intervals: percentile bootstrap over trials (analytic held fixed).
+
+    Also the mean of ΔL (not zero: the second-order term ½eᵀHe has a mean of its own), the
+    remainder R = ΔL − X with X the fixed-gradient first-order sum (its mean is the second-order
+    bias, measured far more precisely than E ΔL because X, of mean zero, carries most of ΔL's
+    spread), and ``var_ratio`` = Var(ΔL)/Var(X) over the same trials: how far the real passes'
+    variance departs from the first-order one, with a paired interval.
 
     Returns
     -------
-    dict: ``n_trials``, ``group_trials`` (list), ``var_total``, ``sum_var_groups``,
-    ``analytic``, ``analytic_clean``, ``pos_add`` (+ ``_low``, ``_high``), ``pred`` (+ ``_low``,
-    ``_high``); ``mean``, ``se``, ``z`` of ΔL; ``remainder_mean``, ``remainder_se``,
+    dict: ``n_trials``, ``group_trials`` (list), ``paired``, ``pos_add_trials`` (trials behind
+    pos_add, per run), ``var_total``, ``sum_var_groups``, ``analytic``, ``analytic_clean``,
+    ``pos_add`` (+ ``_low``, ``_high``), ``pred`` (+ ``_low``, ``_high``), ``var_ratio`` (+
+    ``_low``, ``_high``); ``mean``, ``se``, ``z`` of ΔL; ``remainder_mean``, ``remainder_se``,
     ``remainder_z``; ``remainder_var_share`` = Var(R)/Var(ΔL); ``corr`` = corr(ΔL, X).
     """
     _check_bootstrap(n_boot, level)
@@ -1061,24 +1071,39 @@ def real_pass_additivity(trials: DitheredTrials, groups: Sequence[DitheredTrials
         if not np.array_equal(union, trials.slots):
             raise ValueError("the groups' slots must add up to the slots of the all-slot run")
     rng = np.random.default_rng(seed)
-    delta = trials.delta_loss
+    delta, first = trials.delta_loss, trials.first_order
     var_total = float(delta.var(ddof=1))
-    boot_total = _weighted_variance(_bootstrap_counts(delta.size, n_boot, rng), delta[:, None])[:, 0]
-    out = {"n_trials": trials.n_trials, "group_trials": [g.n_trials for g in groups], "var_total": var_total,
-           "analytic": trials.analytic, "analytic_clean": trials.analytic_clean}
+    counts = _bootstrap_counts(delta.size, n_boot, rng)
+    boot_total = _weighted_variance(counts, delta[:, None])[:, 0]
+    boot_first = _weighted_variance(counts, first[:, None])[:, 0]
+    paired = bool(groups) and all(g.seed == trials.seed for g in groups)
     pos_add = pos_low = pos_high = sum_var = float("nan")
-    if groups:
+    pos_trials: list[int] = []
+    if paired:
+        n = min(min(g.n_trials for g in groups), trials.n_trials)
+        runs = np.stack([trials.delta_loss[:n]] + [g.delta_loss[:n] for g in groups], axis=1)   # (n, 1 + G)
+        variances = runs.var(axis=0, ddof=1)
+        sum_var = float(variances[1:].sum())
+        pos_add = float(variances[0] / sum_var)
+        boot = _weighted_variance(_bootstrap_counts(n, n_boot, rng), runs)
+        pos_low, pos_high = _interval(_ratio(boot[:, 0], boot[:, 1:].sum(axis=1)), level)
+        pos_trials = [n] * (1 + len(groups))
+    elif groups:
         sum_var = float(sum(g.delta_loss.var(ddof=1) for g in groups))
         boot_sum = sum(_weighted_variance(_bootstrap_counts(g.n_trials, n_boot, rng), g.delta_loss[:, None])[:, 0]
                        for g in groups)
         pos_add = var_total / sum_var
         pos_low, pos_high = _interval(_ratio(boot_total, boot_sum), level)
+        pos_trials = [trials.n_trials] + [g.n_trials for g in groups]
     pred_low, pred_high = _interval(_ratio(boot_total, trials.analytic), level)
-    remainder = delta - trials.first_order
-    remainder_stats = _mean_stats(remainder, "remainder_")
-    out.update({"sum_var_groups": sum_var, "pos_add": pos_add, "pos_add_low": pos_low, "pos_add_high": pos_high,
-                "pred": var_total / trials.analytic, "pred_low": pred_low, "pred_high": pred_high,
-                **_mean_stats(delta, ""), **remainder_stats,
-                "remainder_var_share": float(remainder.var(ddof=1) / var_total),
-                "corr": float(np.corrcoef(delta, trials.first_order)[0, 1])})
-    return out
+    ratio_low, ratio_high = _interval(_ratio(boot_total, boot_first), level)
+    remainder = delta - first
+    return {"n_trials": trials.n_trials, "group_trials": [g.n_trials for g in groups], "paired": paired,
+            "pos_add_trials": pos_trials, "var_total": var_total, "sum_var_groups": sum_var,
+            "analytic": trials.analytic, "analytic_clean": trials.analytic_clean,
+            "pos_add": pos_add, "pos_add_low": pos_low, "pos_add_high": pos_high,
+            "pred": var_total / trials.analytic, "pred_low": pred_low, "pred_high": pred_high,
+            "var_ratio": var_total / float(first.var(ddof=1)), "var_ratio_low": ratio_low,
+            "var_ratio_high": ratio_high, **_mean_stats(delta, ""), **_mean_stats(remainder, "remainder_"),
+            "remainder_var_share": float(remainder.var(ddof=1) / var_total),
+            "corr": float(np.corrcoef(delta, first)[0, 1])}

@@ -204,6 +204,16 @@ def test_real_passes_add_up_for_small_steps(tiny):
         real_pass_additivity(everything, groups[:1])
     alone = real_pass_additivity(everything)
     assert math.isnan(alone["pos_add"]) and alone["pred"] == result["pred"]
+    assert not result["paired"] and result["var_ratio"] == pytest.approx(1, abs=0.01)   # ΔL ≈ X trial by trial
+    # paired group runs (the all-slot run's seed): the same dither per slot and trial, so layer 0 (whose
+    # input is clean in both runs) gets identical errors, and pos_add is more precise
+    paired = [dithered_trials(loaded, ids, step, n_trials=300, seed=1, slots=mask, **common)
+              for mask in layer_groups(2, 2)]
+    np.testing.assert_allclose(paired[0].parts[:, 0], everything.parts[:, 0], rtol=1e-12)
+    both = real_pass_additivity(everything, paired, n_boot=1000)
+    assert both["paired"] and both["pos_add_trials"] == [300, 300, 300]
+    assert both["pos_add_low"] < 1 < both["pos_add_high"]
+    assert both["pos_add_high"] - both["pos_add_low"] < 0.75 * (result["pos_add_high"] - result["pos_add_low"])
 
 
 def test_seeds_and_groups():
