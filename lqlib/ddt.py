@@ -685,17 +685,28 @@ Step = float | Callable[[Tensor], Tensor]
 Steps = Step | Sequence[Step]
 
 
-def trial_seed(seed: int, trial: int, layer: int, path: int, batch: int = 0) -> int:
-    """Dither seed of one (trial, window batch, layer, path), 63 bits from a NumPy ``SeedSequence``.
+_SEED_LAYERS, _SEED_BATCHES, _SEED_TRIALS = 256, 64, 2 ** 17
 
-    Distinct arguments give (up to a 2⁻⁶³ collision chance) distinct seeds, so every slot of every
-    trial and every batch of windows gets its own dither. (One seed for several window batches of
-    equal shape would reuse the same dither u on other inputs: their errors would then be
-    deterministic functions of each other, not independent.)
+
+def trial_seed(seed: int, trial: int, layer: int, path: int, batch: int = 0) -> int:
+    """Dither seed of one (trial, window batch, layer, path) of the run ``seed``: a 32-bit integer.
+
+    torch's CPU generator keeps only the low 32 bits of a seed, so a hash into 64 bits would not
+    protect against collisions; instead the slots of a run are numbered, ``offset(seed) +
+    ((trial·64 + batch)·256 + layer)·2 + path`` mod 2³², with the offset a NumPy ``SeedSequence``
+    hash of ``seed``. Within one run distinct (trial, batch, layer, path) thus get distinct seeds
+    (for trial < 2¹⁷, batch < 64, layer < 256), so every slot of every trial and batch gets its
+    own dither. (Reusing one seed for window batches of equal shape would apply the same dither
+    u to other inputs: their errors would be deterministic functions of each other.) Other runs
+    start elsewhere; a run that shares ``seed`` shares the dither of each slot (paired runs).
     """
-    state = np.random.SeedSequence([int(seed), int(trial), int(batch), int(layer), int(path)]).generate_state(
-        2, np.uint32)
-    return int((int(state[0]) << 31) ^ int(state[1]))
+    if not (0 <= trial < _SEED_TRIALS and 0 <= batch < _SEED_BATCHES and 0 <= layer < _SEED_LAYERS
+            and path in (0, 1)):
+        raise ValueError(f"need 0 <= trial < {_SEED_TRIALS}, 0 <= batch < {_SEED_BATCHES}, "
+                         f"0 <= layer < {_SEED_LAYERS}, path 0 or 1; got {(trial, batch, layer, path)}")
+    offset = int(np.random.SeedSequence(int(seed)).generate_state(1, np.uint32)[0])
+    slot = ((int(trial) * _SEED_BATCHES + int(batch)) * _SEED_LAYERS + int(layer)) * 2 + int(path)
+    return (offset + slot) % 2 ** 32
 
 
 def _check_step(step) -> Step:

@@ -217,8 +217,15 @@ def test_real_passes_add_up_for_small_steps(tiny):
 
 
 def test_seeds_and_groups():
-    seeds = {trial_seed(0, t, l, p, b) for t, l, p, b in itertools.product(range(20), range(30), (0, 1), (0, 1))}
-    assert len(seeds) == 20 * 30 * 2 * 2 and all(0 <= s < 2 ** 63 for s in seeds)
+    """Seeds are 32-bit (torch's CPU generator ignores higher bits) and distinct within a run."""
+    assert torch.equal(torch.rand(4, generator=torch.Generator().manual_seed(5)),
+                       torch.rand(4, generator=torch.Generator().manual_seed(5 + 2 ** 32)))
+    for run in (0, 123456789):
+        seeds = {trial_seed(run, t, l, p, b) for t, l, p, b in itertools.product(range(500), range(30), (0, 1), (0, 3))}
+        assert len(seeds) == 500 * 30 * 2 * 2 and all(0 <= s < 2 ** 32 for s in seeds)
+    assert trial_seed(0, 0, 0, 0) != trial_seed(1, 0, 0, 0)
+    with pytest.raises(ValueError):
+        trial_seed(0, 0, 256, 0)
     masks = layer_groups(30, 4)
     assert sum(m.astype(int) for m in masks).min() == 1 and sum(m.astype(int) for m in masks).max() == 1
     assert [int(m[:, 0].sum()) for m in masks] == [8, 8, 7, 7]
