@@ -21,9 +21,10 @@ CHROMIUM = "/usr/bin/chromium"
 PAGES = ["book/paper1/01_scalar_barrier", "book/paper1/02_lattices", "book/paper1/03_e8_entropy_coding",
          "book/paper1/04_rht", "book/paper1/05_real_kv", "book/paper1/06_perplexity", "book/paper2/01_system",
          "book/paper2/02_end_to_end", "book/paper2/03_mse_vs_turboquant", "book/paper2/04_all_methods",
-         "book/paper2/05_generate", "book/paper4/01_sensitivity", "book/paper4/02_allocation",
+         "book/paper2/05_generate", "book/paper3/01_permutation_puzzle", "book/paper3/02_theorem_a",
+         "book/paper3/03_theorem_b", "book/paper3/04_theorem_c", "book/paper4/01_sensitivity", "book/paper4/02_allocation",
          "book/paper4/03_water_filling", "book/scorecard"]
-SLIDER_PAGES = ["book/paper1/01_scalar_barrier", "book/paper4/03_water_filling"]
+SLIDER_PAGES = ["book/paper1/01_scalar_barrier", "book/paper3/04_theorem_c", "book/paper4/03_water_filling"]
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +64,11 @@ def test_every_page_is_built_with_its_figures_tables_and_glue(built):
         assert (root / "book" / "paper2" / "figures" / f"{figure}.png").stat().st_size > 1000
     for table in ("page_budget", "end_to_end", "mse_vs_turboquant", "all_methods", "generate"):
         assert (root / "book" / "paper2" / "tables" / f"{table}.csv").is_file()
+    paper3 = root / "book" / "paper3"
+    for figure in ("theorem_a_rho", "theorem_a_scatter", "taylor_check", "theorem_c_range"):
+        assert (paper3 / "figures" / f"{figure}.png").stat().st_size > 1000
+    for table in ("theorem_a_rho", "taylor_check", "k_path_share", "bias_drift", "theorem_c", "theorem_c_end_to_end"):
+        assert (paper3 / "tables" / f"{table}.csv").is_file()
     for figure in ("sensitivity_profile", "slot_check", "allocation", "schedule"):
         assert (root / "book" / "paper4" / "figures" / f"{figure}.png").stat().st_size > 1000
     for table in ("sensitivity", "sensitivity_per_layer", "am_gm", "slot_check", "allocation", "water_filling"):
@@ -70,6 +76,7 @@ def test_every_page_is_built_with_its_figures_tables_and_glue(built):
     scorecard = (html / "book/scorecard.html").read_text()
     assert "reproduced" in scorecard and "pending" in scorecard and "MSE vs TurboQuant" in scorecard
     assert "Optimal vs uniform allocation" in scorecard
+    assert "Theorem A: Spearman ρ" in scorecard and "Theorem C: range/iso" in scorecard
 
 
 @pytest.fixture(scope="module")
