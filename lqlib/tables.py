@@ -9,12 +9,17 @@ from typing import Mapping, Sequence
 __all__ = ["read_table", "write_table", "markdown_table", "show_table"]
 
 
+def _escape(text: str) -> str:
+    """A cell's text with its pipes escaped, so that ``|z|`` stays inside one cell."""
+    return text.replace("|", "\\|")
+
+
 def _cell(value: object, digits: int) -> str:
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, float):
         return f"{value:.{digits}f}" if value == value else "—"
-    return str(value)
+    return _escape(str(value))
 
 
 Columns = Mapping[str, "str | tuple[str, int]"]
@@ -31,7 +36,7 @@ def markdown_table(rows: Sequence[Mapping[str, object]], columns: Columns, digit
     column differently from ``digits`` (e.g. to show a paper's value as printed).
     """
     specs = {key: _header_digits(spec, digits) for key, spec in columns.items()}
-    lines = ["| " + " | ".join(h for h, _ in specs.values()) + " |", "|" + "---|" * len(specs)]
+    lines = ["| " + " | ".join(_escape(h) for h, _ in specs.values()) + " |", "|" + "---|" * len(specs)]
     lines += ["| " + " | ".join(_cell(row[key], d) for key, (_, d) in specs.items()) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 

@@ -88,7 +88,7 @@ def test_explain_block_agrees_with_the_codec():
     rows, summary = explain_block(block, 4.0)
     codec = E8Codec(4.0, rotation="none", scale="tensor")
     x = torch.tensor(block).reshape(1, 8)
-    step = float(codec._step_values(codec._analyse(x)[1], torch.float64).reshape(-1)[0])
+    step = float(codec._synthesis_factors(codec._analyse(x)[1], 8, torch.float64).reshape(-1)[0])
     # same point as the codec when the codec's step equals the explained one (sigma2 = its mean square)
     rows2, summary2 = explain_block(block, 4.0, sigma2=float(np.mean(block ** 2)))
     assert summary2["step"] == pytest.approx(step)

@@ -53,3 +53,16 @@ def test_paper3_rows_follow_the_chapter_tables(tmp_path):
     rho[3]["ci_high"] = 0.8
     write_table(rho, tmp_path / "theorem_a_rho", {"bits": "bits"})
     assert _paper3(tmp_path)[1]["status"] == "reproduced"
+
+
+def test_markdown_table_keeps_pipes_inside_their_cells():
+    from markdown_it import MarkdownIt
+
+    from lqlib.tables import markdown_table
+
+    text = markdown_table([{"mode": "a|b", "z": 0.5}], {"mode": "mode", "z": "E[X] |z|"})
+    tokens = MarkdownIt("commonmark").enable("table").parse(text)
+    headers = [t for t in tokens if t.type == "th_open"]
+    cells = [tokens[i + 1].content for i, t in enumerate(tokens) if t.type in ("th_open", "td_open")]
+    assert len(headers) == 2
+    assert cells == ["mode", "E[X] |z|", "a|b", "0.5000"]
