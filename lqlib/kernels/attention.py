@@ -1,0 +1,243 @@
+"""Decode attention over an E8-coded KV cache, reading the fixed-rate pages directly.
+
+One new query token per batch row attends to the ``length`` cached tokens of its KV head
+(grouped-query attention: query head ``h`` reads KV head ``h // (Hq/Hkv)``, as
+``torch.nn.functional.scaled_dot_product_attention(..., enable_gqa=True)``). The cache holds,
+per KV head and token, the codes ``2·p`` (int8, ``d`` of them) and the step code ``k`` (int16)
+that :func:`lqlib.kernels.quantize` writes; keys may have been divided by per-channel key
+scales (Hkv, d) before coding (:class:`lqlib.compressed_cache.CompressedKVCache`).
+
+The math. With the RHT, the codec's reconstruction is ``x̂ = signs ⊙ (H·p) · f(k)`` with ``H``
+the unnormalised Sylvester–Hadamard matrix (symmetric), ``p = codes/2`` and
+``f(k) = step_values(k − 4·log2 d)`` (:meth:`lqlib.E8Codec._synthesis_factors`, the 1/√d of the
+orthonormal rotation folded in). Hence, with ``s`` the key scales,
+
+* ``q·(s ⊙ x̂_j) = f(k_j) · ⟨H·(signs ⊙ s ⊙ q), codes_j⟩ / 2``: the query is rotated once and
+  every score is a dot product of the cached integer codes with it, times a per-token factor;
+* ``Σ_j a_j x̂_j = signs ⊙ H·(Σ_j a_j f(k_j) codes_j) / 2``: the values are summed in the
+  rotated domain and the sum is rotated back once per head.
+
+No key or value is ever decompressed. Without the RHT (``rotation="none"``), ``H`` and the
+signs drop out. :func:`decode_attention` runs a Triton split-K kernel (``_attention_triton``);
+:func:`reference_decode_attention` dequantizes with :func:`lqlib.kernels.reference_dequantize`
+and computes float32 softmax attention with torch operations: the ground truth of the tests.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..codec import E8Codec
+from ..errors import InputError
+from . import _check_codec, _tables, reference_dequantize, triton_cdiv
+
+__all__ = ["decode_attention", "reference_decode_attention", "AttentionConfig", "QUERY_DTYPES"]
+
+QUERY_DTYPES = (torch.float16, torch.bfloat16)
+MAX_SPLITS = 128
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """Launch parameters of the split-K kernel (they change the speed, not the result beyond rounding).
+
+    block_n: tokens per tile (a power of two, >= 16); num_warps, num_stages: Triton's;
+    splits: programs per (batch row, KV head) along the sequence (None: from the SM count).
+    """
+
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+    splits: int | None = None
+
+
+def _validate(q: Tensor, k_codes: Tensor, k_steps: Tensor, v_codes: Tensor, v_steps: Tensor,
+              length: int | Tensor, k_codec: E8Codec, v_codec: E8Codec,
+              key_scales: Tensor | None) -> tuple[int, int, int, int, int]:
+    """Check shapes, dtypes and devices; return (B, Hq, Hkv, cap, d)."""
+    for name, t in (("q", q), ("k_codes", k_codes), ("k_steps", k_steps), ("v_codes", v_codes),
+                    ("v_steps", v_steps)):
+        if not isinstance(t, Tensor):
+            raise InputError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if q.dim() != 3:
+        raise InputError(f"q must have shape (batch, q_heads, head_dim), got {tuple(q.shape)}")
+    if q.dtype not in QUERY_DTYPES:
+        raise InputError(f"q must be one of {QUERY_DTYPES}, got {q.dtype}")
+    b, hq, d = q.shape
+    if k_codes.dim() != 4 or k_codes.shape[0] != b or k_codes.shape[-1] != d:
+        raise InputError(f"k_codes must have shape (batch={b}, kv_heads, capacity, head_dim={d}), "
+                         f"got {tuple(k_codes.shape)}")
+    if tuple(v_codes.shape) != tuple(k_codes.shape):
+        raise InputError(f"v_codes {tuple(v_codes.shape)} do not match k_codes {tuple(k_codes.shape)}")
+    _, hkv, cap, _ = k_codes.shape
+    for name, t in (("k_steps", k_steps), ("v_steps", v_steps)):
+        if tuple(t.shape) != (b, hkv, cap):
+            raise InputError(f"{name} must have shape {(b, hkv, cap)}, got {tuple(t.shape)}")
+        if t.dtype != torch.int16:
+            raise InputError(f"{name} must be int16 step codes, got {t.dtype}")
+    for name, t in (("k_codes", k_codes), ("v_codes", v_codes)):
+        if t.dtype != torch.int8:
+            raise InputError(f"{name} must be int8 codes 2·p (lqlib.kernels.code_dtype), got {t.dtype}")
+    if hkv == 0 or hq % hkv:
+        raise InputError(f"q_heads ({hq}) must be a multiple of kv_heads ({hkv})")
+    _check_codec(k_codec, d)
+    _check_codec(v_codec, d)
+    if d < 16:
+        raise InputError(f"decode attention needs head_dim >= 16, got {d}")
+    devices = {t.device for t in (q, k_codes, k_steps, v_codes, v_steps)}
+    if key_scales is not None:
+        if not isinstance(key_scales, Tensor) or tuple(key_scales.shape) != (hkv, d):
+            raise InputError(f"key_scales must be a ({hkv}, {d}) tensor, got "
+                             f"{tuple(key_scales.shape) if isinstance(key_scales, Tensor) else type(key_scales)}")
+        devices.add(key_scales.device)
+    if isinstance(length, Tensor):
+        if tuple(length.shape) != (b,) or length.dtype not in (torch.int32, torch.int64):
+            raise InputError(f"a length tensor must be ({b},) int32/int64, got {tuple(length.shape)} {length.dtype}")
+        devices.add(length.device)
+    elif isinstance(length, int) and not isinstance(length, bool):
+        if not 1 <= length <= cap:
+            raise InputError(f"length must be in [1, capacity={cap}], got {length}")
+    else:
+        raise InputError(f"length must be an int or a (batch,) tensor, got {type(length).__name__}")
+    if len(devices) != 1:
+        raise InputError(f"all tensors must be on one device, got {sorted(str(x) for x in devices)}")
+    return b, hq, hkv, cap, d
+
+
+def reference_decode_attention(q: Tensor, k_codes: Tensor, k_steps: Tensor, v_codes: Tensor, v_steps: Tensor,
+                               length: int | Tensor, k_codec: E8Codec, v_codec: E8Codec, *,
+                               key_scales: Tensor | None = None, sm_scale: float | None = None) -> Tensor:
+    """What :func:`decode_attention` computes, with torch operations: dequantize the cache
+    (:func:`lqlib.kernels.reference_dequantize`, float32), multiply the keys by the key scales,
+    then float32 softmax attention over the first ``length`` tokens. Returns (B, Hq, d) in q.dtype."""
+    b, hq, hkv, cap, d = _validate(q, k_codes, k_steps, v_codes, v_steps, length, k_codec, v_codec, key_scales)
+    keys = reference_dequantize(k_codec, k_codes, k_steps, torch.float32)  # (B, Hkv, cap, d)
+    values = reference_dequantize(v_codec, v_codes, v_steps, torch.float32)
+    if key_scales is not None:
+        keys = keys * key_scales.to(torch.float32)[None, :, None, :]
+    g = hq // hkv
+    qf = q.to(torch.float32).reshape(b, hkv, g, d)
+    scale = 1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale)
+    scores = torch.einsum("bhgd,bhnd->bhgn", qf, keys) * scale
+    lengths = (torch.full((b,), length, device=q.device) if isinstance(length, int) else length).to(q.device)
+    valid = torch.arange(cap, device=q.device)[None, :] < lengths[:, None]  # (B, cap)
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    out = torch.einsum("bhgn,bhnd->bhgd", torch.softmax(scores, dim=-1), values)
+    return out.reshape(b, hq, d).to(q.dtype)
+
+
+_HADAMARD: dict[tuple[int, torch.device, torch.dtype], Tensor] = {}
+
+
+def hadamard_matrix(d: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """The unnormalised Sylvester–Hadamard matrix (d, d), entries ±1: ``x @ H == lqlib.rht.fwht(x)``."""
+    key = (d, torch.device(device), dtype)
+    if key not in _HADAMARD:
+        idx = torch.arange(d)
+        bits = torch.bitwise_and(idx[:, None], idx[None, :])
+        parity = torch.zeros_like(bits)
+        while bool(bits.any()):
+            parity ^= bits & 1
+            bits = bits >> 1
+        _HADAMARD[key] = (1 - 2 * parity).to(device=key[1], dtype=dtype)
+    return _HADAMARD[key]
+
+
+_SM_COUNT: dict[torch.device, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    if device not in _SM_COUNT:
+        _SM_COUNT[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _SM_COUNT[device]
+
+
+def choose_splits(batch_heads: int, tokens: int, block_n: int, device: torch.device) -> tuple[int, int]:
+    """(splits, tokens per split): enough programs to fill the GPU about four times over
+    (B·Hkv programs per split), each with at least two tiles, at most ``MAX_SPLITS``."""
+    target = 4 * _sm_count(device)
+    splits = max(1, min(MAX_SPLITS, triton_cdiv(target, batch_heads), triton_cdiv(tokens, 2 * block_n)))
+    per_split = triton_cdiv(triton_cdiv(tokens, splits), block_n) * block_n
+    return triton_cdiv(tokens, per_split), per_split
+
+
+def decode_attention(q: Tensor, k_codes: Tensor, k_steps: Tensor, v_codes: Tensor, v_steps: Tensor,
+                     length: int | Tensor, k_codec: E8Codec, v_codec: E8Codec, *,
+                     key_scales: Tensor | None = None, sm_scale: float | None = None,
+                     config: AttentionConfig | None = None) -> Tensor:
+    """Fused decode attention on the coded cache (Triton; CUDA, or CPU under ``TRITON_INTERPRET=1``).
+
+    Parameters
+    ----------
+    q : (B, Hq, d) float16/bfloat16, one query token per batch row.
+    k_codes, v_codes : (B, Hkv, capacity, d) int8, the codes ``2·p``; the last dim contiguous.
+    k_steps, v_steps : (B, Hkv, capacity) int16 step codes; the last dim contiguous.
+    length : int in [1, capacity], or a (B,) int32/int64 tensor of lengths on q's device (each
+        in [1, capacity]: not checked, no host synchronisation).
+    k_codec, v_codec : the codecs that wrote the keys and values (scale="vector"; "rht" or "none").
+    key_scales : optional (Hkv, d) per-channel scales the keys were divided by before coding.
+    sm_scale : softmax scale (default 1/sqrt(d)).
+    config : launch parameters (default :class:`AttentionConfig`).
+
+    Returns
+    -------
+    (B, Hq, d) in q.dtype: ``softmax(q·Kᵀ·sm_scale)·V`` over the first ``length`` tokens, K and V the
+    dequantized cache (keys times the key scales). Hq must be a multiple of Hkv.
+    """
+    b, hq, hkv, cap, d = _validate(q, k_codes, k_steps, v_codes, v_steps, length, k_codec, v_codec, key_scales)
+    try:
+        from . import _attention_triton as kernels
+    except ImportError as err:
+        raise ImportError("lqlib.kernels.attention needs Triton: pip install 'lqlib[gpu]'") from err
+    cfg = config or AttentionConfig()
+    if cfg.block_n < 16 or cfg.block_n & (cfg.block_n - 1):
+        raise InputError(f"block_n must be a power of two >= 16, got {cfg.block_n}")
+    for name, t in (("k_codes", k_codes), ("v_codes", v_codes), ("k_steps", k_steps), ("v_steps", v_steps)):
+        if t.stride(-1) != 1:
+            raise InputError(f"{name} must be contiguous in its last dim")
+    dev = q.device
+    g = hq // hkv
+    tokens = length if isinstance(length, int) else cap
+    if cfg.splits is not None:
+        if cfg.splits < 1:
+            raise InputError(f"splits must be >= 1, got {cfg.splits}")
+        splits = min(cfg.splits, MAX_SPLITS)
+        per_split = triton_cdiv(triton_cdiv(tokens, splits), cfg.block_n) * cfg.block_n
+        splits = triton_cdiv(tokens, per_split)
+    else:
+        splits, per_split = choose_splits(b * hkv, tokens, cfg.block_n, dev)
+    q = q.contiguous()
+    part_acc = torch.empty((b * hq, splits, d), dtype=torch.float32, device=dev)
+    part_ml = torch.empty((b * hq, 2, splits), dtype=torch.float32, device=dev)
+    out = torch.empty_like(q)
+    k_rht, v_rht = k_codec.rotation == "rht", v_codec.rotation == "rht"
+    signs_k = k_codec._signs(d, dev, torch.float32)
+    signs_v = v_codec._signs(d, dev, torch.float32)
+    had = hadamard_matrix(d, dev, torch.float16)
+    scales = key_scales.to(device=dev, dtype=torch.float32).contiguous() if key_scales is not None else signs_k
+    lengths = length if isinstance(length, Tensor) else part_ml  # a placeholder pointer when unused
+    scale = 1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale)
+    kernels.decode_attention_kernel[(b * hkv, splits)](
+        q, k_codes, k_steps, v_codes, v_steps, scales, signs_k, signs_v, had, _tables(dev),
+        part_acc, part_ml, lengths, tokens, per_split, scale * math.log2(math.e) * 0.5,
+        q.stride(0), q.stride(1),
+        k_codes.stride(0), k_codes.stride(1), k_codes.stride(2), k_steps.stride(0), k_steps.stride(1),
+        v_codes.stride(0), v_codes.stride(1), v_codes.stride(2), v_steps.stride(0), v_steps.stride(1),
+        HKV=hkv, G=g, BLOCK_G=max(16, triton_next_pow2(g)), D=d, BLOCK_N=cfg.block_n,
+        K_SHIFT=k_codec._log2_dim(d), V_SHIFT=v_codec._log2_dim(d), K_RHT=k_rht, V_RHT=v_rht,
+        HAS_SCALES=key_scales is not None, HAS_LENGTHS=isinstance(length, Tensor),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    block_d = min(d, 32)
+    kernels.combine_splits_kernel[(b * hq, d // block_d)](
+        part_acc, part_ml, out, splits, D=d, BLOCK_S=triton_next_pow2(splits), BLOCK_D=block_d, num_warps=1)
+    return out
+
+
+def triton_next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
