@@ -31,7 +31,7 @@ from lqlib import E8Codec
 from lqlib import kernels as K
 
 # (block_v, num_warps, split, chunk_major): block_v = 32·num_warps puts one vector on each thread
-QUANTIZE_CONFIGS = [(64, 2, 2, False), (32, 1, 2, False), (128, 4, 2, False), (64, 2, 1, False)]
+QUANTIZE_CONFIGS = [(32, 1, 2, False), (64, 2, 2, False), (32, 1, 3, False)]
 DEQUANTIZE_CONFIGS = [(16, 4, False), (16, 4, True), (64, 2, False), (128, 4, False)]
 _BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}
 

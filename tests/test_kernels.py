@@ -12,9 +12,11 @@ import pytest
 import torch
 
 triton = pytest.importorskip("triton")
+tl = pytest.importorskip("triton.language")
 
 from lqlib import E8Codec, Encoded, InputError
 from lqlib import kernels as K
+from lqlib.kernels._e8_triton import _nearest_e8_codes
 from lqlib.symbols import points_to_symbols
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -185,3 +187,58 @@ def test_large_sample_on_the_gpu():
     for d in (64, 128):
         for dtype in (torch.float16, torch.bfloat16, torch.float32):
             check(E8Codec(4.0, seed=d), sample(20_000, d, seed=d, dtype=dtype))
+
+
+def test_step_codes_at_their_boundaries():
+    """Sums of squares within float32 rounding of each step-code boundary (the kernel's float32
+    estimate cannot tell the side, so the program recomputes in float64), among ordinary vectors."""
+    from lqlib.steps import code_constants
+    d, bits = 64, 4.0
+    codec = E8Codec(bits, rotation="none", seed=11)
+    _, taus = code_constants(bits, d)
+    rows = []
+    for e in (-3, 0, 5):
+        for tau in (0.5, *taus):
+            c = math.sqrt(tau * 2.0 ** e / d)
+            for rel in (-3e-7, 0.0, 3e-7):
+                rows.append(torch.full((d,), c * (1 + rel), dtype=torch.float64))
+    x = torch.stack(rows)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        xs = x.to(dtype)
+        s = (xs.double() ** 2).sum(-1)
+        assert (s > 0).all()
+        check(codec, xs)
+        check(codec, torch.cat([sample(40, d, seed=12, dtype=dtype), xs]))  # fast and exact path in one program
+
+
+@triton.jit
+def _e8_codes_kernel(x_ptr, out_ptr, B: tl.constexpr):
+    """(n, 8) float32 → the kernels' E8 codes 2·p (n, 8) int32 (low 16 bits), B blocks per program."""
+    offs = (tl.program_id(0) * B + tl.arange(0, B))[None, :, None] * 8 + tl.arange(0, 8)[None, None, :]
+    tl.store(out_ptr + offs, _nearest_e8_codes(tl.load(x_ptr + offs)))
+
+
+def test_nearest_e8_adversarial():
+    """The kernel's E8 rounding against :func:`lqlib.lattices.nearest_e8` on blocks built for its
+    tie rules: equal largest errors, exact halves, integers (cosets at equal distance), tiny and
+    negative values whose x - 1/2 is not exact in float32, signed zeros."""
+    from lqlib.lattices import nearest_e8
+
+    gen = torch.Generator().manual_seed(13)
+    n = 512
+    parts = [
+        torch.randint(-6, 7, (n, 8), generator=gen).float() / 4,  # quarters: ties everywhere
+        torch.randint(-6, 7, (n, 8), generator=gen).float() / 2,  # halves and integers
+        (torch.rand(n, 8, generator=gen) - 0.5) * 2.0 ** -20,  # tiny: x - 1/2 rounds
+        -(torch.rand(n, 8, generator=gen) + 0.5) * torch.randint(1, 5, (n, 1), generator=gen).float(),  # negative
+        torch.randn(n, 8, generator=gen) * 20,
+    ]
+    x = torch.cat(parts)
+    x[::7, 3] = -0.0
+    x[1::7] = torch.nextafter(x[1::7], torch.full_like(x[1::7], 100.0))  # one ulp off the ties
+    x = x.contiguous()
+    out = torch.empty(x.shape, dtype=torch.int32, device=DEVICE)
+    _e8_codes_kernel[(x.shape[0] // 64,)](x.to(DEVICE), out, B=64)
+    got = out.cpu().to(torch.int16)  # the codes are defined modulo 2^16 (stored as int8 or int16)
+    ref = (nearest_e8(x) * 2).to(torch.int16)
+    assert torch.equal(got, ref), (got != ref).any(-1).sum()

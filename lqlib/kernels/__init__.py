@@ -147,7 +147,7 @@ def quantize(codec: E8Codec, x: Tensor, *, codes_dtype: torch.dtype | None = Non
         kernels.e8_quantize_kernel[(triton_cdiv(n, bv),)](
             x2, codes, steps, signs, _tables(x.device), n, n0, *t,
             D=d, LOG2C=(d // 8).bit_length() - 1, SHIFT=codec._log2_dim(d), RHT=rht, BLOCK_V=bv, CHUNK_MAJOR=cm,
-            FAST_ROUND=x.device.type == "cuda", SPLIT=min(split, (d // 8).bit_length() - 1),
+            SPLIT=min(split, (d // 8).bit_length() - 1),
             num_warps=warps, enable_fp_fusion=False)
     return codes.reshape(x.shape), steps.reshape(x.shape[:-1])
 

@@ -9,10 +9,14 @@ the same order and with the same IEEE operations, and is compiled without fused 
   each combining elements i and i + h as ``(a + b, a - b)``: the same roundings;
 * the step code comes from the float64 sum of squares of ``x`` in the pairwise order of
   :func:`lqlib.lattices.pairwise_sum`, by exponent and threshold (:func:`lqlib.steps.code_constants`);
+  a float32 estimate decides it unless it lies within 2^-18 of a boundary (then the program sums
+  in float64);
 * lattice units are ``u · R[g mod 8]·2^(-(g div 8) - shift)`` (a product, not a division:
   Triton's float32 division is not correctly rounded);
-* E8 is :func:`lqlib.lattices.nearest_e8`: round half to even (by adding and subtracting
-  2^23, exact below 2^23), first index of the largest error, pairwise sums of 8;
+* E8 is :func:`lqlib.lattices.nearest_e8` (both cosets, the same float32 terms and pairwise
+  sums): round half to even by adding and subtracting 1.5·2^23 (exact for |x| < 2^21, i.e.
+  wherever the codes fit int16), the first index of the largest error by a tournament; the codes
+  come from the rounded sums' bits (no float-to-integer conversions);
 * decoding is ``((H·p) · 2^(g/8)) · signs``, then one rounding to the output dtype.
 
 A tile holds ``BLOCK_V`` vectors as a (d/8, BLOCK_V, 8) tensor: the last axis is one E8
@@ -24,11 +28,14 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-from triton.language.extra import libdevice
 
-_TWO_23 = tl.constexpr(8388608.0)  # 2^23: float32 numbers at or above it are integers
+_MAGIC = tl.constexpr(12582912.0)  # 1.5·2^23: x + it rounds x half to even to an integer (|x| < 2^22)
 _MANTISSA = tl.constexpr(0xFFFFFFFFFFFFF)  # float64 mantissa bits
 _HALF_EXPONENT = tl.constexpr(0x3FE0000000000000)  # float64 exponent bits of [0.5, 1)
+_BELOW = tl.constexpr(1.0 - 2.0 ** -18)  # bounds of the float64 sum of squares around its float32 estimate
+_ABOVE = tl.constexpr(1.0 + 2.0 ** -18)
+_TINY = tl.constexpr(2.0 ** -100)  # float32 sums of squares trusted between these
+_HUGE = tl.constexpr(2.0 ** 100)
 
 
 @triton.jit
@@ -71,46 +78,86 @@ def _fwht(v, LOG2C: tl.constexpr):
 
 
 @triton.jit
-def _rint(x, FAST_ROUND: tl.constexpr):
-    """Round half to even (torch.round): one instruction on the GPU, or exactly the same with
-    two additions (Triton's interpreter has no libdevice)."""
-    if FAST_ROUND:
-        r = libdevice.rint(x)
-    else:
-        t = tl.abs(x)
-        r = (t + _TWO_23) - _TWO_23
-        r = tl.where(t < _TWO_23, r, t)
-        r = tl.where(x < 0, -r, r)
-    return r
+def _bits(v):
+    """float32 → its int32 bit pattern."""
+    return v.to(tl.int32, bitcast=True)
 
 
 @triton.jit
-def _nearest_d8(x, FAST_ROUND: tl.constexpr):
-    """:func:`lqlib.lattices.nearest_dn` on (C, B, 8). The worst coordinate is the first index
-    of the largest |error| (torch.argmax's choice), found as the least index attaining the max."""
-    f = _rint(x, FAST_ROUND)
-    err = x - f
-    total = _sum8(f)
-    odd = total - 2.0 * tl.floor(total * 0.5)
-    size = tl.abs(err)
-    largest = tl.max(size, axis=2)
+def _pairs(v):
+    """(c, B, n) → elements 2j and 2j + 1 along the last axis, (c, B, n/2) each: the pairs of
+    :func:`lqlib.lattices.pairwise_sum`'s first level (the left one has the lower index)."""
+    return tl.split(tl.reshape(v, (v.shape[0], v.shape[1], v.shape[2] // 2, 2)))
+
+
+@triton.jit
+def _first_largest(err, idx, extra):
+    """Tournament over the last axis of (c, B, 8) in the pairwise tree: the error of largest |err|,
+    the first such (the left, lower-index side wins ties: torch.argmax's choice), with its ``idx``
+    and ``extra``; (c, B) each."""
+    for _ in tl.static_range(3):
+        el, er = _pairs(err)
+        il, ir = _pairs(idx)
+        xl, xr = _pairs(extra)
+        left = tl.abs(el) >= tl.abs(er)
+        err = tl.where(left, el, er)
+        idx = tl.where(left, il, ir)
+        extra = tl.where(left, xl, xr)
+    c: tl.constexpr = err.shape[0]
+    B: tl.constexpr = err.shape[1]
+    return tl.reshape(err, (c, B)), tl.reshape(idx, (c, B)), tl.reshape(extra, (c, B))
+
+
+@triton.jit
+def _odd_parity(n):
+    """(c, B, 8) int32 → (c, B): parity of the sum along the last axis (its low bit)."""
+    return tl.xor_sum(n, axis=2) & 1
+
+
+@triton.jit
+def _nearest_e8_codes(x):
+    """Codes ``2·nearest_e8(x)`` (int32 modulo 2^16: their low 8 or 16 bits) of (c, B, 8) float32
+    with |x| < 2^21, bit for bit :func:`lqlib.lattices.nearest_e8`'s points.
+
+    Rounding half to even is ``(x + 1.5·2^23) - 1.5·2^23``; the sum's bits hold the integer in its
+    low bits (parity and codes without conversions). D8's fix flips the first coordinate of largest
+    |error| (a tournament in the pairwise tree); the squared distances are the reference's pairwise
+    sums of the same float32 terms, the flipped coordinate's term computed once per block.
+    """
     lane = tl.arange(0, 8)[None, None, :]
-    worst = tl.min(tl.where(size == largest[:, :, None], lane, 8), axis=2)
-    odd = odd[:, :, None]
-    away_odd = tl.where(err >= 0, odd, -odd)  # the values of (±1)·odd, -0.0 included
-    return f + tl.where(lane == worst[:, :, None], away_odd, 0.0)
-
-
-@triton.jit
-def _nearest_e8(x, FAST_ROUND: tl.constexpr):
-    """:func:`lqlib.lattices.nearest_e8` on (C, B, 8)."""
-    even = _nearest_d8(x, FAST_ROUND)
-    odd = _nearest_d8(x - 0.5, FAST_ROUND) + 0.5
-    e = x - even
-    o = x - odd
-    d_even = _sum8(e * e)
-    d_odd = _sum8(o * o)
-    return tl.where((d_odd < d_even)[:, :, None], odd, even)
+    lanes = tl.zeros(x.shape, tl.int32) + lane
+    # even coset: D8 at x
+    a = x + _MAGIC
+    f = a - _MAGIC
+    err = x - f  # exact
+    A = _bits(a)  # bits(1.5·2^23) + f: f in the low bits
+    par_e = _odd_parity(A)
+    err_w, w_e, _ = _first_largest(err, lanes, lanes)
+    s_e = tl.where(err_w >= 0, 1.0, -1.0)
+    e_w = err_w - s_e  # x - (f + s) at the flipped coordinate
+    flip_e = (lane == w_e[:, :, None]) & (par_e[:, :, None] != 0)
+    d_even = _sum8(tl.where(flip_e, (e_w * e_w)[:, :, None], err * err))
+    # odd coset: D8 at x - 1/2, plus 1/2
+    y = x - 0.5
+    b = y + _MAGIC
+    g = b - _MAGIC
+    err2 = y - g  # exact
+    Bn = _bits(b)
+    par_o = _odd_parity(Bn)
+    o = x - (g + 0.5)
+    err2_w, w_o, x_w = _first_largest(err2, lanes, x)
+    s_o = tl.where(err2_w >= 0, 1.0, -1.0)
+    g_w = (x_w - 0.5) - err2_w  # exact: y - (y - g) at the flipped coordinate
+    o_w = x_w - ((g_w + s_o) + 0.5)
+    flip_o = (lane == w_o[:, :, None]) & (par_o[:, :, None] != 0)
+    d_odd = _sum8(tl.where(flip_o, (o_w * o_w)[:, :, None], o * o))
+    # the nearer coset; codes 2·f (+ 2·flip), or 2·g + 1 (+ 2·flip)
+    take_odd = d_odd < d_even
+    n = tl.where(take_odd[:, :, None], Bn, A)
+    step = tl.where(take_odd, tl.where(err2_w >= 0, 1, -1) * par_o, tl.where(err_w >= 0, 1, -1) * par_e)
+    w = tl.where(take_odd, w_o, w_e)
+    odd = take_odd.to(tl.int32)
+    return 2 * n + tl.where(lane == w[:, :, None], (2 * step + odd)[:, :, None], odd[:, :, None])
 
 
 @triton.jit
@@ -162,13 +209,39 @@ def _halves(v):
 
 
 @triton.jit
-def _e8_store(q, codes_ptr, rows, row_ok, FIRST: tl.constexpr, D: tl.constexpr, FAST_ROUND: tl.constexpr):
+def _part(v, J: tl.constexpr, SPLIT: tl.constexpr):
+    """Part J of 2^SPLIT equal parts of (C, B, 8) along the first axis: blocks J·C/2^SPLIT onwards."""
+    for level in tl.static_range(SPLIT):
+        v0, v1 = _halves(v)
+        if (J >> (SPLIT - 1 - level)) & 1:
+            v = v1
+        else:
+            v = v0
+    return v
+
+
+@triton.jit
+def _step_code(s, n0, t1, t2, t3, t4):
+    """Step codes (B,) int32 of float64 sums of squares (B,): ``4e + n0 - 4 + #{j : m >= t_j}`` with
+    ``s = m·2^e``, m in [0.5, 1) (thresholds as mantissa bit patterns), -800 for 0, clamped to ±800."""
+    bits = s.to(tl.int64, bitcast=True)
+    exponent = ((bits >> 52) & 0x7FF).to(tl.int32) - 1022
+    mantissa = (bits & _MANTISSA) | _HALF_EXPONENT
+    k = 4 * exponent + (n0 - 4)
+    k += (mantissa >= t1).to(tl.int32) + (mantissa >= t2).to(tl.int32)
+    k += (mantissa >= t3).to(tl.int32) + (mantissa >= t4).to(tl.int32)
+    k = tl.where(s > 0, k, -800)
+    return tl.minimum(tl.maximum(k, -800), 800)
+
+
+@triton.jit
+def _e8_store(q, codes_ptr, rows, row_ok, FIRST: tl.constexpr, D: tl.constexpr):
     """Store ``2·nearest_e8(q)`` of a part (c, B, 8) of a tile: blocks FIRST .. FIRST + c - 1 of the rows."""
     c: tl.constexpr = q.shape[0]
-    p = _nearest_e8(q, FAST_ROUND)
+    codes = _nearest_e8_codes(q)
     block = FIRST + tl.arange(0, c)
     offs = rows.to(tl.int64)[None, :, None] * D + (block[:, None, None] * 8 + tl.arange(0, 8)[None, None, :])
-    tl.store(codes_ptr + offs, (p * 2.0).to(codes_ptr.dtype.element_ty), mask=row_ok[None, :, None])
+    tl.store(codes_ptr + offs, codes.to(codes_ptr.dtype.element_ty), mask=row_ok[None, :, None])
 
 
 @triton.jit
@@ -187,25 +260,25 @@ def _round_to(y, dtype: tl.constexpr):
 def e8_quantize_kernel(x_ptr, codes_ptr, steps_ptr, signs_ptr, tables_ptr, n_vectors,
                        n0, t1, t2, t3, t4,
                        D: tl.constexpr, LOG2C: tl.constexpr, SHIFT: tl.constexpr, RHT: tl.constexpr,
-                       BLOCK_V: tl.constexpr, CHUNK_MAJOR: tl.constexpr, FAST_ROUND: tl.constexpr,
-                       SPLIT: tl.constexpr):
+                       BLOCK_V: tl.constexpr, CHUNK_MAJOR: tl.constexpr, SPLIT: tl.constexpr):
     """x (n_vectors, D) → codes 2·p (n_vectors, D) in codes_ptr's integer dtype, step codes (n_vectors,)."""
     C: tl.constexpr = D // 8
     pid = tl.program_id(0)
     offs, rows, row_ok, mask = _tile_offsets(pid, n_vectors, D, BLOCK_V, CHUNK_MAJOR)
     x = _to_tile(tl.load(x_ptr + offs, mask=mask, other=0.0), CHUNK_MAJOR).to(tl.float32)
 
-    # step code from the float64 sum of squares of x (exact squares, pairwise order)
-    x64 = x.to(tl.float64)
-    s = _sum_blocks(_sum8(x64 * x64), LOG2C)
-    bits = s.to(tl.int64, bitcast=True)
-    exponent = ((bits >> 52) & 0x7FF).to(tl.int32) - 1022
-    mantissa = (bits & _MANTISSA) | _HALF_EXPONENT
-    k = 4 * exponent + (n0 - 4)
-    k += (mantissa >= t1).to(tl.int32) + (mantissa >= t2).to(tl.int32)
-    k += (mantissa >= t3).to(tl.int32) + (mantissa >= t4).to(tl.int32)
-    k = tl.where(s > 0, k, -800)
-    k = tl.minimum(tl.maximum(k, -800), 800)
+    # step code of the float64 sum of squares of x in pairwise order. Estimated from the float32
+    # sum (relative error below 2^-20: exact squares of float16/bfloat16, 7 levels of rounding);
+    # the code is monotone in the sum, so where the codes at s·(1 ± 2^-18) agree that is the
+    # code; else (rare: near a boundary, or a sum out of float32's comfortable range) the
+    # program computes the float64 sum.
+    s32 = _sum_blocks(_sum8(x * x), LOG2C)
+    s_est = s32.to(tl.float64)
+    k = _step_code(s_est * _BELOW, n0, t1, t2, t3, t4)
+    unsure = (k != _step_code(s_est * _ABOVE, n0, t1, t2, t3, t4)) | (s32 < _TINY) | (s32 > _HUGE)
+    if tl.max(unsure.to(tl.int32), axis=0) != 0:
+        x64 = x.to(tl.float64)
+        k = _step_code(_sum_blocks(_sum8(x64 * x64), LOG2C), n0, t1, t2, t3, t4)
 
     # to lattice units: u · R[g mod 8] · 2^(-(g div 8) - SHIFT), g = k - 4·SHIFT
     g = k - 4 * SHIFT
@@ -217,20 +290,8 @@ def e8_quantize_kernel(x_ptr, codes_ptr, steps_ptr, signs_ptr, tables_ptr, n_vec
         u = x
     # E8, a part of the tile at a time (SPLIT halvings: fewer values live at once)
     q = u * factor[None, :, None]
-    if SPLIT == 0:
-        _e8_store(q, codes_ptr, rows, row_ok, 0, D, FAST_ROUND)
-    elif SPLIT == 1:
-        q0, q1 = _halves(q)
-        _e8_store(q0, codes_ptr, rows, row_ok, 0, D, FAST_ROUND)
-        _e8_store(q1, codes_ptr, rows, row_ok, C // 2, D, FAST_ROUND)
-    else:
-        q0, q1 = _halves(q)
-        q00, q01 = _halves(q0)
-        _e8_store(q00, codes_ptr, rows, row_ok, 0, D, FAST_ROUND)
-        _e8_store(q01, codes_ptr, rows, row_ok, C // 4, D, FAST_ROUND)
-        q10, q11 = _halves(q1)
-        _e8_store(q10, codes_ptr, rows, row_ok, C // 2, D, FAST_ROUND)
-        _e8_store(q11, codes_ptr, rows, row_ok, 3 * (C // 4), D, FAST_ROUND)
+    for j in tl.static_range(1 << SPLIT):
+        _e8_store(_part(q, j, SPLIT), codes_ptr, rows, row_ok, j * (C >> SPLIT), D)
     tl.store(steps_ptr + rows, k.to(steps_ptr.dtype.element_ty), mask=row_ok)
 
 
