@@ -416,8 +416,9 @@ def register_attention() -> None:
 
 
 def cache_kwarg(model: torch.nn.Module) -> str:
-    """The keyword a model's ``forward`` takes its cache by: ``"cache"`` (transformers >= 5.2x) or
-    ``"past_key_values"`` (earlier 5.x)."""
+    """The keyword a model's ``forward`` takes its cache by: ``"cache"`` where it has that parameter
+    (transformers 5.24 deprecates ``past_key_values``), else ``"past_key_values"`` (5.17, where an
+    unknown ``cache=`` would be swallowed by ``**kwargs`` and no cache used)."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
