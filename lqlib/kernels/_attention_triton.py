@@ -39,6 +39,85 @@ def _step_factors(steps, tables_ptr, SHIFT: tl.constexpr):
 
 
 @triton.jit
+def _split_codes(x, FAST_CVT: tl.constexpr, BIASED: tl.constexpr):
+    """int16 pairs of int8 codes → (even codes, odd codes) as float16, exactly (little-endian:
+    the low byte is the even one), plus ``BIAS`` if BIASED and FAST_CVT. On the GPU with byte
+    permutes: the float16 with bits 0x6400 | (c + 128) is 1024 + c + 128 = c + BIAS, exactly;
+    four codes in three instructions, five unbiased (I2F converts one value per instruction at an
+    eighth of the FP32 rate)."""
+    if FAST_CVT:
+        if BIASED:
+            return tl.inline_asm_elementwise(
+                asm="""{
+                .reg .b32 t, hi;
+                xor.b32 t, $2, 0x80808080;
+                mov.b32 hi, 0x64646464;
+                prmt.b32 $0, t, hi, 0x4240;
+                prmt.b32 $1, t, hi, 0x4341;
+                }""",
+                constraints="=r,=r,r", args=[x], dtype=(tl.float16, tl.float16), is_pure=True, pack=2)
+        else:
+            return tl.inline_asm_elementwise(
+                asm="""{
+                .reg .b32 t, hi, off;
+                xor.b32 t, $2, 0x80808080;
+                mov.b32 hi, 0x64646464;
+                mov.b32 off, 0x64806480;
+                prmt.b32 $0, t, hi, 0x4240;
+                prmt.b32 $1, t, hi, 0x4341;
+                sub.f16x2 $0, $0, off;
+                sub.f16x2 $1, $1, off;
+                }""",
+                constraints="=r,=r,r", args=[x], dtype=(tl.float16, tl.float16), is_pure=True, pack=2)
+    else:
+        return ((x << 8) >> 8).to(tl.float16), (x >> 8).to(tl.float16)
+
+
+@triton.jit
+def _tile(q_even, q_odd, s_init, factor, m, l, acc_even, acc_odd, kc_base, vc_base, ks_base, vs_base, tables_ptr,
+          s0, end, stride_kcn, stride_vcn,
+          BLOCK_N: tl.constexpr, HALF: tl.constexpr, K_SHIFT: tl.constexpr, V_SHIFT: tl.constexpr,
+          FAST_CVT: tl.constexpr, MASKED: tl.constexpr):
+    """One tile of BLOCK_N tokens from s0 (masked at ``end`` if MASKED): the online-softmax update."""
+    tok = s0 + tl.arange(0, BLOCK_N)
+    pairs = tl.arange(0, HALF)
+    k_ptrs = kc_base + tok[:, None].to(tl.int64) * stride_kcn + pairs[None, :]
+    v_ptrs = vc_base + tok[:, None].to(tl.int64) * stride_vcn + pairs[None, :]
+    if MASKED:
+        valid = tok < end
+        kc = tl.load(k_ptrs, mask=valid[:, None], other=0)
+        k_steps = tl.load(ks_base + tok, mask=valid, other=0).to(tl.int32)
+        vc = tl.load(v_ptrs, mask=valid[:, None], other=0)
+        v_steps = tl.load(vs_base + tok, mask=valid, other=0).to(tl.int32)
+    else:
+        kc = tl.load(k_ptrs)
+        k_steps = tl.load(ks_base + tok).to(tl.int32)
+        vc = tl.load(v_ptrs)
+        v_steps = tl.load(vs_base + tok).to(tl.int32)
+    fk = _step_factors(k_steps, tables_ptr, K_SHIFT) * factor
+    fv = _step_factors(v_steps, tables_ptr, V_SHIFT)
+    if MASKED:
+        fv = tl.where(valid, fv, 0.0)
+
+    k_even, k_odd = _split_codes(kc, FAST_CVT, True)  # (BLOCK_N, HALF) each; s_init removes the bias
+    s = tl.dot(q_odd, tl.trans(k_odd), tl.dot(q_even, tl.trans(k_even), s_init))  # (BLOCK_G, BLOCK_N)
+    s = s * fk[None, :]
+    if MASKED:
+        s = tl.where(valid[None, :], s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, axis=1))
+    alpha = tl.exp2(m - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l = l * alpha + tl.sum(p, axis=1)
+    fv_max = tl.max(fv, axis=0)
+    fv_max = tl.where(fv_max > 0, fv_max, 1.0)
+    pn = (p * (fv * (1.0 / fv_max))[None, :]).to(tl.float16)  # p·f/max f, at most 1
+    v_even, v_odd = _split_codes(vc, FAST_CVT, False)
+    acc_even = acc_even * alpha[:, None] + tl.dot(pn, v_even) * fv_max
+    acc_odd = acc_odd * alpha[:, None] + tl.dot(pn, v_odd) * fv_max
+    return m_new, l, acc_even, acc_odd
+
+
+@triton.jit
 def _row_max_abs(x):
     """max |x| along axis 1, 1 where that is 0 (a safe divisor)."""
     a = tl.max(tl.abs(x), axis=1)
@@ -54,8 +133,10 @@ def decode_attention_kernel(
         stride_vcb, stride_vch, stride_vcn, stride_vsb, stride_vsh,
         HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
         K_SHIFT: tl.constexpr, V_SHIFT: tl.constexpr, K_RHT: tl.constexpr, V_RHT: tl.constexpr,
-        HAS_SCALES: tl.constexpr, HAS_LENGTHS: tl.constexpr):
+        HAS_SCALES: tl.constexpr, HAS_LENGTHS: tl.constexpr, FAST_CVT: tl.constexpr):
     """Partial attention of one (batch row, KV head) over one range of tokens.
+
+    kc_ptr, vc_ptr: the int8 codes viewed as int16 pairs (B, Hkv, capacity, D/2), strides in pairs;
 
     acc_ptr: (B·Hq, splits, D) float32, the value sums in the original domain (times 2);
     ml_ptr: (B·Hq, 2, splits) float32, the running maxima (base 2) and softmax sums."""
@@ -71,6 +152,7 @@ def decode_attention_kernel(
     start = split * per_split
     end = tl.minimum(start + per_split, n)
 
+    HALF: tl.constexpr = D // 2
     rows = tl.arange(0, BLOCK_G)
     row_ok = rows < G
     dims = tl.arange(0, D)
@@ -83,42 +165,34 @@ def decode_attention_kernel(
         a = _row_max_abs(q)
         had = tl.load(had_ptr + dims[:, None] * D + dims[None, :])
         q = tl.dot((q / a[:, None]).to(tl.float16), had) * a[:, None]
-    q_max = _row_max_abs(q)
-    qn = (q / q_max[:, None]).to(tl.float16)
-    q_factor = q_max * qk_scale  # scores = (qn · codes) · q_factor · f(k)
+    q_max = tl.max(_row_max_abs(q), axis=0)  # one scale for the group: it folds into the step factors
+    qn = (q / q_max).to(tl.float16)
+    q_even, q_odd = tl.split(tl.reshape(qn, (BLOCK_G, HALF, 2)))  # the codes' even and odd dims
+    factor = q_max * qk_scale  # scores = (qn · codes) · factor · f(k)
+    if FAST_CVT:  # the keys come biased by 1152 (_split_codes): start the dot product at -1152·Σ qn
+        s_init = tl.zeros((BLOCK_G, BLOCK_N), tl.float32) - 1152.0 * tl.sum(qn.to(tl.float32), axis=1)[:, None]
+    else:
+        s_init = tl.zeros((BLOCK_G, BLOCK_N), tl.float32)
 
     m = tl.full((BLOCK_G,), float("-inf"), tl.float32)
     l = tl.zeros((BLOCK_G,), tl.float32)
-    acc = tl.zeros((BLOCK_G, D), tl.float32)
+    acc_even = tl.zeros((BLOCK_G, HALF), tl.float32)
+    acc_odd = tl.zeros((BLOCK_G, HALF), tl.float32)
     kc_base = kc_ptr + b.to(tl.int64) * stride_kcb + h.to(tl.int64) * stride_kch
     vc_base = vc_ptr + b.to(tl.int64) * stride_vcb + h.to(tl.int64) * stride_vch
     ks_base = ks_ptr + b.to(tl.int64) * stride_ksb + h.to(tl.int64) * stride_ksh
     vs_base = vs_ptr + b.to(tl.int64) * stride_vsb + h.to(tl.int64) * stride_vsh
-    offs_n = tl.arange(0, BLOCK_N)
-    for s0 in range(start, end, BLOCK_N):
-        tok = s0 + offs_n
-        valid = tok < end
-        kc = tl.load(kc_base + tok[:, None].to(tl.int64) * stride_kcn + dims[None, :], mask=valid[:, None], other=0)
-        k_steps = tl.load(ks_base + tok, mask=valid, other=0).to(tl.int32)
-        vc = tl.load(vc_base + tok[:, None].to(tl.int64) * stride_vcn + dims[None, :], mask=valid[:, None], other=0)
-        v_steps = tl.load(vs_base + tok, mask=valid, other=0).to(tl.int32)
-        fk = _step_factors(k_steps, tables_ptr, K_SHIFT)
-        fv = tl.where(valid, _step_factors(v_steps, tables_ptr, V_SHIFT), 0.0)
+    full_end = start + tl.maximum(end - start, 0) // BLOCK_N * BLOCK_N
+    for s0 in range(start, full_end, BLOCK_N):  # whole tiles, no masks
+        m, l, acc_even, acc_odd = _tile(q_even, q_odd, s_init, factor, m, l, acc_even, acc_odd, kc_base, vc_base,
+                                        ks_base, vs_base, tables_ptr, s0, end, stride_kcn, stride_vcn,
+                                        BLOCK_N, HALF, K_SHIFT, V_SHIFT, FAST_CVT, False)
+    if full_end < end:  # the last, partial tile
+        m, l, acc_even, acc_odd = _tile(q_even, q_odd, s_init, factor, m, l, acc_even, acc_odd, kc_base, vc_base,
+                                        ks_base, vs_base, tables_ptr, full_end, end, stride_kcn, stride_vcn,
+                                        BLOCK_N, HALF, K_SHIFT, V_SHIFT, FAST_CVT, True)
 
-        s = tl.dot(qn, tl.trans(kc.to(tl.float16)))  # (BLOCK_G, BLOCK_N)
-        s = s * q_factor[:, None] * fk[None, :]
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l = l * alpha + tl.sum(p, axis=1)
-        pf = p * fv[None, :]
-        r = tl.max(pf, axis=1)
-        r = tl.where(r > 0, r, 1.0)
-        pn = (pf * (1.0 / r)[:, None]).to(tl.float16)
-        acc = acc * alpha[:, None] + tl.dot(pn, vc.to(tl.float16)) * r[:, None]
-        m = m_new
-
+    acc = tl.reshape(tl.join(acc_even, acc_odd), (BLOCK_G, D))
     if V_RHT:
         a = _row_max_abs(acc)
         an = acc / a[:, None]
