@@ -24,6 +24,8 @@ Beam search, ``crop`` and batch reshaping raise :class:`NotImplementedError`.
 
 from __future__ import annotations
 
+from abc import abstractmethod
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -32,7 +34,8 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from .codec import E8Codec, Encoded
 from .errors import InputError
 
-__all__ = ["CompressedKVCache", "CompressedKVLayer", "schedule_codecs"]
+__all__ = ["CompressedKVCache", "CompressedKVLayer", "CodedHistoryLayer", "schedule_codecs", "layer_codecs",
+           "check_key_scales"]
 
 
 def schedule_codecs(bits: float | np.ndarray, n_layers: int, rotation: str = "rht",
@@ -48,7 +51,78 @@ def schedule_codecs(bits: float | np.ndarray, n_layers: int, rotation: str = "rh
     return [(codecs[float(kb)], codecs[float(vb)]) for kb, vb in schedule]
 
 
-class CompressedKVLayer(CacheLayerMixin):
+def check_key_scales(key_scales: Tensor | None) -> None:
+    """Raise unless ``key_scales`` is None or a (kv_heads, head_dim) tensor of finite positive scales."""
+    if key_scales is not None and (key_scales.dim() != 2 or not bool((key_scales > 0).all())
+                                   or not bool(torch.isfinite(key_scales).all())):
+        raise InputError("key_scales must be a (kv_heads, head_dim) tensor of finite positive scales")
+
+
+def layer_codecs(config, bits: float | np.ndarray, rotation: str, seed: int, key_scales: Tensor | None,
+                 name: str) -> list[tuple[E8Codec, E8Codec]]:
+    """The (key, value) codecs of every layer of ``config`` (full attention only), with the
+    (layers, kv_heads, head_dim) shape of ``key_scales`` checked; ``name`` is the cache's, for errors."""
+    text = config.get_text_config(decoder=True)
+    kinds = set(getattr(text, "layer_types", None) or ["full_attention"])
+    if kinds != {"full_attention"}:
+        raise InputError(f"{name} supports full-attention layers only, this model has {sorted(kinds)}")
+    n_layers = text.num_hidden_layers
+    codecs = schedule_codecs(bits, n_layers, rotation, seed)
+    if key_scales is not None and (key_scales.dim() != 3 or key_scales.shape[0] != n_layers):
+        raise InputError(f"key_scales must have shape (layers={n_layers}, kv_heads, head_dim)")
+    return codecs
+
+
+class CodedHistoryLayer(CacheLayerMixin):
+    """What the coded caches' layers share: a token count ``n_tokens`` (set by ``_reset_storage``),
+    the mask sizes of full attention, and clear errors for what immutable coded history cannot do."""
+
+    is_compileable = False
+    is_croppable = False
+    is_sliding = False
+    _cache_name = "this cache"
+    _why = ""
+
+    @abstractmethod
+    def _reset_storage(self) -> None:
+        """Drop the history and set ``n_tokens`` to 0."""
+
+    def get_seq_length(self) -> int:
+        return self.n_tokens
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.n_tokens + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self._reset_storage()
+        self.is_initialized = False
+
+    def _unsupported(self, what: str):
+        raise NotImplementedError(f"{self._cache_name} does not support {what}{self._why}")
+
+    def reorder_cache(self, beam_idx) -> None:
+        self._unsupported("beam search (reorder_cache)")
+
+    def crop(self, *args, **kwargs) -> None:
+        self._unsupported("crop (assisted or speculative decoding)")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._unsupported("batch_repeat_interleave (num_return_sequences > 1 or beam search)")
+
+    def batch_select_indices(self, indices) -> None:
+        self._unsupported("batch_select_indices")
+
+    def offload(self):
+        self._unsupported("offloading")
+
+    def prefetch(self):
+        self._unsupported("offloading")
+
+
+class CompressedKVLayer(CodedHistoryLayer):
     """One attention layer's compressed history (see the module docstring).
 
     Parameters
@@ -60,18 +134,16 @@ class CompressedKVLayer(CacheLayerMixin):
     key_scales : per-channel key scales, shape (kv_heads, head_dim), positive (default: none).
     """
 
-    is_compileable = False
-    is_croppable = False
-    is_sliding = False
+    _cache_name = "CompressedKVCache"
+    _why = (": its pages are immutable bitstreams; use greedy or sampling decoding with one sequence "
+            "per prompt")
 
     def __init__(self, codec: E8Codec, page_size: int = 64, recent_window: int = 0,
                  value_codec: E8Codec | None = None, key_scales: Tensor | None = None) -> None:
         super().__init__()
         if page_size < 1 or recent_window < 0:
             raise InputError(f"need page_size >= 1 and recent_window >= 0, got {page_size}, {recent_window}")
-        if key_scales is not None and (key_scales.dim() != 2 or not bool((key_scales > 0).all())
-                                       or not bool(torch.isfinite(key_scales).all())):
-            raise InputError("key_scales must be a (kv_heads, head_dim) tensor of finite positive scales")
+        check_key_scales(key_scales)
         self.codec = codec
         self.value_codec = value_codec or codec
         self.joint = repr(self.codec) == repr(self.value_codec)
@@ -152,44 +224,11 @@ class CompressedKVLayer(CacheLayerMixin):
         history = recent if coded is None else torch.cat([coded, recent], dim=-2)
         return history[0], history[1]
 
-    def get_seq_length(self) -> int:
-        return self.n_tokens
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.n_tokens + query_length, 0
-
-    def get_max_length(self) -> int:
-        return -1
-
-    def reset(self) -> None:
-        self._reset_storage()
-        self.is_initialized = False
-
     def nbytes(self) -> int:
         """Bytes held: the sealed pages' bitstreams, the full-precision tail and the key scales."""
         tail = 0 if self.key_tail is None else 2 * self.key_tail.numel() * self.key_tail.element_size()
         scales = 0 if self.key_scales is None else 2 * self.key_scales.numel()
         return sum(len(stream) for page in self.pages for stream in page) + tail + scales
-
-    # ------------------------------------------------------------------ unsupported
-    def _unsupported(self, what: str):
-        raise NotImplementedError(f"CompressedKVCache does not support {what}: its pages are immutable "
-                                  "bitstreams; use greedy or sampling decoding with one sequence per prompt")
-
-    def reorder_cache(self, beam_idx) -> None:
-        self._unsupported("beam search (reorder_cache)")
-
-    def crop(self, tokens_to_remove: int) -> None:
-        self._unsupported("crop (assisted or speculative decoding)")
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._unsupported("batch_repeat_interleave (num_return_sequences > 1 or beam search)")
-
-    def batch_select_indices(self, indices) -> None:
-        self._unsupported("batch_select_indices")
-
-    def offload(self):
-        self._unsupported("offloading")
 
 
 class CompressedKVCache(Cache):
@@ -210,14 +249,7 @@ class CompressedKVCache(Cache):
 
     def __init__(self, config, bits: float | np.ndarray = 4.0, page_size: int = 64, recent_window: int = 0,
                  rotation: str = "rht", seed: int = 0, key_scales: Tensor | None = None) -> None:
-        text = config.get_text_config(decoder=True)
-        kinds = set(getattr(text, "layer_types", None) or ["full_attention"])
-        if kinds != {"full_attention"}:
-            raise InputError(f"CompressedKVCache supports full-attention layers only, this model has {sorted(kinds)}")
-        n_layers = text.num_hidden_layers
-        codecs = schedule_codecs(bits, n_layers, rotation, seed)
-        if key_scales is not None and (key_scales.dim() != 3 or key_scales.shape[0] != n_layers):
-            raise InputError(f"key_scales must have shape (layers={n_layers}, kv_heads, head_dim)")
+        codecs = layer_codecs(config, bits, rotation, seed, key_scales, "CompressedKVCache")
         self.codec = codecs[0][0]
         layers = [CompressedKVLayer(key_codec, page_size, recent_window, value_codec,
                                     None if key_scales is None else key_scales[i])
