@@ -87,6 +87,7 @@ class LaneTables:
     freq, cum : shape (5, A) int32, ``A = 2·max(r_free, r_half) + 2``; unused entries have freq 0.
     enc : shape (5, A) int32, ``freq << 16 | cum`` (what the GPU encoder reads).
     dec : shape (5, M) int32, ``symbol << 24 | (freq − 1) << 12 | (slot − cum)`` per slot.
+    dec_sym : shape (5, M) uint8, the symbol of each slot (a smaller table for two-level lookups).
     """
 
     bits: float
@@ -96,6 +97,7 @@ class LaneTables:
     cum: np.ndarray
     enc: np.ndarray
     dec: np.ndarray
+    dec_sym: np.ndarray
 
     def radius(self, table: int) -> int:
         return self.r_free if table in (1, 2) else self.r_half
@@ -146,7 +148,8 @@ def lane_tables(bits: float) -> LaneTables:
         dec[t] = (sym << 24) | ((freq[t][sym] - 1) << 12) | (slots - cum[t][sym])
     enc = (freq << 16) | cum
     as32 = lambda a: np.ascontiguousarray(a.astype(np.int64).astype(np.uint32).view(np.int32))  # noqa: E731
-    return LaneTables(float(bits), r_free, r_half, as32(freq), as32(cum), as32(enc), as32(dec))
+    return LaneTables(float(bits), r_free, r_half, as32(freq), as32(cum), as32(enc), as32(dec),
+                      np.ascontiguousarray((dec >> 24).astype(np.uint8)))
 
 
 def page_header(n_lanes: int, n_blocks: int, bits: float) -> bytes:

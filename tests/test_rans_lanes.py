@@ -163,15 +163,16 @@ def test_kernels_match_the_cpu_coder_both_ways():
     batch = KR.encode(torch.from_numpy(codes).to(DEVICE), bits, n_lanes)
     assert batch.to_pages() == cpu_pages  # byte-identical
     assert batch.nbytes() == sum(len(p) for p in cpu_pages)
-    out, ok = KR.decode(KR.PageBatch.from_pages(cpu_pages, DEVICE), check=True)
-    assert bool(ok.all()) and torch.equal(out.cpu().reshape(codes.shape), torch.from_numpy(codes))
+    for two_level in (False, True):
+        out, ok = KR.decode(KR.PageBatch.from_pages(cpu_pages, DEVICE), check=True, two_level=two_level)
+        assert bool(ok.all()) and torch.equal(out.cpu().reshape(codes.shape), torch.from_numpy(codes))
     assert np.array_equal(RL.decode_codes(batch.to_pages()).reshape(codes.shape), codes)
 
     symbols = with_escapes(RL.codes_to_symbols(codes).reshape(3, -1, 9))
     cpu_pages = RL.encode_pages(symbols, bits, n_lanes)
     batch = KR.encode(torch.from_numpy(symbols).to(DEVICE), bits, n_lanes, symbols=True)
     assert batch.to_pages() == cpu_pages
-    out, ok = KR.decode(KR.PageBatch.from_pages(cpu_pages, DEVICE), symbols=True)
+    out, ok = KR.decode(KR.PageBatch.from_pages(cpu_pages, DEVICE), symbols=True, two_level=True)
     assert bool(ok.all()) and np.array_equal(out.cpu().numpy(), symbols)
     # page k alone
     alone, ok = KR.decode(KR.PageBatch.from_pages(cpu_pages[2:], DEVICE), symbols=True)
@@ -200,3 +201,27 @@ def test_kernel_decoder_flags_corrupted_pages():
         assert torch.equal(out[0].cpu(), torch.from_numpy(codes[0].reshape(-1)))
         with pytest.raises(CorruptStreamError):
             KR.decode(batch, check=True)
+
+
+def test_imports_without_triton():
+    """The CPU coder and the kernels' wrapper import without Triton; only the kernels need it."""
+    import subprocess
+    import sys
+
+    probe = """
+import sys
+sys.modules["triton"] = None
+import numpy as np, torch
+from lqlib import rans_lanes as RL
+from lqlib.kernels import rans as KR
+sym = np.zeros((1, 16, 9), np.int32)
+assert np.array_equal(RL.decode_pages(RL.encode_pages(sym, 4.0, 4)), sym)
+try:
+    KR.encode(torch.zeros(1, 128, dtype=torch.int8), 4.0, 4)
+except ImportError as err:
+    assert "lqlib[gpu]" in str(err)
+else:
+    raise AssertionError("encoded without Triton")
+"""
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

@@ -38,13 +38,23 @@ def _renorm(x, ptr, end, bad, need, words_ptr):
 
 
 @triton.jit
-def _decode_symbol(x, ptr, end, bad, live, table, dec_ptr, words_ptr):
+def _decode_symbol(x, ptr, end, bad, live, table, dec_ptr, sym_ptr, enc_ptr, A, words_ptr, TWO_LEVEL: tl.constexpr):
+    """One symbol of table ``table`` (int32 per lane). One gather in the packed slot table (16 KB a
+    table), or with ``TWO_LEVEL`` two dependent ones: the symbol in a byte slot table (4 KB), then
+    its ``freq << 16 | cum`` (a few lines): fewer cache lines per warp, one more load latency."""
     slot = (x & 4095).to(tl.int32)
-    e = tl.load(dec_ptr + table * _SLOTS + slot)
-    freq = (((e >> 12) & 4095) + 1).to(tl.uint32)
-    x = tl.where(live, freq * (x >> 12) + (e & 4095).to(tl.uint32), x)
+    if TWO_LEVEL:
+        sym = tl.load(sym_ptr + table * _SLOTS + slot).to(tl.int32)
+        e = tl.load(enc_ptr + table * A + sym)
+        freq = (e >> 16).to(tl.uint32)
+        x = tl.where(live, freq * (x >> 12) + slot.to(tl.uint32) - (e & 65535).to(tl.uint32), x)
+    else:
+        e = tl.load(dec_ptr + table * _SLOTS + slot)
+        sym = (e >> 24) & 255
+        freq = (((e >> 12) & 4095) + 1).to(tl.uint32)
+        x = tl.where(live, freq * (x >> 12) + (e & 4095).to(tl.uint32), x)
     x, ptr, bad = _renorm(x, ptr, end, bad, live, words_ptr)
-    return (e >> 24) & 255, x, ptr, bad
+    return sym, x, ptr, bad
 
 
 @triton.jit
@@ -65,9 +75,9 @@ def _pack4(a, b, c, d):
 
 
 @triton.jit
-def rans_decode_kernel(words_ptr, start_ptr, count_ptr, dec_ptr, out_ptr, err_ptr, n_lanes_total, r_free, r_half,
-                       L: tl.constexpr, NB: tl.constexpr, K: tl.constexpr, BLOCK: tl.constexpr,
-                       TO_SYMBOLS: tl.constexpr):
+def rans_decode_kernel(words_ptr, start_ptr, count_ptr, dec_ptr, sym_ptr, enc_ptr, out_ptr, err_ptr, n_lanes_total,
+                       r_free, r_half, A, L: tl.constexpr, NB: tl.constexpr, K: tl.constexpr, BLOCK: tl.constexpr,
+                       TO_SYMBOLS: tl.constexpr, TWO_LEVEL: tl.constexpr):
     g = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     lane_ok = g < n_lanes_total
     page = g // L
@@ -85,17 +95,17 @@ def rans_decode_kernel(words_ptr, start_ptr, count_ptr, dec_ptr, out_ptr, err_pt
     for j in range(K):
         i = j * L + lane
         live = lane_ok & (i < NB)
-        s0, x, ptr, bad = _decode_symbol(x, ptr, end, bad, live, zero, dec_ptr, words_ptr)
+        s0, x, ptr, bad = _decode_symbol(x, ptr, end, bad, live, zero, dec_ptr, sym_ptr, enc_ptr, A, words_ptr, TWO_LEVEL)
         c = s0 & 1
         tf = 1 + c
-        s1, x, ptr, bad = _decode_symbol(x, ptr, end, bad, live, tf, dec_ptr, words_ptr)
-        s2, x, ptr, bad = _decode_symbol(x, ptr, end, bad, live, tf, dec_ptr, words_ptr)
-        s3, x, ptr, bad = _decode_symbol(x, ptr, end, bad, live, tf, dec_ptr, words_ptr)
-        s4, x, ptr, bad = _decode_symbol(x, ptr, end, bad, live, tf, dec_ptr, words_ptr)
-        s5, x, ptr, bad = _decode_symbol(x, ptr, end, bad, live, tf, dec_ptr, words_ptr)
-        s6, x, ptr, bad = _decode_symbol(x, ptr, end, bad, live, tf, dec_ptr, words_ptr)
-        s7, x, ptr, bad = _decode_symbol(x, ptr, end, bad, live, tf, dec_ptr, words_ptr)
-        s8, x, ptr, bad = _decode_symbol(x, ptr, end, bad, live, tf + 2, dec_ptr, words_ptr)
+        s1, x, ptr, bad = _decode_symbol(x, ptr, end, bad, live, tf, dec_ptr, sym_ptr, enc_ptr, A, words_ptr, TWO_LEVEL)
+        s2, x, ptr, bad = _decode_symbol(x, ptr, end, bad, live, tf, dec_ptr, sym_ptr, enc_ptr, A, words_ptr, TWO_LEVEL)
+        s3, x, ptr, bad = _decode_symbol(x, ptr, end, bad, live, tf, dec_ptr, sym_ptr, enc_ptr, A, words_ptr, TWO_LEVEL)
+        s4, x, ptr, bad = _decode_symbol(x, ptr, end, bad, live, tf, dec_ptr, sym_ptr, enc_ptr, A, words_ptr, TWO_LEVEL)
+        s5, x, ptr, bad = _decode_symbol(x, ptr, end, bad, live, tf, dec_ptr, sym_ptr, enc_ptr, A, words_ptr, TWO_LEVEL)
+        s6, x, ptr, bad = _decode_symbol(x, ptr, end, bad, live, tf, dec_ptr, sym_ptr, enc_ptr, A, words_ptr, TWO_LEVEL)
+        s7, x, ptr, bad = _decode_symbol(x, ptr, end, bad, live, tf, dec_ptr, sym_ptr, enc_ptr, A, words_ptr, TWO_LEVEL)
+        s8, x, ptr, bad = _decode_symbol(x, ptr, end, bad, live, tf + 2, dec_ptr, sym_ptr, enc_ptr, A, words_ptr, TWO_LEVEL)
         ef = 2 * r_free + 1
         eh = 2 * r_half + 1
         v1 = s1 - r_free
