@@ -27,11 +27,14 @@ bytes of ``(v + 2^31) mod 2^32`` from the least significant: a lane needs nothin
 
 **Lanes.** A page holds ``n_blocks`` E8 blocks (9 symbols each, :mod:`lqlib.symbols`) coded by
 ``n_lanes`` independent coders: block ``i`` goes to lane ``i mod n_lanes`` at position
-``i div n_lanes``. With this striping, the threads of a warp decode adjacent blocks at every step,
-so the decoder's output (8 bytes of codes per block and thread) is written by fully coalesced
-stores, and its symbol reads of the encoder likewise; the words are read from each lane's own
-run (below), a 2-byte gather per thread that stays in L1 (a lane reads ~128 bytes per 32 blocks
-at 4 bits/dim). In decoding order a lane codes, for each of its blocks: the coset bit, the 8
+``i div n_lanes``. With this striping, the threads of a warp code adjacent blocks at every step:
+the decoder writes its output (8 bytes of codes per block and thread) with fully coalesced
+stores, and the encoder reads its input the same way. The words are read from each lane's own
+run (below): a 2-byte gather per thread, from a cache line that then serves the lane's next ~60
+words (a lane reads ~128 bytes per 32 blocks at 4 bits/dim), so it stays in L1; a warp-interleaved
+word order would make these reads coalesced too, at the price of a prefix sum across the warp
+per symbol, and is not used. The slot-table gathers (random slots, 16 KB a table) cost more L1
+traffic than the word reads. In decoding order a lane codes, for each of its blocks: the coset bit, the 8
 symbols ``z0..z6, floor(z7/2)``, then the escaped values among those 8 in order. A lane's words
 are ``[x_hi, x_lo, w...]``: its final encoder state (where decoding starts), then the
 renormalisation words in the order the decoder reads them. Decoding must end in the state 2^16

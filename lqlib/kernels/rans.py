@@ -128,6 +128,11 @@ def encode(x: Tensor, bits: float, n_lanes: int = RL.DEFAULT_LANES, *, symbols: 
     bits : the rate (selects the tables).
     n_lanes : lanes per page.
     block, num_warps : lanes per program and warps (speed only).
+
+    Memory: a scratch of worst-case lane length and a page buffer of the same capacity, each
+    2·n_pages·n_lanes·(2 + 41·ceil(n_blocks/n_lanes)) bytes (about 10× the coded size); indices are
+    int32, so one call takes up to 2^31 words of capacity (8192-block pages at 32 lanes: 4096 pages,
+    the Llama-3.1-8B KV cache of 4096 tokens); split larger batches.
     """
     if not isinstance(x, Tensor):
         raise InputError(f"expected a torch.Tensor, got {type(x).__name__}")
