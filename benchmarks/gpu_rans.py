@@ -16,6 +16,7 @@ Writes ``gpu_rans_<card>_<date>.json`` under ``--out`` (default ``results/``) an
 JSON into a temporary directory unless ``--out`` is given).
 
     python benchmarks/gpu_rans.py [--tokens 4096] [--bits 4] [--repeats 10] [--out results] [--smoke]
+    PYTHONPATH=/path/to/triton-3.6:. python benchmarks/gpu_rans.py --aot   # registers/spills, no GPU
 """
 
 from __future__ import annotations
@@ -57,6 +58,56 @@ def time_ms(fn, repeats: int, cuda: bool, warmup: int = 2) -> list[float]:
     return out
 
 
+def aot_report(n_blocks: int, n_lanes: int) -> list[dict]:
+    """Compile the kernels for sm_90 without a GPU (``triton.compile`` of the Triton on the path, e.g.
+    3.6) and read registers, stack (spills) and SASS instruction counts off the cubins."""
+    import subprocess
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from lqlib.kernels import _rans_triton as R
+
+    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    k = -(-n_blocks // n_lanes)
+    cap = 2 + 41 * k
+    layout = {"L": n_lanes, "NB": n_blocks, "K": k}
+    dec_sig = dict.fromkeys(["words_ptr", "start_ptr", "count_ptr", "dec_ptr", "sym_ptr", "enc_ptr", "out_ptr",
+                             "err_ptr"], "*i32") | {"words_ptr": "*i16", "sym_ptr": "*u8"}
+    dec_sig |= dict.fromkeys(["n_lanes_total", "r_free", "r_half", "A"], "i32")
+    enc_sig = {"in_ptr": "*i32", "enc_ptr": "*i32", "scratch_ptr": "*i16", "count_ptr": "*i32"}
+    enc_sig |= dict.fromkeys(["n_lanes_total", "r_free", "r_half", "A"], "i32")
+    pack_sig = {"scratch_ptr": "*i16", "count_ptr": "*i32", "dst_ptr": "*i32", "out_ptr": "*i16", "n_lanes_total": "i32"}
+    jobs = [(f"decode {bl}/{w}{' two-level' if two else ''}{' symbols' if sym else ''}", R.rans_decode_kernel, dec_sig,
+             {**layout, "BLOCK": bl, "TO_SYMBOLS": sym, "TWO_LEVEL": two}, w)
+            for bl, w, two, sym in [(32, 1, False, False), (64, 2, False, False), (128, 4, False, False),
+                                    (32, 1, True, False), (64, 2, True, False), (64, 2, False, True)]]
+    jobs += [(f"encode {bl}/{w}", R.rans_encode_kernel, enc_sig,
+              {**layout, "CAP": cap, "BLOCK": bl, "FROM_SYMBOLS": False}, w) for bl, w in ENCODE_CONFIGS]
+    jobs.append(("pack 64/2", R.rans_pack_kernel, pack_sig, {"CAP": cap, "BLOCK": 64, "CHUNK": 32}, 2))
+    out = []
+    for name, kernel, sig, constants, warps in jobs:
+        t0 = time.time()
+        n_ptr = sum(v.startswith("*") for v in sig.values())
+        attrs = {(i,): [["tt.divisibility", 16]] for i in range(n_ptr)}
+        compiled = triton.compile(ASTSource(kernel, {**sig, **dict.fromkeys(constants, "constexpr")}, constants, attrs),
+                                  target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+        with tempfile.TemporaryDirectory() as tmp:
+            cubin = Path(tmp) / "k.cubin"
+            cubin.write_bytes(compiled.asm["cubin"])
+            usage = subprocess.run([tools / "cuobjdump", "--dump-resource-usage", cubin], capture_output=True,
+                                   text=True).stdout
+            sass = subprocess.run([tools / "cuobjdump", "--dump-sass", cubin], capture_output=True, text=True).stdout
+        regs, stack = re.search(r"REG:(\d+) STACK:(\d+)", usage).groups()
+        row = {"kernel": name, "registers": int(regs), "stack_bytes": int(stack),
+               "sass_instructions": len(re.findall(r"/\*[0-9a-f]{4,}\*/\s+\S", sass)), "compile_s": time.time() - t0}
+        out.append(row)
+        print(f"{name:28s} REG {row['registers']:3d}  STACK {row['stack_bytes']:3d}  SASS {row['sass_instructions']:5d}",
+              flush=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     for name, default in (("tokens", 4096), ("layers", 32), ("kv-heads", 8), ("dim", 128), ("page-tokens", 64)):
@@ -67,7 +118,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--check-pages", type=int, default=8, help="pages checked against the CPU coder")
     ap.add_argument("--out", default=None)
     ap.add_argument("--smoke", action="store_true", help="CPU, Triton interpreter, tiny sizes")
+    ap.add_argument("--aot", action="store_true", help="only compile the kernels for sm_90 (no GPU needed) and "
+                                                       "print registers, spills and SASS sizes")
     args = ap.parse_args(argv)
+    if args.aot:
+        import triton
+
+        print(f"Triton {triton.__version__}, sm_90, pages of {args.kv_heads * args.page_tokens * args.dim // 8} "
+              f"blocks, {args.lanes[0]} lanes")
+        aot_report(args.kv_heads * args.page_tokens * args.dim // 8, args.lanes[0])
+        return 0
     if args.smoke:
         os.environ["TRITON_INTERPRET"] = "1"  # before Triton is first imported
         args.tokens, args.layers, args.kv_heads, args.dim, args.page_tokens = 64, 1, 2, 64, 32
