@@ -18,6 +18,9 @@ the most probable symbol (first on ties): integer, deterministic, every symbol (
 at least 1. Decoding uses a slot table of M entries per table, packed in an int32 as
 ``symbol << 24 | (freq − 1) << 12 | (slot − cum)``.
 
+The tables hold at most 254 symbols and 2^12 slots: they suit rates up to about 6 bits/dim
+(3–6 bits: 0.001–0.016 bit/symbol over the model's entropy); above, more and more values escape.
+
 **Coder.** rANS with a 32-bit state ``x ∈ [2^16, 2^32)`` and 16-bit renormalisation words (at most
 one word per coded symbol). Encoding symbol ``(f, c)``: if ``x ≥ f·2^20``, emit ``x mod 2^16`` and
 ``x ← x div 2^16``; then ``x ← (x div f)·M + x mod f + c``. Decoding: ``s = x mod M`` finds the
@@ -73,6 +76,7 @@ MAGIC = b"LQRL"
 VERSION = 1
 _HEADER = struct.Struct("<4sBBHId")
 HEADER_BYTES = _HEADER.size  # 20
+MIN_BITS, MAX_BITS = 0.5, 10.0  # the codec's range (lqlib.codec); the rate in a header must lie in it
 _TAIL_MASS = 2.0 ** -18
 _LOWER = 1 << 16  # the state's lower bound (and the initial / final state)
 _ESCAPE_OFFSET = 1 << 31
@@ -107,13 +111,16 @@ class LaneTables:
 
 
 def _quantize(p: np.ndarray) -> np.ndarray:
-    """Probabilities → integer frequencies summing to M, each at least 1."""
+    """Probabilities → integer frequencies summing to M, each at least 1: ``max(1, round(p·M))`` with
+    the surplus on the most probable symbol; where that would leave it below 1 (flat tables, above
+    about 6.5 bits/dim), ``1 + floor(p·(M − n))`` with the remainder there instead."""
     m = 1 << PRECISION
-    f = np.maximum(1, np.floor(p * m + 0.5)).astype(np.int64)
     top = int(np.argmax(p))
+    f = np.maximum(1, np.floor(p * m + 0.5)).astype(np.int64)
     f[top] += m - int(f.sum())
-    if f[top] < 1:  # cannot happen for the Gaussian models (the top symbol has p > 1/M · alphabet)
-        raise InputError("probability table too flat for 12-bit frequencies")
+    if f[top] < 1:
+        f = 1 + np.floor(p * (m - p.size)).astype(np.int64)
+        f[top] += m - int(f.sum())
     return f
 
 
@@ -260,6 +267,8 @@ def encode_pages(symbols: np.ndarray, bits: float, n_lanes: int = DEFAULT_LANES)
         raise InputError("coset bits must be 0 or 1")
     if symbols.min() < -(1 << 31) or symbols.max() >= 1 << 31:
         raise InputError("symbols must fit int32")
+    if not MIN_BITS <= bits <= MAX_BITS:
+        raise InputError(f"bits must lie in [{MIN_BITS}, {MAX_BITS}], got {bits}")
     tables = lane_tables(bits)
     lanes, valid = _lane_major(symbols, n_lanes)
     table, index, escape = _indices(lanes, tables)
@@ -329,7 +338,8 @@ def page_info(page: bytes) -> tuple[int, int, float]:
     magic, version, precision, n_lanes, n_blocks, bits = _HEADER.unpack_from(page)
     if magic != MAGIC or version != VERSION or precision != PRECISION:
         raise CorruptStreamError(f"not an LQRL v{VERSION} page (magic {magic!r}, version {version}, precision {precision})")
-    if n_lanes < 1 or n_blocks < 1 or not np.isfinite(bits) or max_lane_words(n_blocks, n_lanes) > _MAX_LANE_WORDS:
+    if (n_lanes < 1 or n_blocks < 1 or not MIN_BITS <= bits <= MAX_BITS
+            or max_lane_words(n_blocks, n_lanes) > _MAX_LANE_WORDS):
         raise CorruptStreamError(f"page header is inconsistent: {n_lanes} lanes, {n_blocks} blocks, {bits} bits")
     if len(page) < HEADER_BYTES + 2 * n_lanes:
         raise CorruptStreamError("page is truncated inside its lane table")
@@ -365,10 +375,7 @@ def decode_pages(pages: Sequence[bytes]) -> np.ndarray:
     if len(infos) != 1:
         raise InputError(f"pages of different layouts cannot be decoded together: {sorted(infos)}")
     n_lanes, n_blocks, bits = infos.pop()
-    try:
-        tables = lane_tables(bits)
-    except (ValueError, OverflowError) as exc:
-        raise CorruptStreamError(f"page header gives an unusable rate {bits}") from exc
+    tables = lane_tables(bits)
     n_pages = len(pages)
     counts = np.concatenate([np.frombuffer(p, dtype="<u2", count=n_lanes, offset=HEADER_BYTES) for p in pages])
     stream = np.concatenate([np.frombuffer(p, dtype="<u2", offset=HEADER_BYTES + 2 * n_lanes) for p in pages])

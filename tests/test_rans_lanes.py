@@ -5,6 +5,7 @@ interpreter without CUDA): byte-identical pages to the CPU encoder, and each sid
 """
 
 import os
+import struct
 
 import numpy as np
 import pytest
@@ -38,7 +39,7 @@ def with_escapes(symbols: np.ndarray) -> np.ndarray:
 
 
 def test_tables_are_exact_and_deterministic():
-    for bits in (2.0, 3.0, 4.0, 5.0, 6.5):
+    for bits in (0.5, 2.0, 3.0, 4.0, 5.0, 6.5, 7.0, 10.0):  # from 7 bits, the fallback quantization
         t = RL.lane_tables(bits)
         again = RL.lane_tables.__wrapped__(bits)
         assert all(np.array_equal(getattr(t, a), getattr(again, a)) for a in ("freq", "cum", "enc", "dec"))
@@ -59,7 +60,7 @@ def test_tables_are_exact_and_deterministic():
             assert np.all((bias >= 0) & (bias < freq))
 
 
-@pytest.mark.parametrize("bits", [3.0, 4.0, 5.0])
+@pytest.mark.parametrize("bits", [3.0, 4.0, 5.0, 7.0])
 def test_cpu_round_trip_with_escapes_and_a_ragged_last_lane(bits):
     codes = gaussian_codes(3, (13, 64), bits, seed=int(bits))  # 104 blocks: 7 lanes of 15, one short
     symbols = with_escapes(RL.codes_to_symbols(codes).reshape(3, -1, 9))
@@ -108,9 +109,11 @@ def corrupted_pages(pages: list[bytes]) -> dict[str, list[bytes]]:
     lane_table[RL.HEADER_BYTES: body] = counts.astype("<u2").tobytes()
     magic = bytearray(pages[1])
     magic[0] ^= 1
+    rate = bytearray(pages[1])
+    rate[12:20] = struct.pack("<d", 1e9)
     return {"flipped bit": [pages[0], bytes(flip)], "lane table": [pages[0], bytes(lane_table)],
             "truncated": [pages[0], pages[1][:-2]], "extended": [pages[0], pages[1] + b"\0\0"],
-            "header": [pages[0], bytes(magic)]}
+            "header": [pages[0], bytes(magic)], "rate": [pages[0], bytes(rate)]}
 
 
 def test_cpu_decoder_rejects_corrupted_pages():
@@ -123,6 +126,11 @@ def test_cpu_decoder_rejects_corrupted_pages():
 
 
 def test_bad_input():
+    from lqlib import codec
+
+    assert (RL.MIN_BITS, RL.MAX_BITS) == (codec.MIN_BITS, codec.MAX_BITS)
+    with pytest.raises(InputError):
+        RL.encode_pages(np.zeros((1, 4, 9), np.int32), 12.0)
     with pytest.raises(InputError):
         RL.encode_pages(np.zeros((1, 4, 8), np.int32), 4.0)
     with pytest.raises(InputError):
@@ -191,7 +199,7 @@ def test_kernel_decoder_flags_corrupted_pages():
         try:
             batch = KR.PageBatch.from_pages(bad, DEVICE)
         except CorruptStreamError:  # header or length checked on the host when batching bytes
-            assert what in ("header", "truncated", "extended"), what
+            assert what in ("header", "rate", "truncated", "extended"), what
             # the same bytes handed over raw: the kernel path flags them itself
             sizes = np.cumsum([0] + [len(p) + len(p) % 2 for p in bad])
             data = torch.frombuffer(bytearray(b"".join(p + b"\0" * (len(p) % 2) for p in bad)), dtype=torch.uint8)
