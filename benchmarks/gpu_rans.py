@@ -36,8 +36,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-# (lanes per program, warps, two-level symbol lookup); lanes other than the first get the first two
-DECODE_CONFIGS = [(32, 1, False), (64, 2, False), (128, 4, False), (32, 1, True), (64, 2, True)]
+# (lanes per program, warps, symbol lookup); lanes other than the first get the first two
+DECODE_CONFIGS = [(32, 1, "packed"), (32, 1, "bucket"), (64, 2, "packed"), (64, 2, "bucket"), (128, 4, "packed"),
+                  (32, 1, "two_level")]
 ENCODE_CONFIGS = [(32, 1), (64, 2)]
 
 
@@ -68,21 +69,21 @@ def aot_report(n_blocks: int, n_lanes: int) -> list[dict]:
     from triton.compiler import ASTSource
 
     from lqlib.kernels import _rans_triton as R
+    from lqlib.kernels import rans as KR
 
     tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     k = -(-n_blocks // n_lanes)
     cap = 2 + 41 * k
     layout = {"L": n_lanes, "NB": n_blocks, "K": k}
-    dec_sig = dict.fromkeys(["words_ptr", "start_ptr", "count_ptr", "dec_ptr", "sym_ptr", "enc_ptr", "out_ptr",
-                             "err_ptr"], "*i32") | {"words_ptr": "*i16", "sym_ptr": "*u8"}
+    dec_sig = dict.fromkeys(["words_ptr", "start_ptr", "count_ptr", "dec_ptr", "sym_ptr", "enc_ptr", "bucket_ptr",
+                             "out_ptr", "err_ptr"], "*i32") | {"words_ptr": "*i16", "sym_ptr": "*u8"}
     dec_sig |= dict.fromkeys(["n_lanes_total", "r_free", "r_half", "A"], "i32")
     enc_sig = {"in_ptr": "*i32", "enc_ptr": "*i32", "scratch_ptr": "*i16", "count_ptr": "*i32"}
     enc_sig |= dict.fromkeys(["n_lanes_total", "r_free", "r_half", "A"], "i32")
     pack_sig = {"scratch_ptr": "*i16", "count_ptr": "*i32", "dst_ptr": "*i32", "out_ptr": "*i16", "n_lanes_total": "i32"}
-    jobs = [(f"decode {bl}/{w}{' two-level' if two else ''}{' symbols' if sym else ''}", R.rans_decode_kernel, dec_sig,
-             {**layout, "BLOCK": bl, "TO_SYMBOLS": sym, "TWO_LEVEL": two}, w)
-            for bl, w, two, sym in [(32, 1, False, False), (64, 2, False, False), (128, 4, False, False),
-                                    (32, 1, True, False), (64, 2, True, False), (64, 2, False, True)]]
+    jobs = [(f"decode {bl}/{w} {lookup}{' symbols' if sym else ''}", R.rans_decode_kernel, dec_sig,
+             {**layout, "BLOCK": bl, "TO_SYMBOLS": sym, "LOOKUP": KR.LOOKUPS[lookup]}, w)
+            for bl, w, lookup, sym in [*((*c, False) for c in DECODE_CONFIGS), (64, 2, "packed", True)]]
     jobs += [(f"encode {bl}/{w}", R.rans_encode_kernel, enc_sig,
               {**layout, "CAP": cap, "BLOCK": bl, "FROM_SYMBOLS": False}, w) for bl, w in ENCODE_CONFIGS]
     jobs.append(("pack 64/2", R.rans_pack_kernel, pack_sig, {"CAP": cap, "BLOCK": 64, "CHUNK": 32}, 2))
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lanes", type=int, nargs="+", default=[32, 64], help="lanes per page (the first is the default)")
     ap.add_argument("--bits", type=float, default=4.0)
     ap.add_argument("--repeats", type=int, default=10)
-    ap.add_argument("--check-pages", type=int, default=8, help="pages checked against the CPU coder")
+    ap.add_argument("--check-pages", type=int, default=32, help="pages checked against the CPU coder")
     ap.add_argument("--out", default=None)
     ap.add_argument("--smoke", action="store_true", help="CPU, Triton interpreter, tiny sizes")
     ap.add_argument("--aot", action="store_true", help="only compile the kernels for sm_90 (no GPU needed) and "
@@ -230,19 +231,19 @@ def main(argv: list[str] | None = None) -> int:
               f"({time.time() - t_start:.0f} s)", flush=True)
 
         # 4. timing
-        for bl, warps, two in (DECODE_CONFIGS if lanes == args.lanes[0] else DECODE_CONFIGS[:2]):
-            times = time_ms(lambda: KR.decode(batch, block=bl, num_warps=warps, two_level=two), args.repeats, cuda)
+        for bl, warps, lookup in (DECODE_CONFIGS if lanes == args.lanes[0] else DECODE_CONFIGS[:2]):
+            times = time_ms(lambda: KR.decode(batch, block=bl, num_warps=warps, lookup=lookup), args.repeats, cuda)
             med = statistics.median(times)
-            row = {"kernel": "decode", "lanes": lanes, "block": bl, "num_warps": warps, "two_level": two, "median_ms": med,
+            row = {"kernel": "decode", "lanes": lanes, "block": bl, "num_warps": warps, "lookup": lookup, "median_ms": med,
                    "min_ms": min(times), "max_ms": max(times), "fp16_equivalent_GB_per_s": fp16_bytes / (med * 1e-3) / 1e9,
                    "bytes_read_written": nbytes + n_dims, "what": "decode() incl. its torch header/offset ops"}
             if copy_gbs:
                 row["moved_fraction_of_copy"] = (nbytes + n_dims) / (med * 1e-3) / 1e9 / copy_gbs
-            o, k = KR.decode(batch, block=bl, num_warps=warps, two_level=two)
+            o, k = KR.decode(batch, block=bl, num_warps=warps, lookup=lookup)
             row["exact"] = bool(k.all()) and torch.equal(o.reshape(pages.shape), pages)
             o = k = None
             rows.append(row)
-            print(f"  decode  L={lanes:3d} {bl:3d}/{warps}{'/2lvl' if two else '     '} {med:9.3f} ms {row['fp16_equivalent_GB_per_s']:8.1f} GB/s fp16-eq"
+            print(f"  decode  L={lanes:3d} {bl:3d}/{warps} {lookup:9s} {med:9.3f} ms {row['fp16_equivalent_GB_per_s']:8.1f} GB/s fp16-eq"
                   f"  exact {row['exact']}",
                   flush=True)
         ref, batch, out = batch, None, None
@@ -275,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     path = out_dir / f"gpu_rans_{slug}_{datetime.date.today().isoformat()}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nall checks pass: {result['all_checks_pass']}")
-    print(f"best decode L={best_d['lanes']} {best_d['block']}/{best_d['num_warps']} two-level {best_d['two_level']}: "
+    print(f"best decode L={best_d['lanes']} {best_d['block']}/{best_d['num_warps']} {best_d['lookup']}: "
           f"{best_d['fp16_equivalent_GB_per_s']:.1f} GB/s fp16-equivalent (target 100)"
           + (f", copy {copy_gbs:.0f} GB/s" if copy_gbs else ""))
     print(f"best encode L={best_e['lanes']} {best_e['block']}/{best_e['num_warps']}: "

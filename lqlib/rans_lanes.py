@@ -76,6 +76,7 @@ MAGIC = b"LQRL"
 VERSION = 1
 _HEADER = struct.Struct("<4sBBHId")
 HEADER_BYTES = _HEADER.size  # 20
+BUCKET_SLOTS = 16  # slots per entry of the decoder's bucket table
 MIN_BITS, MAX_BITS = 0.5, 10.0  # the codec's range (lqlib.codec); the rate in a header must lie in it
 _TAIL_MASS = 2.0 ** -18
 _LOWER = 1 << 16  # the state's lower bound (and the initial / final state)
@@ -95,6 +96,8 @@ class LaneTables:
     enc : shape (5, A) int32, ``freq << 16 | cum`` (what the GPU encoder reads).
     dec : shape (5, M) int32, ``symbol << 24 | (freq − 1) << 12 | (slot − cum)`` per slot.
     dec_sym : shape (5, M) uint8, the symbol of each slot (a smaller table for two-level lookups).
+    bucket : shape (5, M / 16) int32, per bucket of 16 slots ``symbol << 24 | (freq − 1) << 12 | cum``
+        where the bucket lies in one symbol's slots, else ``255 << 24`` (look the slot up in ``dec``).
     """
 
     bits: float
@@ -105,6 +108,7 @@ class LaneTables:
     enc: np.ndarray
     dec: np.ndarray
     dec_sym: np.ndarray
+    bucket: np.ndarray
 
     def radius(self, table: int) -> int:
         return self.r_free if table in (1, 2) else self.r_half
@@ -158,8 +162,14 @@ def lane_tables(bits: float) -> LaneTables:
         dec[t] = (sym << 24) | ((freq[t][sym] - 1) << 12) | (slots - cum[t][sym])
     enc = (freq << 16) | cum
     as32 = lambda a: np.ascontiguousarray(a.astype(np.int64).astype(np.uint32).view(np.int32))  # noqa: E731
+    slot_sym = (dec >> 24).reshape(5, -1, BUCKET_SLOTS)
+    first = slot_sym[:, :, 0]
+    whole = np.all(slot_sym == first[:, :, None], axis=2)
+    fc = np.take_along_axis(freq, first, axis=1)
+    cc = np.take_along_axis(cum, first, axis=1)
+    bucket = np.where(whole, (first << 24) | ((fc - 1) << 12) | cc, 255 << 24)
     return LaneTables(float(bits), r_free, r_half, as32(freq), as32(cum), as32(enc), as32(dec),
-                      np.ascontiguousarray((dec >> 24).astype(np.uint8)))
+                      np.ascontiguousarray(slot_sym.reshape(5, m).astype(np.uint8)), as32(bucket))
 
 
 def page_header(n_lanes: int, n_blocks: int, bits: float) -> bytes:

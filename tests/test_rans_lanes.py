@@ -171,8 +171,8 @@ def test_kernels_match_the_cpu_coder_both_ways():
     batch = KR.encode(torch.from_numpy(codes).to(DEVICE), bits, n_lanes)
     assert batch.to_pages() == cpu_pages  # byte-identical
     assert batch.nbytes() == sum(len(p) for p in cpu_pages)
-    for two_level in (False, True):
-        out, ok = KR.decode(KR.PageBatch.from_pages(cpu_pages, DEVICE), check=True, two_level=two_level)
+    for lookup in KR.LOOKUPS:
+        out, ok = KR.decode(KR.PageBatch.from_pages(cpu_pages, DEVICE), check=True, lookup=lookup)
         assert bool(ok.all()) and torch.equal(out.cpu().reshape(codes.shape), torch.from_numpy(codes))
     assert np.array_equal(RL.decode_codes(batch.to_pages()).reshape(codes.shape), codes)
 
@@ -180,7 +180,7 @@ def test_kernels_match_the_cpu_coder_both_ways():
     cpu_pages = RL.encode_pages(symbols, bits, n_lanes)
     batch = KR.encode(torch.from_numpy(symbols).to(DEVICE), bits, n_lanes, symbols=True)
     assert batch.to_pages() == cpu_pages
-    out, ok = KR.decode(KR.PageBatch.from_pages(cpu_pages, DEVICE), symbols=True, two_level=True)
+    out, ok = KR.decode(KR.PageBatch.from_pages(cpu_pages, DEVICE), symbols=True, lookup="bucket")
     assert bool(ok.all()) and np.array_equal(out.cpu().numpy(), symbols)
     # page k alone
     alone, ok = KR.decode(KR.PageBatch.from_pages(cpu_pages[2:], DEVICE), symbols=True)

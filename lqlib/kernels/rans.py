@@ -29,7 +29,7 @@ from torch import Tensor
 from .. import rans_lanes as RL
 from ..errors import CorruptStreamError, InputError
 
-__all__ = ["PageBatch", "encode", "decode", "launch_config"]
+__all__ = ["PageBatch", "encode", "decode", "launch_config", "LOOKUPS"]
 
 _HEADER_WORDS = RL.HEADER_BYTES // 2
 _INT32_MAX = 2 ** 31 - 1
@@ -90,15 +90,18 @@ class PageBatch:
         return cls(data.to(device), torch.from_numpy(offsets).to(device), n_lanes, n_blocks, bits)
 
 
-_TABLES: dict[tuple[float, torch.device], tuple[Tensor, Tensor, Tensor]] = {}
+_TABLES: dict[tuple[float, torch.device], tuple[Tensor, ...]] = {}
+LOOKUPS = {"packed": 0, "two_level": 1, "bucket": 2}
 
 
-def _tables(bits: float, device: torch.device) -> tuple[Tensor, Tensor, Tensor, RL.LaneTables]:
-    """enc (5, A) int32, dec (5, M) int32, dec_sym (5, M) uint8 on ``device`` (cached), and the tables."""
+def _tables(bits: float, device: torch.device) -> tuple[Tensor, ...]:
+    """enc (5, A) int32, dec (5, M) int32, dec_sym (5, M) uint8, bucket (5, M/16) int32 on ``device``
+    (cached), and the LaneTables."""
     tables = RL.lane_tables(bits)
     key = (float(bits), device)
     if key not in _TABLES:
-        _TABLES[key] = tuple(torch.from_numpy(t).to(device) for t in (tables.enc, tables.dec, tables.dec_sym))
+        _TABLES[key] = tuple(torch.from_numpy(t).to(device)
+                             for t in (tables.enc, tables.dec, tables.dec_sym, tables.bucket))
     return (*_TABLES[key], tables)
 
 
@@ -151,7 +154,7 @@ def encode(x: Tensor, bits: float, n_lanes: int = RL.DEFAULT_LANES, *, symbols: 
     if n_pages == 0:
         raise InputError("no pages to encode")
     device = x.device
-    enc, _, _, tables = _tables(bits, device)
+    enc, *_, tables = _tables(bits, device)
     n_total = n_pages * n_lanes
     cap = RL.max_lane_words(n_blocks, n_lanes)
     head_bytes = RL.HEADER_BYTES + 2 * n_lanes
@@ -182,7 +185,7 @@ def encode(x: Tensor, bits: float, n_lanes: int = RL.DEFAULT_LANES, *, symbols: 
 
 
 def decode(batch: PageBatch, *, symbols: bool = False, check: bool = False, block: int | None = None,
-           num_warps: int | None = None, two_level: bool = False) -> tuple[Tensor, Tensor]:
+           num_warps: int | None = None, lookup: str = "packed") -> tuple[Tensor, Tensor]:
     """Kernel: page bytes → codes ``2·p`` (n_pages, n_blocks·8) int8 (or symbols (n_pages, n_blocks, 9) int32).
 
     Returns
@@ -191,8 +194,10 @@ def decode(batch: PageBatch, *, symbols: bool = False, check: bool = False, bloc
     length is wrong or a lane fails the end-of-lane checks (its output is then garbage). With
     ``check=True`` this synchronises and raises CorruptStreamError instead.
     Codes wrap modulo 256 where a decoded value does not fit int8 (use ``symbols=True`` then).
-    ``block``, ``num_warps`` (lanes per program, warps) and ``two_level`` (symbol lookups in a byte
-    slot table, then a per-symbol table, instead of one packed slot table) change the speed only.
+    ``block``, ``num_warps`` (lanes per program, warps) and ``lookup`` change the speed only:
+    ``"packed"`` (one gather in a 16 KB slot table per symbol), ``"two_level"`` (a byte slot table,
+    then a per-symbol table) or ``"bucket"`` (a 1 KB table of 16-slot buckets, the slot table only
+    where a bucket straddles two symbols); see ``_rans_triton._decode_symbol``.
     """
     if not isinstance(batch, PageBatch):
         raise InputError(f"expected a PageBatch, got {type(batch).__name__}")
@@ -202,7 +207,9 @@ def decode(batch: PageBatch, *, symbols: bool = False, check: bool = False, bloc
         raise InputError("page data must be a uint8 tensor of even length")
     if batch.data.numel() // 2 > _INT32_MAX or n_pages * n_blocks * 9 > _INT32_MAX:
         raise InputError("too many pages for one call (int32 indices): split the batch")
-    enc, dec, dec_sym, tables = _tables(batch.bits, device)
+    if lookup not in LOOKUPS:
+        raise InputError(f"lookup must be one of {sorted(LOOKUPS)}, got {lookup!r}")
+    enc, dec, dec_sym, bucket, tables = _tables(batch.bits, device)
     words = batch.data.view(torch.int16)
     n_words = words.numel()
     base = batch.offsets[:-1] // 2
@@ -228,9 +235,9 @@ def decode(batch: PageBatch, *, symbols: bool = False, check: bool = False, bloc
         out = torch.empty(n_pages, n_blocks * 8, dtype=torch.int8, device=device)
         dst = out.view(torch.int32)
     k.rans_decode_kernel[(-(-n_total // bl),)](
-        words, starts.to(torch.int32).reshape(-1), counts.to(torch.int32).reshape(-1), dec, dec_sym, enc, dst, err,
-        n_total, tables.r_free, tables.r_half, tables.enc.shape[1], L=n_lanes, NB=n_blocks, K=-(-n_blocks // n_lanes),
-        BLOCK=bl, TO_SYMBOLS=symbols, TWO_LEVEL=two_level, num_warps=warps)
+        words, starts.to(torch.int32).reshape(-1), counts.to(torch.int32).reshape(-1), dec, dec_sym, enc, bucket, dst,
+        err, n_total, tables.r_free, tables.r_half, tables.enc.shape[1], L=n_lanes, NB=n_blocks,
+        K=-(-n_blocks // n_lanes), BLOCK=bl, TO_SYMBOLS=symbols, LOOKUP=LOOKUPS[lookup], num_warps=warps)
     ok &= err.view(n_pages, n_lanes).amax(dim=1) == 0
     if check and not bool(ok.all()):
         bad = torch.nonzero(~ok).flatten().tolist()
