@@ -38,25 +38,13 @@ import torch
 
 # (lanes per program, warps, symbol lookup); lanes other than the first get the first two
 # (128 lanes on 4 warps compiles to the same code as 64 on 2: 91 registers, no spills)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+if "--smoke" in sys.argv:  # before Triton is first imported (gpu_attention sets it too)
+    os.environ["TRITON_INTERPRET"] = "1"
+from gpu_attention import time_ms  # noqa: E402  (CUDA events as gpu_codec times them, or the wall clock)
+
 DECODE_CONFIGS = [(32, 1, "packed"), (32, 1, "bucket"), (64, 2, "packed"), (64, 2, "bucket"), (32, 1, "two_level")]
 ENCODE_CONFIGS = [(32, 1), (64, 2)]
-
-
-def time_ms(fn, repeats: int, cuda: bool, warmup: int = 2) -> list[float]:
-    """Milliseconds per call: CUDA events as benchmarks/gpu_codec.py times them, or the wall clock."""
-    if cuda:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from gpu_codec import time_ms as cuda_time_ms
-
-        return cuda_time_ms(fn, repeats, warmup)
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        out.append((time.perf_counter() - t0) * 1e3)
-    return out
 
 
 def aot_report(n_blocks: int, n_lanes: int) -> list[dict]:
@@ -130,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         aot_report(args.kv_heads * args.page_tokens * args.dim // 8, args.lanes[0])
         return 0
     if args.smoke:
-        os.environ["TRITON_INTERPRET"] = "1"  # before Triton is first imported
+        os.environ["TRITON_INTERPRET"] = "1"  # for main(["--smoke"]) too, as long as Triton is not imported yet
         args.tokens, args.layers, args.kv_heads, args.dim, args.page_tokens = 64, 1, 2, 64, 32
         args.lanes, args.repeats, args.check_pages = [8, 16], 2, 2
         out_dir = Path(args.out or tempfile.mkdtemp(prefix="gpu_rans_smoke_"))
