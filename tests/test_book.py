@@ -21,7 +21,7 @@ CHROMIUM = "/usr/bin/chromium"
 PAGES = ["book/paper1/01_scalar_barrier", "book/paper1/02_lattices", "book/paper1/03_e8_entropy_coding",
          "book/paper1/04_rht", "book/paper1/05_real_kv", "book/paper1/06_perplexity", "book/paper2/01_system",
          "book/paper2/02_end_to_end", "book/paper2/03_mse_vs_turboquant", "book/paper2/04_all_methods",
-         "book/paper2/05_generate", "book/paper3/01_permutation_puzzle", "book/paper3/02_theorem_a",
+         "book/paper2/05_generate", "book/paper2/06_gpu", "book/paper3/01_permutation_puzzle", "book/paper3/02_theorem_a",
          "book/paper3/03_theorem_b", "book/paper3/04_theorem_c", "book/paper4/01_sensitivity", "book/paper4/02_allocation",
          "book/paper4/03_water_filling", "book/scorecard"]
 SLIDER_PAGES = ["book/paper1/01_scalar_barrier", "book/paper3/04_theorem_c", "book/paper4/03_water_filling"]
@@ -30,7 +30,7 @@ SLIDER_PAGES = ["book/paper1/01_scalar_barrier", "book/paper3/04_theorem_c", "bo
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("book")
-    for name in ("notebooks", "book", "_static"):
+    for name in ("notebooks", "book", "_static", "results"):
         shutil.copytree(ROOT / name, root / name, ignore=shutil.ignore_patterns("*.ipynb_checkpoints", ".*.stamp",
                                                                                  "figures", "tables"))
     for path in (root / "book").rglob("*.ipynb"):
@@ -60,9 +60,10 @@ def test_every_page_is_built_with_its_figures_tables_and_glue(built):
                   "rht_ablation", "table4_real_kv", "table5_perplexity", "table6_memory"):
         assert (root / "book" / "paper1" / "tables" / f"{table}.csv").is_file()
         assert (root / "book" / "paper1" / "tables" / f"{table}.md").is_file()
-    for figure in ("page_budget", "mse_vs_turboquant", "all_methods", "cache_growth"):
+    for figure in ("page_budget", "mse_vs_turboquant", "all_methods", "cache_growth", "gpu_attention", "gpu_decode"):
         assert (root / "book" / "paper2" / "figures" / f"{figure}.png").stat().st_size > 1000
-    for table in ("page_budget", "end_to_end", "mse_vs_turboquant", "all_methods", "generate"):
+    for table in ("page_budget", "end_to_end", "mse_vs_turboquant", "all_methods", "generate", "gpu_codec",
+                  "gpu_attention", "gpu_rans", "gpu_rans_rate", "gpu_decode"):
         assert (root / "book" / "paper2" / "tables" / f"{table}.csv").is_file()
     paper3 = root / "book" / "paper3"
     for figure in ("theorem_a_rho", "theorem_a_scatter", "taylor_check", "theorem_c_range"):

@@ -23,8 +23,18 @@ def test_paper2_equal_rate_row(tmp_path):
             {"method": "TurboQuant-style 4", "bits_per_dim": 4.25, "delta_pct": 7.6, "ratio": 1.0, "ci": ""},
             {"method": "E8 + EC", "bits_per_dim": 4.249, "delta_pct": 3.3, "ratio": 0.43, "ci": "[0.37, 0.49]"}]
     write_table(rows, tmp_path / "equal_rate", {"method": "method"})
-    (row,) = _paper2(tmp_path)
+    row, gpu = _paper2(tmp_path)
     assert row["status"] == "reproduced" and "ratio 0.43 [0.37, 0.49]" in row["ours"]
+    assert gpu["status"].startswith("pending")
+
+
+def test_paper2_gpu_decode_rows(tmp_path):
+    rows = [{"card": "H100, 2026-11-28", "context": 8192, "ours": ours, "dynamic_tok_s": 20.0, "ours_tok_s": tok,
+             "ratio": tok / 20.0} for ours, tok in (("eager", 18.0), ("CUDA graphs", 30.0))]
+    write_table(rows, tmp_path / "gpu_decode", {"card": "card"})
+    (row,) = _paper2(tmp_path)
+    assert "18.0 vs 20.0 tok/s (0.90×" in row["ours"] and "8K" in row["item"]
+    assert row["status"].startswith("differs: slower") and "0.52×" in row["status"]
 
 
 def test_paper3_rows_follow_the_chapter_tables(tmp_path):

@@ -1,0 +1,32 @@
+"""The book's reading of the recorded GPU benchmark files."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lqlib import gpu_results as g
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+
+
+def test_recorded_runs_give_consistent_rows():
+    for row in g.decode_rows(g.load_results(RESULTS, "gpu_decode")):
+        assert row["ratio"] == pytest.approx(row["ours_tok_s"] / row["dynamic_tok_s"], rel=1e-12)
+        assert row["kv_mib_ours"] < row["kv_mib_dynamic"]
+    for row in g.attention_rows(g.load_results(RESULTS, "gpu_attention")):
+        assert row["speedup"] == pytest.approx(row["baseline_ms"] / row["fused_ms"], rel=1e-9)
+    for row in g.codec_rows(g.load_results(RESULTS, "gpu_codec")):
+        assert row["fraction_of_copy"] == pytest.approx(row["GB_per_s"] / row["copy_GB_per_s"], rel=1e-9)
+    assert all(row["exact"] for row in g.rans_rows(g.load_results(RESULTS, "gpu_rans")))
+    for row in g.rans_rate_rows(g.load_results(RESULTS, "gpu_rans")):
+        assert row["overhead"] == pytest.approx(row["bits_per_dim"] - row["constriction_bits_per_dim"], abs=1e-9)
+
+
+def test_smoke_runs_are_left_out_and_missing_runs_raise(tmp_path):
+    run = json.loads(next(RESULTS.glob("gpu_decode_*.json")).read_text())
+    (tmp_path / "gpu_decode_cpu_2026-01-01.json").write_text(json.dumps({**run, "smoke": True}))
+    with pytest.raises(FileNotFoundError, match="gpu_decode"):
+        g.load_results(tmp_path, "gpu_decode")
+    (tmp_path / "gpu_decode_x_2026-01-02.json").write_text(json.dumps(run))
+    assert len(g.load_results(tmp_path, "gpu_decode")) == 1
