@@ -33,6 +33,7 @@ from torch import Tensor
 
 from ..codec import E8Codec
 from ..errors import InputError
+from ..rht import fwht
 from . import _check_codec, _tables, reference_dequantize, triton_cdiv
 
 __all__ = ["decode_attention", "reference_decode_attention", "AttentionConfig", "QUERY_DTYPES"]
@@ -137,13 +138,7 @@ def hadamard_matrix(d: int, device: torch.device, dtype: torch.dtype) -> Tensor:
     """The unnormalised Sylvester–Hadamard matrix (d, d), entries ±1: ``x @ H == lqlib.rht.fwht(x)``."""
     key = (d, torch.device(device), dtype)
     if key not in _HADAMARD:
-        idx = torch.arange(d)
-        bits = torch.bitwise_and(idx[:, None], idx[None, :])
-        parity = torch.zeros_like(bits)
-        while bool(bits.any()):
-            parity ^= bits & 1
-            bits = bits >> 1
-        _HADAMARD[key] = (1 - 2 * parity).to(device=key[1], dtype=dtype)
+        _HADAMARD[key] = fwht(torch.eye(d, dtype=torch.float64)).to(device=key[1], dtype=dtype)
     return _HADAMARD[key]
 
 
