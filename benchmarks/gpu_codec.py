@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import platform
 import re
@@ -30,8 +31,10 @@ import torch
 from lqlib import E8Codec
 from lqlib import kernels as K
 
-# (block_v, num_warps, split, chunk_major): block_v = 32·num_warps puts one vector on each thread
-QUANTIZE_CONFIGS = [(32, 1, 2, False), (64, 2, 2, False), (32, 1, 3, False)]
+# (block_v, num_warps, split, chunk_major, maxnreg): block_v = 32·num_warps puts one vector on each
+# thread; maxnreg caps the registers (None: up to 255, 8 warps per multiprocessor at d = 128)
+QUANTIZE_CONFIGS = [(32, 1, 1, False, None), (32, 1, 2, False, None), (64, 2, 1, False, None),
+                    (64, 2, 2, False, None), (128, 4, 1, False, None), (32, 1, 1, False, 168)]
 DEQUANTIZE_CONFIGS = [(16, 4, False), (16, 4, True), (64, 2, False), (128, 4, False)]
 _BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}
 
@@ -57,6 +60,12 @@ def identical(codec: E8Codec, x: torch.Tensor, qcfg: dict, dcfg: dict) -> dict:
     same_values = torch.equal(bits_of(y.cpu()), bits_of(codec.quantize(x)))
     return {"codes": same_codes, "step_codes": same_steps, "values": same_values,
             "codes_differing": int((codes.cpu() != ref_codes).sum()), "vectors": x.shape[0]}
+
+
+def label_of(cfg: dict) -> str:
+    """A quantize launch configuration in a few characters: vectors/warps/split/load order/register cap."""
+    regs = "" if cfg["maxnreg"] is None else f"/r{cfg['maxnreg']}"
+    return f"{cfg['block_v']}/{cfg['num_warps']}/split{cfg['split']}/cm{cfg['chunk_major']:d}{regs}"
 
 
 def time_ms(fn, repeats: int, warmup: int = 3) -> list[float]:
@@ -106,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
         "python": platform.python_version(), "bits": args.bits, "repeats": args.repeats,
+        "kernel_source_sha256": hashlib.sha256(Path(K._kernels().__file__).read_bytes()).hexdigest(),
     }
     codec = E8Codec(args.bits, rotation="rht", scale="vector", seed=0)
 
@@ -118,9 +128,10 @@ def main(argv: list[str] | None = None) -> int:
             c = E8Codec(args.bits, seed=d)
             checks.append({"dim": d, "dtype": str(dtype), "config": "default", **identical(c, x, {}, {})})
     x = sample(4096, args.dim, seed=1, dtype=torch.float16)
-    for bv, warps, split, cm in QUANTIZE_CONFIGS:
-        checks.append({"dim": args.dim, "dtype": "torch.float16", "config": f"quantize {bv}/{warps}/split{split}/cm{cm:d}",
-                       **identical(codec, x, {"block_v": bv, "num_warps": warps, "split": split, "chunk_major": cm}, {})})
+    for bv, warps, split, cm, regs in QUANTIZE_CONFIGS:
+        cfg = {"block_v": bv, "num_warps": warps, "split": split, "chunk_major": cm, "maxnreg": regs}
+        checks.append({"dim": args.dim, "dtype": "torch.float16", "config": "quantize " + label_of(cfg),
+                       **identical(codec, x, cfg, {})})
     for bv, warps, cm in DEQUANTIZE_CONFIGS:
         checks.append({"dim": args.dim, "dtype": "torch.float16", "config": f"dequantize {bv}/{warps}/cm{cm:d}",
                        **identical(codec, x, {}, {"block_v": bv, "num_warps": warps, "chunk_major": cm})})
@@ -174,16 +185,16 @@ def main(argv: list[str] | None = None) -> int:
     x = torch.randn(shape, generator=gen, device="cuda", dtype=torch.float16)
     x *= torch.exp(torch.randn(*shape[:-1], 1, generator=gen, device="cuda")).half()
     codes = steps = None
-    for bv, warps, split, cm in QUANTIZE_CONFIGS:
-        c, s = run_quantize(x, {"block_v": bv, "num_warps": warps, "split": split, "chunk_major": cm},
-                            f"quantize fp16 d={args.dim} {bv}/{warps}/split{split}/cm{cm:d}")
+    for bv, warps, split, cm, regs in QUANTIZE_CONFIGS:
+        cfg = {"block_v": bv, "num_warps": warps, "split": split, "chunk_major": cm, "maxnreg": regs}
+        c, s = run_quantize(x, cfg, f"quantize fp16 d={args.dim} " + label_of(cfg))
         codes, steps = (c, s) if codes is None else (codes, steps)
     for bv, warps, cm in DEQUANTIZE_CONFIGS:
         run_dequantize(codes, steps, torch.float16, {"block_v": bv, "num_warps": warps, "chunk_major": cm},
                        f"dequantize fp16 d={args.dim} {bv}/{warps}/cm{cm:d}")
     best_q = min((r for r in rows if r["kernel"] == "quantize"), key=lambda r: r["median_ms"])
     best_d = min((r for r in rows if r["kernel"] == "dequantize"), key=lambda r: r["median_ms"])
-    qcfg = {k: best_q[k] for k in ("block_v", "num_warps", "split", "chunk_major")}
+    qcfg = {k: best_q[k] for k in ("block_v", "num_warps", "split", "chunk_major", "maxnreg")}
     dcfg = {k: best_d[k] for k in ("block_v", "num_warps", "chunk_major")}
     run_quantize(x.to(torch.bfloat16), qcfg, f"quantize bf16 d={args.dim} best")
     run_dequantize(codes, steps, torch.bfloat16, dcfg, f"dequantize bf16 d={args.dim} best")

@@ -38,12 +38,15 @@ def card_label(run: dict) -> str:
 
 
 def codec_rows(runs: list[dict]) -> list[dict]:
-    """Best quantize and dequantize kernel per run: median time, GB/s (read + written), fraction of copy."""
+    """Best quantize and dequantize kernel per run: median time, GB/s (read + written), fraction of copy,
+    and which kernel source ran (the first hex digits of the SHA-256 of ``_e8_triton.py``; runs
+    recorded before the benchmark kept it say "earlier")."""
     rows = []
     for run in runs:
         for kernel in ("quantize", "dequantize"):
             best = run["best"][kernel]
             rows.append({"card": card_label(run), "kernel": kernel, "launch": best["label"],
+                         "kernel_source": run.get("kernel_source_sha256", "")[:8] or "earlier (not recorded)",
                          "median_ms": best["median_ms"], "GB_per_s": best["GB_per_s"],
                          "copy_GB_per_s": run["copy"]["GB_per_s"], "fraction_of_copy": best["fraction_of_copy"],
                          "bit_identical": run["bit_identical_everywhere"]})

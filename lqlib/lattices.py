@@ -4,7 +4,7 @@ All maps act on the last axis of a float tensor of any leading shape, work on
 CPU and CUDA in float32/float64, and are written with ``where``/``gather``
 only: no boolean indexing, no ``.item()``, hence no host synchronisation.
 
-Sums over a block (the D_n parity, the E8 candidates' squared distances) are taken
+Sums over a block (the D_n parity, E8's choice between its two cosets) are taken
 in one fixed order, :func:`pairwise_sum`, not in whatever order a library's
 reduction picks: every device, and the Triton kernels of :mod:`lqlib.kernels`,
 then make the same decision on the same input, ties and near-ties included.
@@ -63,6 +63,12 @@ def nearest_zn(x: Tensor) -> Tensor:
     return torch.round(x)
 
 
+def _parity(points: Tensor) -> Tensor:
+    """Parity of the sum of integer coordinates over the last axis: (..., 1), 0.0 or 1.0."""
+    total = pairwise_sum(points)
+    return total - 2.0 * torch.floor(total / 2.0)
+
+
 def nearest_dn(x: Tensor) -> Tensor:
     """Closest point of the checkerboard lattice D_n = {z in Z^n : sum(z) even}.
 
@@ -75,16 +81,28 @@ def nearest_dn(x: Tensor) -> Tensor:
     """
     f = torch.round(x)
     err = x - f
-    total = pairwise_sum(f)
-    odd = total - 2.0 * torch.floor(total / 2.0)  # 0.0 or 1.0
-    worst = err.abs().argmax(dim=-1, keepdim=True)
-    err_worst = err.gather(-1, worst)
-    away = torch.where(err_worst >= 0, 1.0, -1.0).to(x.dtype)
-    return f.scatter_add(-1, worst, away * odd)
+    worst = err.abs().argmax(dim=-1, keepdim=True)  # the first largest
+    away = torch.where(err.gather(-1, worst) >= 0, 1.0, -1.0).to(x.dtype)
+    return f.scatter_add(-1, worst, away * _parity(f))
 
 
 def nearest_e8(x: Tensor) -> Tensor:
     """Closest point of the Gosset lattice E8 = D8 ∪ (D8 + ½·1).
+
+    Both cosets come from one rounding, f = round(x) with errors e = x - f (exact in floats):
+
+    * even coset: D8 at x, i.e. f with, where Σf is odd, the coordinate of largest |e| (the first
+      such) moved one step towards x;
+    * odd coset: the nearest half-integers are g + ½ with g = f - t, t = 1 where e's sign bit is
+      set (e < 0, or e = -0 at x = -0; f itself is never -0) and 0 elsewhere; their errors are |o| = ½ - |e|, so where Σg is
+      odd the coordinate of largest |o| is that of smallest |e| (the first such), moved towards x
+      (up where t = 1, down where t = 0);
+    * choice: e_i² - o_i² = |e_i| - ¼ and a moved coordinate adds 1 - 2|e_w| (even) or
+      1 - 2|o_w| = 2|e_v| (odd), so ``d_even - d_odd = Σ|e| - 2 + [Σf odd](1 - 2|e_w|) - [Σg odd]·2|e_v|``;
+      the odd coset wins where this is > 0 (ties go to the even one).
+
+    Every sum is :func:`pairwise_sum`, so the Triton kernels take the same decisions bit for bit.
+    All choices at ties (t at e = 0, the first index) are between points at equal distance.
 
     Parameters
     ----------
@@ -97,11 +115,23 @@ def nearest_e8(x: Tensor) -> Tensor:
     """
     if x.shape[-1] != 8:
         raise ValueError(f"E8 acts on blocks of 8 coordinates, got last dim {x.shape[-1]}")
-    even = nearest_dn(x)
-    odd = nearest_dn(x - 0.5) + 0.5
-    d_even = pairwise_sum((x - even).square())
-    d_odd = pairwise_sum((x - odd).square())
-    return torch.where(d_odd < d_even, odd, even)
+    f = torch.round(x) + 0.0  # no negative zeros: e = -0 only where x = -0
+    err = x - f
+    size = err.abs()
+    t = torch.signbit(err).to(x.dtype)
+    # even coset
+    odd_f = _parity(f)
+    w = size.argmax(dim=-1, keepdim=True)  # the first largest |e|
+    err_w = err.gather(-1, w)
+    even = f.scatter_add(-1, w, torch.where(err_w >= 0, 1.0, -1.0).to(x.dtype) * odd_f)
+    # odd coset
+    g = f - t
+    odd_g = _parity(g)
+    v = size.argmin(dim=-1, keepdim=True)  # the first smallest |e|: largest |o|
+    up = torch.where(t.gather(-1, v) > 0, 1.0, -1.0).to(x.dtype)
+    odd = g.scatter_add(-1, v, up * odd_g) + 0.5
+    gap = ((pairwise_sum(size) - 2.0) + odd_f * (1.0 - 2.0 * err_w.abs())) - odd_g * (2.0 * size.gather(-1, v))
+    return torch.where(gap > 0, odd, even)
 
 
 def nearest_a2(x: Tensor) -> Tensor:

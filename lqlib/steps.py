@@ -32,6 +32,8 @@ within about an octave, so a vector costs about 3–4 bits instead of a float16'
 
 from __future__ import annotations
 
+import functools
+
 import math
 
 import numpy as np
@@ -104,10 +106,17 @@ def pow2(exponents: Tensor, dtype: torch.dtype) -> Tensor:
     return ((n + 127) << 23).to(torch.int32).view(torch.float32).to(dtype)
 
 
+@functools.cache
+def _table(which: str, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """FRACTIONS or INVERSE_FRACTIONS on ``device`` in ``dtype``, copied there once (a host-to-device
+    copy synchronises; the quantizer must not)."""
+    return torch.from_numpy({"fractions": FRACTIONS, "inverse": INVERSE_FRACTIONS}[which]).to(device=device, dtype=dtype)
+
+
 def step_values(codes: Tensor, dtype: torch.dtype) -> Tensor:
     """The steps ``2^(k/8)`` of integer ``codes``, exactly the same floats on every device."""
     codes = codes.to(torch.int64)
-    fractions = torch.from_numpy(FRACTIONS).to(device=codes.device, dtype=dtype)
+    fractions = _table("fractions", codes.device, dtype)
     return fractions[codes % STEPS_PER_OCTAVE] * pow2(codes // STEPS_PER_OCTAVE, dtype)
 
 
@@ -115,7 +124,7 @@ def inverse_step_values(codes: Tensor, dtype: torch.dtype, shift: int = 0) -> Te
     """``R[k mod 8]·2^(-(k div 8) - shift)``: the encoder's factor for the steps of ``codes``
     (``1/2^(k/8)`` to float32 precision), times ``2^-shift``; exactly the same floats on every device."""
     codes = codes.to(torch.int64)
-    fractions = torch.from_numpy(INVERSE_FRACTIONS).to(device=codes.device, dtype=dtype)
+    fractions = _table("inverse", codes.device, dtype)
     return fractions[codes % STEPS_PER_OCTAVE] * pow2(-(codes // STEPS_PER_OCTAVE) - shift, dtype)
 
 

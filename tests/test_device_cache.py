@@ -1,7 +1,7 @@
 """The device-resident E8 cache: the CPU cache's numbers, the codec's codes, real bytes, clear errors.
 
 Runs the Triton kernels on CPU tensors in Triton's interpreter (conftest sets TRITON_INTERPRET=1
-without CUDA). Tolerances: prefill logits are bit for bit those of
+without CUDA), or on the GPU where there is one (models and inputs on ``DEVICE``). Tolerances: prefill logits are bit for bit those of
 :class:`lqlib.compressed_cache.CompressedKVCache` (the dequantize kernel is the codec's bits and
 both run SDPA); decode logits differ by the decode-attention kernel's float16 dot products
 (rotated query and codes in float16, float32 accumulation; float32 models round the query to
@@ -24,6 +24,13 @@ from lqlib.kernels import reference_quantize
 pytest.importorskip("triton")
 
 DECODE_ATOL = 5e-3
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def dev(*tensors: torch.Tensor):
+    """The tensors on DEVICE (one tensor, or a tuple)."""
+    moved = tuple(t.to(DEVICE) for t in tensors)
+    return moved[0] if len(moved) == 1 else moved
 
 
 def tiny_llama(dtype=torch.float32, layers: int = 2):
@@ -31,13 +38,14 @@ def tiny_llama(dtype=torch.float32, layers: int = 2):
     config = LlamaConfig(vocab_size=97, hidden_size=256, intermediate_size=128, num_hidden_layers=layers,
                          num_attention_heads=4, num_key_value_heads=2, head_dim=64)
     torch.manual_seed(0)
-    return config, LlamaForCausalLM(config).eval().to(dtype)
+    return config, LlamaForCausalLM(config).eval().to(dtype=dtype, device=DEVICE)
 
 
 def greedy(model, cache, impl: str, ids: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Prefill ``ids``, then ``steps`` greedy steps: (last-position logits (steps + 1, B, V) float32, tokens (B, steps))."""
     model.set_attn_implementation(impl)
     kw = cache_kwarg(model)
+    ids = ids.to(model.device)
     logits, tokens = [], []
     with torch.inference_mode():
         out = model(ids, **{kw: cache}).logits[:, -1]
@@ -47,7 +55,7 @@ def greedy(model, cache, impl: str, ids: torch.Tensor, steps: int) -> tuple[torc
             tokens.append(tok)
             out = model(tok, **{kw: cache}).logits[:, -1]
     logits.append(out.float())
-    return torch.stack(logits), torch.cat(tokens, 1) if tokens else ids[:, :0]
+    return torch.stack(logits).cpu(), (torch.cat(tokens, 1) if tokens else ids[:, :0]).cpu()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -70,16 +78,16 @@ def test_stored_codes_are_the_codecs_points_and_dequantize_to_the_cpu_cache():
     gen = torch.Generator().manual_seed(2)
     chunks = [torch.randn(2, 2, 2, t, 64, generator=gen) * 3 for t in (11, 1, 1, 5, 1)]
     for kv in chunks:
-        markers = layer.update(kv[0], kv[1])
+        markers = layer.update(*dev(kv[0], kv[1]))
         keys, values = cpu.update(kv[0], kv[1])
     assert all(isinstance(m, PagedHistory) and m.layer is layer for m in markers)
     assert markers[0].shape == (2, 2, 19, 64) and (markers[0].part, markers[1].part) == (0, 1)
     everything = torch.cat(chunks, dim=-2)  # (2, B, Hkv, 19, d)
     codes, steps = reference_quantize(codec, everything)
-    assert torch.equal(layer.codes[..., :19, :], codes) and layer.codes.dtype == torch.int8
-    assert torch.equal(layer.steps[..., :19], steps) and layer.steps.dtype == torch.int16
+    assert torch.equal(layer.codes[..., :19, :].cpu(), codes) and layer.codes.dtype == torch.int8
+    assert torch.equal(layer.steps[..., :19].cpu(), steps) and layer.steps.dtype == torch.int16
     dk, dv = layer.dequantized()
-    assert torch.equal(dk, keys) and torch.equal(dv, values)  # bit for bit the CPU cache's history
+    assert torch.equal(dk.cpu(), keys) and torch.equal(dv.cpu(), values)  # bit for bit the CPU cache's history
     assert layer.position.item() == 19 and layer.lengths.tolist() == [19, 19]
 
 
@@ -87,7 +95,7 @@ def test_bit_schedule_and_key_scales_match_the_cpu_cache():
     """Keys and values at different rates (two quantize calls per update) and per-channel key scales."""
     config, model = tiny_llama()
     schedule = np.array([[4.5, 3.0], [3.5, 3.5]])
-    scales = torch.rand(2, 2, 64, generator=torch.Generator().manual_seed(3)) + 0.5
+    scales = dev(torch.rand(2, 2, 64, generator=torch.Generator().manual_seed(3)) + 0.5)
     ids = torch.randint(0, 97, (1, 17), generator=torch.Generator().manual_seed(4))
     ref_logits, ref_tokens = greedy(model, CompressedKVCache(config, schedule, page_size=8, key_scales=scales),
                                     "sdpa", ids, 3)
@@ -98,11 +106,11 @@ def test_bit_schedule_and_key_scales_match_the_cpu_cache():
     assert (logits - ref_logits).abs().max() <= DECODE_ATOL
     assert torch.equal(tokens, ref_tokens)
     # the stored keys are the codec's points of keys / float16 scales
-    layer, s16 = DeviceKVLayer(E8Codec(4.5), E8Codec(3.0), key_scales=scales[0]), scales[0].half().float()[:, None]
+    layer, s16 = DeviceKVLayer(E8Codec(4.5), E8Codec(3.0), key_scales=scales[0]), scales[0].cpu().half().float()[:, None]
     k, v = torch.randn(1, 2, 6, 64), torch.randn(1, 2, 6, 64)
-    layer.update(k, v)
-    assert torch.equal(layer.codes[0, ..., :6, :], reference_quantize(E8Codec(4.5), k / s16)[0])
-    assert torch.equal(layer.codes[1, ..., :6, :], reference_quantize(E8Codec(3.0), v)[0])
+    layer.update(*dev(k, v))
+    assert torch.equal(layer.codes[0, ..., :6, :].cpu(), reference_quantize(E8Codec(4.5), k / s16)[0])
+    assert torch.equal(layer.codes[1, ..., :6, :].cpu(), reference_quantize(E8Codec(3.0), v)[0])
 
 
 def test_bytes_held_and_capacity_growth():
@@ -121,7 +129,7 @@ def test_bytes_held_and_capacity_growth():
     logits, _ = greedy(model, cache, ATTENTION, ids, 13)  # 33 tokens: the capacity doubles to 64
     layer = cache.layers[0]
     assert layer.capacity == 64 and cache.nbytes() == 2 * per_token * 33
-    assert torch.equal(layer.codes[..., :20, :], before)
+    assert torch.equal(layer.codes[..., :20, :], before.to(layer.codes.device))
     assert (logits - ref_logits).abs().max() <= DECODE_ATOL
     reserved = DeviceKVCache(config, 4.0, capacity=100, page_size=16)
     greedy(model, reserved, ATTENTION, ids, 1)
@@ -133,7 +141,7 @@ def test_bytes_held_and_capacity_growth():
 def test_generate_and_two_caches_in_one_process():
     config, model = tiny_llama()
     kw = cache_kwarg(model)
-    ids = torch.randint(0, 97, (1, 12), generator=torch.Generator().manual_seed(6))
+    ids = dev(torch.randint(0, 97, (1, 12), generator=torch.Generator().manual_seed(6)))
     model.set_attn_implementation("sdpa")
     reference = model.generate(ids, max_new_tokens=5, do_sample=False, **{kw: CompressedKVCache(config, 4.0)})
     model.set_attn_implementation(ATTENTION)
@@ -148,7 +156,7 @@ def test_generate_and_two_caches_in_one_process():
             for bits, c in caches.items():
                 outs[bits].append(model(outs[bits][-1].argmax(-1, keepdim=True), **{kw: c}).logits[:, -1])
     for bits in caches:
-        assert torch.equal(torch.stack(outs[bits]), alone[bits])
+        assert torch.equal(torch.stack(outs[bits]).cpu(), alone[bits])
     assert not torch.equal(alone[4.0], alone[2.0])
 
 
@@ -179,13 +187,13 @@ def test_cuda_graph_bookkeeping_records_once_and_replays(monkeypatch):
     codec = E8Codec(4.0)
     eager, graphed = DeviceKVLayer(codec, page_size=8), DeviceKVLayer(codec, page_size=8)
     gen = torch.Generator().manual_seed(7)
-    prompt = torch.randn(2, 1, 2, 5, 64, generator=gen).half()
+    prompt = dev(torch.randn(2, 1, 2, 5, 64, generator=gen).half())
     eager.update(*prompt)
     graphed.update(*prompt)
     graphed._graphs_on = True
     for step in range(6):  # 5 + 6 = 11 tokens: the capacity grows from 8 to 16 at the 9th
-        k, v = torch.randn(2, 1, 2, 1, 64, generator=gen).half()
-        q = torch.randn(1, 4, 64, generator=gen).half()
+        k, v = dev(torch.randn(2, 1, 2, 1, 64, generator=gen).half())
+        q = dev(torch.randn(1, 4, 64, generator=gen).half())
         eager.update(k, v)
         graphed.update(k, v)
         a, b = eager.attend_one(q, 0.125), graphed.attend_one(q, 0.125)
@@ -199,7 +207,7 @@ def test_cuda_graph_bookkeeping_records_once_and_replays(monkeypatch):
 def test_unsupported_uses_are_clear_errors():
     config, model = tiny_llama()
     kw = cache_kwarg(model)
-    ids = torch.randint(0, 97, (1, 6))
+    ids = dev(torch.randint(0, 97, (1, 6)))
     model.set_attn_implementation("sdpa")
     with pytest.raises(lqlib.InputError, match=ATTENTION), torch.inference_mode():
         model(ids, **{kw: DeviceKVCache(config, 4.0)})
@@ -210,29 +218,27 @@ def test_unsupported_uses_are_clear_errors():
         model.generate(ids, max_new_tokens=2, num_beams=2, **{kw: DeviceKVCache(config, 4.0)})
     with pytest.raises(NotImplementedError, match="crop"):
         DeviceKVLayer(E8Codec(4.0)).crop(1)
-    padded = torch.ones(2, 6, dtype=torch.long)
+    padded = dev(torch.ones(2, 6, dtype=torch.long))
     padded[0, :2] = 0
     with pytest.raises(NotImplementedError, match="padded"):
-        model.generate(torch.randint(0, 97, (2, 6)), attention_mask=padded, max_new_tokens=2, do_sample=False,
+        model.generate(dev(torch.randint(0, 97, (2, 6))), attention_mask=padded, max_new_tokens=2, do_sample=False,
                        **{kw: DeviceKVCache(config, 4.0)})
     with pytest.raises(lqlib.InputError, match="int8"):
-        DeviceKVLayer(E8Codec(6.0)).update(torch.randn(1, 2, 3, 64), torch.randn(1, 2, 3, 64))
+        DeviceKVLayer(E8Codec(6.0)).update(*dev(torch.randn(1, 2, 3, 64), torch.randn(1, 2, 3, 64)))
     with pytest.raises(lqlib.InputError, match="power-of-two"):
-        DeviceKVLayer(E8Codec(4.0)).update(torch.randn(1, 2, 3, 24), torch.randn(1, 2, 3, 24))
+        DeviceKVLayer(E8Codec(4.0)).update(*dev(torch.randn(1, 2, 3, 24), torch.randn(1, 2, 3, 24)))
     ok = DeviceKVLayer(E8Codec(4.0))
-    ok.update(torch.randn(1, 2, 3, 64), torch.randn(1, 2, 3, 64))
+    ok.update(*dev(torch.randn(1, 2, 3, 64), torch.randn(1, 2, 3, 64)))
     with pytest.raises(lqlib.InputError, match="holds torch.float32"):
-        ok.update(torch.randn(1, 2, 1, 64).half(), torch.randn(1, 2, 1, 64).half())
+        ok.update(*dev(torch.randn(1, 2, 1, 64).half(), torch.randn(1, 2, 1, 64).half()))
     with pytest.raises(lqlib.InputError, match="continue"):
-        ok.update(torch.randn(2, 2, 1, 64), torch.randn(2, 2, 1, 64))
+        ok.update(*dev(torch.randn(2, 2, 1, 64), torch.randn(2, 2, 1, 64)))
     with pytest.raises(lqlib.InputError, match="float64|dtype"):
-        DeviceKVLayer(E8Codec(4.0)).update(torch.randn(1, 2, 3, 64, dtype=torch.float64),
-                                           torch.randn(1, 2, 3, 64, dtype=torch.float64))
+        DeviceKVLayer(E8Codec(4.0)).update(*dev(torch.randn(1, 2, 3, 64, dtype=torch.float64), torch.randn(1, 2, 3, 64, dtype=torch.float64)))
     with pytest.raises(lqlib.InputError, match="key_scales"):
-        DeviceKVLayer(E8Codec(4.0), key_scales=torch.ones(3, 64)).update(torch.randn(1, 2, 3, 64),
-                                                                         torch.randn(1, 2, 3, 64))
+        DeviceKVLayer(E8Codec(4.0), key_scales=torch.ones(3, 64)).update(*dev(torch.randn(1, 2, 3, 64), torch.randn(1, 2, 3, 64)))
     with pytest.raises(lqlib.InputError, match="torch operation|attn_implementation"):
-        ok.update(torch.randn(1, 2, 1, 64), torch.randn(1, 2, 1, 64))[0] + 1
+        ok.update(*dev(torch.randn(1, 2, 1, 64), torch.randn(1, 2, 1, 64)))[0] + 1
     with pytest.raises(lqlib.InputError, match="full-attention"):
         DeviceKVCache(LlamaConfig(num_hidden_layers=2, layer_types=["sliding_attention", "full_attention"]))
 
@@ -244,6 +250,8 @@ def test_default_model_generates_the_cpu_caches_tokens(default_model):
     kw = cache_kwarg(model)
     prompt = tok("The capital of France is", return_tensors="pt")
     previous = model.config._attn_implementation
+    model.to(DEVICE)
+    prompt = prompt.to(DEVICE)
     try:
         model.set_attn_implementation("sdpa")
         reference = model.generate(**prompt, max_new_tokens=3, do_sample=False, **{kw: CompressedKVCache(config, 4.0)})
@@ -251,4 +259,5 @@ def test_default_model_generates_the_cpu_caches_tokens(default_model):
         out = model.generate(**prompt, max_new_tokens=3, do_sample=False, **{kw: DeviceKVCache(config, 4.0)})
     finally:
         model.set_attn_implementation(previous)
+        model.to("cpu")
     assert torch.equal(out, reference)

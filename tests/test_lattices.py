@@ -95,6 +95,30 @@ def test_e8_any_leading_shape_dtype_device(device, dtype):
     assert torch.equal(p.reshape(-1, 8), nearest_e8(x.reshape(-1, 8)))
 
 
+def textbook_e8(x):
+    """Conway & Sloane's rule as usually written: both cosets' D8 points, the smaller summed squared distance."""
+    even, odd = nearest_dn(x), nearest_dn(x - 0.5) + 0.5
+    d_even, d_odd = (x - even).square().sum(-1, keepdim=True), (x - odd).square().sum(-1, keepdim=True)
+    return torch.where(d_odd < d_even, odd, even)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_e8_coset_choice_agrees_with_summed_distances(dtype):
+    """The choice by Σ|e| (no squares) against summed squared distances: the same points except at
+    ties (quarter and half-integer inputs: other points at exactly the same distance) and, in
+    float32, near-ties within rounding (distance within 1e-6)."""
+    gen = torch.Generator().manual_seed(21)
+    x = torch.cat([torch.randn(200_000, 8, generator=gen) * s for s in (0.3, 1.0, 4.0, 30.0)]).to(dtype)
+    ours, theirs = nearest_e8(x), textbook_e8(x)
+    dist = lambda p: (x.double() - p.double()).square().sum(-1)  # noqa: E731
+    assert (dist(ours) - dist(theirs)).max() <= (1e-6 if dtype == torch.float32 else 0.0)
+    assert (ours != theirs).any(-1).float().mean() < 1e-5
+    ties = (torch.randint(-6, 7, (100_000, 8), generator=gen) / 4).to(dtype)
+    ours, theirs = nearest_e8(ties), textbook_e8(ties)
+    assert is_e8(ours).all() and (ours != theirs).any()  # other choices at ties ...
+    assert torch.equal((ties - ours).square().sum(-1), (ties - theirs).square().sum(-1))  # ... at equal distance
+
+
 def test_e8_points_are_fixed_points():
     p = nearest_e8(torch.randn(1000, 8, dtype=torch.float64) * 5)
     assert torch.equal(nearest_e8(p), p)
@@ -129,7 +153,9 @@ def test_quantizer_core_has_no_host_syncs_on_cuda():
 
     x = torch.randn(64, 32, 128, device="cuda")
     codec = E8Codec(4.0, rotation="rht", scale="vector")
-    codec._rht(128).matrix(x.device, x.dtype)  # a one-off host-to-device copy, made before watching
+    codec._rht(128).matrix(x.device, x.dtype)  # one-off host-to-device copies, made before watching
+    codec._signs(128, x.device, x.dtype)
+    codec._analyse(x[:1])  # and the step tables
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:

@@ -54,6 +54,14 @@ def _kernels():
     return _e8_triton
 
 
+def check_kernel_device(x: Tensor, kernel) -> None:
+    """A clear error where ``kernel`` (a Triton function) cannot take ``x``: compiled kernels take
+    CUDA tensors only; the interpreter (``TRITON_INTERPRET=1`` before the first use) takes CPU ones."""
+    if x.device.type != "cuda" and type(kernel).__name__ != "InterpretedFunction":
+        raise InputError(f"the Triton kernels take CUDA tensors, got a {x.device.type} tensor (on CPU, set "
+                         "TRITON_INTERPRET=1 before lqlib.kernels is first used, or use the codec itself)")
+
+
 def _check_codec(codec: E8Codec, dim: int) -> None:
     if not isinstance(codec, E8Codec):
         raise InputError(f"expected an E8Codec, got {type(codec).__name__}")
@@ -98,19 +106,19 @@ def _tables(device: torch.device) -> Tensor:
 
 def _launch_config(kernel: str, device: torch.device, block_v: int | None, num_warps: int | None,
                    chunk_major: bool | None) -> tuple[int, int, bool]:
-    """Vectors per program, warps and load order: the fastest measured on an H100 with Triton 3.6
-    (results/gpu_codec_*.json).
+    """Vectors per program, warps and load order: the fastest measured (results/gpu_codec_*.json).
 
-    Quantize: 64 vectors on two warps (40.4% of copy against 37.9% for 32 on one, H100, 2026-11-28),
-    one vector per thread, so that the transform's butterflies
-    and the E8 blocks stay in registers; the tile is addressed vector-major (``chunk_major=False``),
-    which Triton 3.6 and 3.9 both lay out that way (chunk-major, Triton 3.6 spreads a vector over
-    threads and the kernel runs 50 times slower). Dequantize: 16 vectors over 4 warps, chunk-major.
+    Quantize: 32 vectors on one warp, one vector per thread, so that the transform's butterflies
+    and the E8 blocks stay in registers (fastest on an H200 with Triton 3.6, 2026-11-28, with
+    ``split=1``; 64 on two warps was 2% slower there and 6% faster on an H100 with the previous
+    kernel); the tile is addressed vector-major (``chunk_major=False``), which Triton 3.6 and 3.9
+    both lay out that way (chunk-major, Triton 3.6 spreads a vector over threads and the kernel
+    runs 50 times slower). Dequantize: 16 vectors over 4 warps, chunk-major.
     """
     if device.type == "cpu":  # the interpreter: few, large programs
         return block_v or 64, num_warps or 1, bool(chunk_major)
     if kernel == "quantize":
-        num_warps = num_warps or 2
+        num_warps = num_warps or 1
         return block_v or 32 * num_warps, num_warps, False if chunk_major is None else chunk_major
     return block_v or 16, num_warps or 4, True if chunk_major is None else chunk_major
 
@@ -126,12 +134,14 @@ def _check_input(codec: E8Codec, x: Tensor) -> None:
 
 
 def quantize(codec: E8Codec, x: Tensor, *, codes_dtype: torch.dtype | None = None, block_v: int | None = None,
-             num_warps: int | None = None, chunk_major: bool | None = None, split: int = 2) -> tuple[Tensor, Tensor]:
+             num_warps: int | None = None, chunk_major: bool | None = None, split: int = 1,
+             maxnreg: int | None = None) -> tuple[Tensor, Tensor]:
     """Kernel: ``x`` (..., d) → (codes ``2·p`` (..., d) int8/int16, step codes (...) int16).
 
     The input must be finite (not checked: no host synchronisation); the codec raises on NaN/Inf.
-    ``block_v`` (vectors per program), ``num_warps``, ``chunk_major`` (load order) and ``split``
-    (the E8 stage runs on 2^split parts of a tile in turn) change the speed, never the result.
+    ``block_v`` (vectors per program), ``num_warps``, ``chunk_major`` (load order), ``split``
+    (the E8 stage runs on 2^split parts of a tile in turn) and ``maxnreg`` (a cap on registers per
+    thread: more warps per multiprocessor, more spills) change the speed, never the result.
     """
     _check_input(codec, x)
     kernels = _kernels()
@@ -141,6 +151,7 @@ def quantize(codec: E8Codec, x: Tensor, *, codes_dtype: torch.dtype | None = Non
     codes = torch.empty(x2.shape, dtype=codes_dtype or code_dtype(codec, d), device=x.device)
     steps = torch.empty(n, dtype=STEP_DTYPE, device=x.device)
     if n:
+        check_kernel_device(x2, kernels.e8_quantize_kernel)
         bv, warps, cm = _launch_config("quantize", x.device, block_v, num_warps, chunk_major)
         n0, t = _constants(codec.bits, d)
         rht = codec.rotation == "rht"
@@ -149,7 +160,7 @@ def quantize(codec: E8Codec, x: Tensor, *, codes_dtype: torch.dtype | None = Non
             x2, codes, steps, signs, _tables(x.device), n, n0, *t,
             D=d, LOG2C=(d // 8).bit_length() - 1, SHIFT=codec._log2_dim(d), RHT=rht, BLOCK_V=bv, CHUNK_MAJOR=cm,
             SPLIT=min(split, (d // 8).bit_length() - 1),
-            num_warps=warps, enable_fp_fusion=False)
+            num_warps=warps, enable_fp_fusion=False, **({} if maxnreg is None else {"maxnreg": maxnreg}))
     return codes.reshape(x.shape), steps.reshape(x.shape[:-1])
 
 
@@ -168,6 +179,7 @@ def dequantize(codec: E8Codec, codes: Tensor, step_codes: Tensor, dtype: torch.d
     n = c2.shape[0]
     out = torch.empty(c2.shape, dtype=dtype, device=codes.device)
     if n:
+        check_kernel_device(codes, kernels.e8_dequantize_kernel)
         bv, warps, cm = _launch_config("dequantize", codes.device, block_v, num_warps, chunk_major)
         kernels.e8_dequantize_kernel[(triton_cdiv(n, bv),)](
             c2, step_codes.contiguous().reshape(-1), out, codec._signs(d, codes.device, torch.float32),

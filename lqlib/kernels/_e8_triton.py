@@ -13,10 +13,11 @@ the same order and with the same IEEE operations, and is compiled without fused 
   in float64);
 * lattice units are ``u · R[g mod 8]·2^(-(g div 8) - shift)`` (a product, not a division:
   Triton's float32 division is not correctly rounded);
-* E8 is :func:`lqlib.lattices.nearest_e8` (both cosets, the same float32 terms and pairwise
-  sums): round half to even by adding and subtracting 1.5·2^23 (exact for |x| < 2^21, i.e.
-  wherever the codes fit int16), the first index of the largest error by a tournament; the codes
-  come from the rounded sums' bits (no float-to-integer conversions);
+* E8 is :func:`lqlib.lattices.nearest_e8` (both cosets from one rounding, chosen by the same
+  float32 terms in the same pairwise order): round half to even by adding and subtracting 1.5·2^23
+  (exact for |x| < 2^21, i.e. wherever the codes fit int16), the first index of the largest and
+  smallest error by tournaments; the codes come from the rounded sums' bits (no float-to-integer
+  conversions);
 * decoding is ``((H·p) · 2^(g/8)) · signs``, then one rounding to the output dtype.
 
 A tile holds ``BLOCK_V`` vectors as a (d/8, BLOCK_V, 8) tensor: the last axis is one E8
@@ -91,21 +92,22 @@ def _pairs(v):
 
 
 @triton.jit
-def _first_largest(err, idx, extra):
-    """Tournament over the last axis of (c, B, 8) in the pairwise tree: the error of largest |err|,
-    the first such (the left, lower-index side wins ties: torch.argmax's choice), with its ``idx``
-    and ``extra``; (c, B) each."""
+def _first_extreme(err, idx, LARGEST: tl.constexpr):
+    """Tournament over the last axis of (c, B, 8) in the pairwise tree: the error of largest (or
+    smallest) |err|, the first such (the left, lower-index side wins ties: torch.argmax's and
+    argmin's choice), with its ``idx``; (c, B) each."""
     for _ in tl.static_range(3):
         el, er = _pairs(err)
         il, ir = _pairs(idx)
-        xl, xr = _pairs(extra)
-        left = tl.abs(el) >= tl.abs(er)
+        if LARGEST:
+            left = tl.abs(el) >= tl.abs(er)
+        else:
+            left = tl.abs(el) <= tl.abs(er)
         err = tl.where(left, el, er)
         idx = tl.where(left, il, ir)
-        extra = tl.where(left, xl, xr)
     c: tl.constexpr = err.shape[0]
     B: tl.constexpr = err.shape[1]
-    return tl.reshape(err, (c, B)), tl.reshape(idx, (c, B)), tl.reshape(extra, (c, B))
+    return tl.reshape(err, (c, B)), tl.reshape(idx, (c, B))
 
 
 @triton.jit
@@ -119,45 +121,35 @@ def _nearest_e8_codes(x):
     """Codes ``2·nearest_e8(x)`` (int32 modulo 2^16: their low 8 or 16 bits) of (c, B, 8) float32
     with |x| < 2^21, bit for bit :func:`lqlib.lattices.nearest_e8`'s points.
 
-    Rounding half to even is ``(x + 1.5·2^23) - 1.5·2^23``; the sum's bits hold the integer in its
-    low bits (parity and codes without conversions). D8's fix flips the first coordinate of largest
-    |error| (a tournament in the pairwise tree); the squared distances are the reference's pairwise
-    sums of the same float32 terms, the flipped coordinate's term computed once per block.
+    One rounding serves both cosets: f = round(x) half to even as ``(x + 1.5·2^23) - 1.5·2^23``,
+    whose sum's bits hold f in their low bits (parities and codes without conversions); e = x - f;
+    the odd coset is g = f - t, t the sign bit of e. Each coset's parity fix moves the coordinate
+    found by a tournament in the pairwise tree (first largest |e|, first smallest |e|); the
+    coset comes from the sign of ``Σ|e| - 2 + [Σf odd](1 - 2|e_w|) - [Σg odd]·2|e_v|``.
     """
     lane = tl.arange(0, 8)[None, None, :]
     lanes = tl.zeros(x.shape, tl.int32) + lane
-    # even coset: D8 at x
     a = x + _MAGIC
-    f = a - _MAGIC
-    err = x - f  # exact
+    err = x - (a - _MAGIC)  # exact
     A = _bits(a)  # bits(1.5·2^23) + f: f in the low bits
+    t = (_bits(err) < 0).to(tl.int32)  # sign bit: the odd coset's neighbour is g + 1/2 = f - 1/2
+    # even coset: f, the first largest |e| moved towards x where Σf is odd
     par_e = _odd_parity(A)
-    err_w, w_e, _ = _first_largest(err, lanes, lanes)
-    s_e = tl.where(err_w >= 0, 1.0, -1.0)
-    e_w = err_w - s_e  # x - (f + s) at the flipped coordinate
-    flip_e = (lane == w_e[:, :, None]) & (par_e[:, :, None] != 0)
-    d_even = _sum8(tl.where(flip_e, (e_w * e_w)[:, :, None], err * err))
-    # odd coset: D8 at x - 1/2, plus 1/2
-    y = x - 0.5
-    b = y + _MAGIC
-    g = b - _MAGIC
-    err2 = y - g  # exact
-    Bn = _bits(b)
-    par_o = _odd_parity(Bn)
-    o = x - (g + 0.5)
-    err2_w, w_o, x_w = _first_largest(err2, lanes, x)
-    s_o = tl.where(err2_w >= 0, 1.0, -1.0)
-    g_w = (x_w - 0.5) - err2_w  # exact: y - (y - g) at the flipped coordinate
-    o_w = x_w - ((g_w + s_o) + 0.5)
-    flip_o = (lane == w_o[:, :, None]) & (par_o[:, :, None] != 0)
-    d_odd = _sum8(tl.where(flip_o, (o_w * o_w)[:, :, None], o * o))
-    # the nearer coset; codes 2·f (+ 2·flip), or 2·g + 1 (+ 2·flip)
-    take_odd = d_odd < d_even
-    n = tl.where(take_odd[:, :, None], Bn, A)
-    step = tl.where(take_odd, tl.where(err2_w >= 0, 1, -1) * par_o, tl.where(err_w >= 0, 1, -1) * par_e)
-    w = tl.where(take_odd, w_o, w_e)
+    err_w, w_e = _first_extreme(err, lanes, True)
+    # odd coset: g = f - t, the first smallest |e| moved towards x where Σg is odd
+    par_o = _odd_parity(A ^ t)
+    err_v, w_o = _first_extreme(err, lanes, False)
+    # the nearer coset: d_even - d_odd > 0 takes the odd one
+    gap = _sum8(tl.abs(err)) - 2.0
+    gap = gap + tl.where(par_e != 0, 1.0 - 2.0 * tl.abs(err_w), 0.0)
+    gap = gap - tl.where(par_o != 0, 2.0 * tl.abs(err_v), 0.0)
+    take_odd = gap > 0.0
+    # codes 2·f (+ 2·move), or 2·g + 1 (+ 2·move)
     odd = take_odd.to(tl.int32)
-    return 2 * n + tl.where(lane == w[:, :, None], (2 * step + odd)[:, :, None], odd[:, :, None])
+    n = A - t * odd[:, :, None]
+    move = tl.where(take_odd, tl.where(_bits(err_v) < 0, 1, -1) * par_o, tl.where(err_w >= 0, 1, -1) * par_e)
+    w = tl.where(take_odd, w_o, w_e)
+    return 2 * n + tl.where(lane == w[:, :, None], (2 * move + odd)[:, :, None], odd[:, :, None])
 
 
 @triton.jit

@@ -34,7 +34,7 @@ from torch import Tensor
 from ..codec import E8Codec
 from ..errors import InputError
 from ..rht import fwht
-from . import _check_codec, _tables, reference_dequantize, triton_cdiv
+from . import _check_codec, _tables, check_kernel_device, reference_dequantize, triton_cdiv
 
 __all__ = ["decode_attention", "reference_decode_attention", "AttentionConfig", "QUERY_DTYPES"]
 
@@ -221,6 +221,7 @@ def decode_attention(q: Tensor, k_codes: Tensor, k_steps: Tensor, v_codes: Tenso
     lengths = length if isinstance(length, Tensor) else part_ml  # a placeholder pointer when unused
     scale = 1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale)
     k_pairs, v_pairs = k_codes.view(torch.int16), v_codes.view(torch.int16)  # codes 2j, 2j+1 in one int16
+    check_kernel_device(q, kernels.decode_attention_kernel)
     kernels.decode_attention_kernel[(b * hkv, splits)](
         q, k_pairs, k_steps, v_pairs, v_steps, scales, signs_k, signs_v, had, _tables(dev),
         part_acc, part_ml, lengths, tokens, per_split, scale * math.log2(math.e) * 0.5,

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from .. import rans_lanes as RL
 from ..errors import CorruptStreamError, InputError
+from . import check_kernel_device
 
 __all__ = ["PageBatch", "encode", "decode", "launch_config", "LOOKUPS"]
 
@@ -162,6 +163,7 @@ def encode(x: Tensor, bits: float, n_lanes: int = RL.DEFAULT_LANES, *, symbols: 
     if capacity // 2 > _INT32_MAX or n_pages * n_blocks * 9 > _INT32_MAX:
         raise InputError("too many pages for one call (int32 indices): split the batch")
     k = _kernels()
+    check_kernel_device(src, k.rans_encode_kernel)
     bl, warps = launch_config(device, block, num_warps)
     scratch = torch.empty(n_total, cap, dtype=torch.int16, device=device)
     counts = torch.empty(n_total, dtype=torch.int32, device=device)
@@ -225,6 +227,7 @@ def decode(batch: PageBatch, *, symbols: bool = False, check: bool = False, bloc
     starts = torch.minimum(starts, page_end[:, None]).clamp(max=n_words)  # never read outside a page
     counts = torch.minimum(counts, page_end[:, None] - starts).clamp(min=0)
     k = _kernels()
+    check_kernel_device(batch.data, k.rans_decode_kernel)
     bl, warps = launch_config(device, block, num_warps)
     n_total = n_pages * n_lanes
     err = torch.empty(n_total, dtype=torch.int32, device=device)
