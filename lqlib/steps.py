@@ -33,7 +33,6 @@ within about an octave, so a vector costs about 3–4 bits instead of a float16'
 from __future__ import annotations
 
 import functools
-
 import math
 
 import numpy as np

@@ -234,9 +234,11 @@ def test_unsupported_uses_are_clear_errors():
     with pytest.raises(lqlib.InputError, match="continue"):
         ok.update(*dev(torch.randn(2, 2, 1, 64), torch.randn(2, 2, 1, 64)))
     with pytest.raises(lqlib.InputError, match="float64|dtype"):
-        DeviceKVLayer(E8Codec(4.0)).update(*dev(torch.randn(1, 2, 3, 64, dtype=torch.float64), torch.randn(1, 2, 3, 64, dtype=torch.float64)))
+        DeviceKVLayer(E8Codec(4.0)).update(*dev(torch.randn(1, 2, 3, 64, dtype=torch.float64),
+                                                torch.randn(1, 2, 3, 64, dtype=torch.float64)))
     with pytest.raises(lqlib.InputError, match="key_scales"):
-        DeviceKVLayer(E8Codec(4.0), key_scales=torch.ones(3, 64)).update(*dev(torch.randn(1, 2, 3, 64), torch.randn(1, 2, 3, 64)))
+        DeviceKVLayer(E8Codec(4.0), key_scales=torch.ones(3, 64)).update(*dev(torch.randn(1, 2, 3, 64),
+                                                                              torch.randn(1, 2, 3, 64)))
     with pytest.raises(lqlib.InputError, match="torch operation|attn_implementation"):
         ok.update(*dev(torch.randn(1, 2, 1, 64), torch.randn(1, 2, 1, 64)))[0] + 1
     with pytest.raises(lqlib.InputError, match="full-attention"):

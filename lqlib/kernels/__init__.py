@@ -111,9 +111,9 @@ def _launch_config(kernel: str, device: torch.device, block_v: int | None, num_w
     Quantize: 32 vectors on one warp, one vector per thread, so that the transform's butterflies
     and the E8 blocks stay in registers (fastest on an H200 with Triton 3.6, 2026-11-28, with
     ``split=1``: 0.998 ms, 64 on two warps 1.054 ms; on an H100 the previous kernel ran 6% faster
-    on two warps than on one); the tile is addressed vector-major (``chunk_major=False``), which Triton 3.6 and 3.9
-    both lay out that way (chunk-major, Triton 3.6 spreads a vector over threads and the kernel
-    runs 50 times slower). Dequantize: 16 vectors over 4 warps, chunk-major.
+    on two warps than on one); the tile is addressed vector-major (``chunk_major=False``), which
+    Triton 3.6 and 3.9 both lay out that way (chunk-major, Triton 3.6 spreads a vector over threads
+    and the kernel runs 50 times slower). Dequantize: 16 vectors over 4 warps, chunk-major.
     """
     if device.type == "cpu":  # the interpreter: few, large programs
         return block_v or 64, num_warps or 1, bool(chunk_major)
