@@ -94,9 +94,9 @@ def nearest_e8(x: Tensor) -> Tensor:
     * even coset: D8 at x, i.e. f with, where Σf is odd, the coordinate of largest |e| (the first
       such) moved one step towards x;
     * odd coset: the nearest half-integers are g + ½ with g = f - t, t = 1 where e's sign bit is
-      set (e < 0, or e = -0 at x = -0; f itself is never -0) and 0 elsewhere; their errors are |o| = ½ - |e|, so where Σg is
-      odd the coordinate of largest |o| is that of smallest |e| (the first such), moved towards x
-      (up where t = 1, down where t = 0);
+      set (e < 0, or e = -0 at x = -0; f itself is never -0) and 0 elsewhere; their errors are
+      |o| = ½ - |e|, so where Σg is odd the coordinate of largest |o| is that of smallest |e| (the
+      first such), moved towards x (up where t = 1, down where t = 0);
     * choice: e_i² - o_i² = |e_i| - ¼ and a moved coordinate adds 1 - 2|e_w| (even) or
       1 - 2|o_w| = 2|e_v| (odd), so ``d_even - d_odd = Σ|e| - 2 + [Σf odd](1 - 2|e_w|) - [Σg odd]·2|e_v|``;
       the odd coset wins where this is > 0 (ties go to the even one).
