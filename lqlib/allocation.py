@@ -23,6 +23,8 @@ from __future__ import annotations
 import heapq
 import math
 from dataclasses import dataclass
+from decimal import Decimal
+from fractions import Fraction
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -31,9 +33,6 @@ from .errors import InputError
 
 __all__ = ["Allocation", "allocate", "am_gm_ratio", "predicted_distortion", "round_to_grid", "water_fill"]
 
-#: Relative slack on the budget check Σ n_i b_i ≤ b̄·Σ n_i (float rounding only; grids such as
-#: multiples of 0.25 bit are exact in binary and meet the budget exactly).
-BUDGET_RTOL = 1e-12
 
 
 def _as_weights(weights: ArrayLike) -> tuple[np.ndarray, tuple[int, ...]]:
@@ -186,12 +185,17 @@ def _as_grid(grid: ArrayLike) -> np.ndarray:
 
 
 def _step_grid(step: float, low: float, high: float) -> np.ndarray:
-    """Multiples k·step in [low, high] (both finite); ends within 1e-9 steps of a bound snap onto it."""
+    """Multiples k·step in [low, high] (both finite); ends within 1e-9 steps of a bound snap onto it.
+
+    Each multiple is the float nearest to k times the step's shortest decimal form (so a step of 0.1
+    gives 1.3, not 13·0.1 = 1.3000000000000003, and a budget of 1.3 can be met exactly)."""
     if not (math.isfinite(step) and step > 0):
         raise InputError(f"grid step must be finite and > 0, got {step}")
     k0 = math.ceil(low / step - 1e-9)
     k1 = math.floor(high / step + 1e-9)
-    return np.unique(np.clip(np.arange(k0, k1 + 1, dtype=np.float64) * step, low, high))
+    decimal_step = Decimal(repr(step))
+    levels = np.array([float(k * decimal_step) for k in range(k0, k1 + 1)], dtype=np.float64)
+    return np.unique(np.clip(levels, low, high))
 
 
 def _gain_key(w_log2: ArrayLike, a: ArrayLike, b: ArrayLike) -> np.ndarray:
@@ -213,7 +217,8 @@ def round_to_grid(bits: ArrayLike, weights: ArrayLike, budget: float, grid: Arra
         Continuous rates, normally :func:`water_fill`'s solution at ``budget``.
     weights, sizes : as in :func:`water_fill`.
     budget : float
-        Mean rate not to be exceeded (to :data:`BUDGET_RTOL` relative, i.e. float rounding).
+        Mean rate not to be exceeded: Σ n_i b_i ≤ budget·Σ n_i holds exactly, in rational arithmetic
+        on the given floats (no tolerance; a zero budget with a grid starting at 0 gives all zeros).
     grid : 1-D sorted array of allowed rates, or a float step
         A step s means the multiples of s from 0 to b_max (finite) or one step above max(bits, budget).
     b_max : float, optional
@@ -262,21 +267,23 @@ def round_to_grid(bits: ArrayLike, weights: ArrayLike, budget: float, grid: Arra
         levels = levels[levels <= b_max]
         if levels.size == 0:
             raise InputError(f"no grid rate is ≤ b_max = {b_max}")
-    total = float(n.sum())
-    cap = budget * total + BUDGET_RTOL * max(abs(budget), 1.0) * total
-    if levels[0] * total > cap:
+    # exact accounting: every float is a rational, so the budget test cannot be fooled by rounding
+    size, rate = [Fraction(x) for x in n.tolist()], [Fraction(x) for x in levels.tolist()]
+    cap = Fraction(budget) * sum(size)
+    if rate[0] * sum(size) > cap:
         raise InputError(f"even the smallest grid rate {levels[0]} in every slot exceeds the budget {budget}")
     idx = np.clip(np.searchsorted(levels, b, side="right") - 1, 0, levels.size - 1)
-    if float((n * levels[idx]).sum()) > cap:
+    used = sum(s * rate[k] for s, k in zip(size, idx.tolist()))
+    if used > cap:
         idx[:] = 0
-    used = float((n * levels[idx]).sum())
+        used = rate[0] * sum(size)
     w_log2 = np.log2(w)
     # max-heap (negated keys) of each slot's next increment; ties go to the lower slot index
     open_ = np.flatnonzero(idx + 1 < levels.size)
     keys = _gain_key(w_log2[open_], levels[idx[open_]], levels[idx[open_] + 1])
     heap = list(zip((-keys).tolist(), open_.tolist()))
     heapq.heapify(heap)
-    rate, size, wl, at = levels.tolist(), n.tolist(), w_log2.tolist(), idx.tolist()
+    wl, at = w_log2.tolist(), idx.tolist()
     while heap:
         _, i = heapq.heappop(heap)
         k = at[i]
@@ -286,7 +293,7 @@ def round_to_grid(bits: ArrayLike, weights: ArrayLike, budget: float, grid: Arra
         used += cost
         at[i] = k + 1
         if k + 2 < len(rate):
-            heapq.heappush(heap, (-float(_gain_key(wl[i], rate[k + 1], rate[k + 2])), i))
+            heapq.heappush(heap, (-float(_gain_key(wl[i], levels[k + 1], levels[k + 2])), i))
     return levels[np.asarray(at, dtype=np.intp)].reshape(shape)
 
 
@@ -312,6 +319,12 @@ class Allocation:
     am_gm: float
     predicted_ratio: float
     predicted_distortion: np.ndarray
+
+
+def _exact_mean(bits: np.ndarray, n: np.ndarray) -> float:
+    """Σ n_i b_i / Σ n_i rounded once to the nearest float (so a sum within the budget reads ≤ budget)."""
+    total = sum(Fraction(x) for x in n.tolist())
+    return float(sum(Fraction(s) * Fraction(b) for s, b in zip(n.tolist(), bits.reshape(-1).tolist())) / total)
 
 
 def _readonly(a: np.ndarray) -> np.ndarray:
@@ -375,7 +388,7 @@ def allocate(weights: ArrayLike, budget: float, grid: ArrayLike | float | None =
         bits=_readonly(bits.reshape(shape)),
         continuous=_readonly(continuous.reshape(shape)),
         budget=budget,
-        mean_bits=float((n * bits).sum() / n.sum()),
+        mean_bits=_exact_mean(bits, n),
         am_gm=am_gm_ratio(w, n),
         predicted_ratio=ratio,
         predicted_distortion=_readonly(distortion.reshape(shape)),

@@ -10,6 +10,14 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
+
+# Property tests: derandomized under `make test` and CI (HYPOTHESIS_PROFILE=ci: the same examples on
+# every run and machine), freshly random in a plain local `pytest` (the "dev" profile) to explore.
+settings.register_profile("ci", derandomize=True, database=None, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("dev", deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

@@ -180,6 +180,7 @@ grid_st = st.one_of(
 @FAST
 @given(weights_st, st.data(), grid_st, st.floats(0.0, 10.0), st.floats(0.0, 10.0))
 def test_rounding_never_exceeds_budget(w, data, grid, budget, b_max):
+    """Σ n·b ≤ budget·Σ n for every grid, degenerate ones included (a zero budget, a tiny top rate)."""
     n = np.array(data.draw(st.lists(st.integers(1, 256), min_size=w.size, max_size=w.size)), dtype=float)
     b_max = max(b_max, budget)
     try:
@@ -200,6 +201,19 @@ def test_rounding_never_exceeds_budget(w, data, grid, budget, b_max):
     # rounding rates that overshoot the budget (the floors break it too) still stays within it
     bits = round_to_grid(a.continuous + 0.5, w, budget, grid if np.ndim(grid) == 0 else np.union1d(0.0, grid), n)
     assert (n * bits).sum() <= budget * n.sum() * (1 + 1e-12) + 1e-12
+
+
+@pytest.mark.parametrize("sizes", [[1.0, 1.0], [1.0, 256.0], [3.0, 7.0, 11.0]])
+def test_degenerate_grids_never_exceed_the_budget(sizes):
+    """The case a random run once found: budget 0 and grid [0, 1.79e-11] must give all zeros exactly;
+    a grid step of 0.1 meets a budget of 1.3 exactly (1.3 is a grid rate, not 13·0.1 = 1.3000000000000003)."""
+    w = np.arange(1.0, len(sizes) + 1.0)
+    a = allocate(w, 0.0, grid=[0.0, 1.79e-11], b_min=0.0, b_max=10.0, sizes=sizes)
+    assert (a.bits == 0).all() and a.mean_bits == 0.0
+    tiny = round_to_grid(np.full(len(sizes), 1e-11), w, 1e-11, [0.0, 1.79e-11], sizes)
+    assert (np.asarray(sizes) * tiny).sum() <= 1e-11 * np.sum(sizes)
+    a = allocate(w, 1.3, grid=0.1, b_min=0.0, b_max=6.0, sizes=sizes)
+    assert a.mean_bits <= 1.3 and a.mean_bits == pytest.approx(1.3, abs=0.1)
 
 
 def test_round_to_grid_floors_then_spends_on_largest_gain():

