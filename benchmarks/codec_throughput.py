@@ -23,9 +23,9 @@ import numpy as np
 import torch
 
 from lqlib import E8Codec
-from lqlib.entropy_model import gaussian_symbol_model
-from lqlib.rans import _coders_models
-from lqlib.symbols import points_to_symbols
+from lqlib.coding.entropy_model import gaussian_symbol_model
+from lqlib.coding.rans import _coders_models
+from lqlib.core.symbols import points_to_symbols
 
 
 def median_seconds(fn, repeats: int) -> float:
@@ -91,9 +91,11 @@ def main() -> None:
         ("codec decode", median_seconds(lambda: codec.decode(encoded), args.repeats)),
         ("constriction decode (raw)", median_seconds(raw_decode, args.repeats)),
     ]
-    print(f"input: {args.vectors} x {args.dim} float16 = {megabytes:.1f} MB, {symbols.size} symbols, "
-          f"b = {args.bits}, coded {codec.bits_per_dim(encoded):.4f} bits/dim, "
-          f"torch threads = {torch.get_num_threads()}")
+    print(
+        f"input: {args.vectors} x {args.dim} float16 = {megabytes:.1f} MB, {symbols.size} symbols, "
+        f"b = {args.bits}, coded {codec.bits_per_dim(encoded):.4f} bits/dim, "
+        f"torch threads = {torch.get_num_threads()}"
+    )
     print(f"{'stage':<28}{'ms':>10}{'MB/s fp16':>12}{'Msymbols/s':>12}")
     for name, seconds in rows:
         print(f"{name:<28}{1e3 * seconds:>10.1f}{megabytes / seconds:>12.1f}{symbols.size / seconds / 1e6:>12.1f}")

@@ -44,7 +44,11 @@ import torch.nn.functional as F
 
 from lqlib import E8Codec
 from lqlib import kernels as K
-from lqlib.kernels.attention import AttentionConfig, decode_attention, reference_decode_attention
+from lqlib.kernels.attention import (
+    AttentionConfig,
+    decode_attention,
+    reference_decode_attention,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_codec import time_ms as cuda_time_ms  # noqa: E402
@@ -71,8 +75,15 @@ def time_ms(fn, repeats: int, cuda: bool, warmup: int = 3) -> list[float]:
 
 def row(label: str, times: list[float], nbytes: int, copy_gbs: float | None, **extra) -> dict:
     med = statistics.median(times)
-    r = {"method": label, "median_ms": med, "min_ms": min(times), "max_ms": max(times), "bytes_read": nbytes,
-         "GB_per_s": nbytes / (med * 1e-3) / 1e9, **extra}
+    r = {
+        "method": label,
+        "median_ms": med,
+        "min_ms": min(times),
+        "max_ms": max(times),
+        "bytes_read": nbytes,
+        "GB_per_s": nbytes / (med * 1e-3) / 1e9,
+        **extra,
+    }
     if copy_gbs:
         r["fraction_of_copy"] = r["GB_per_s"] / copy_gbs
     return r
@@ -109,7 +120,14 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("needs CUDA (or --smoke)")
     configs = CONFIGS
     if args.smoke:
-        args.contexts, args.batches, args.q_heads, args.kv_heads, args.dim, args.repeats = [200, 333], [1, 2], 8, 2, 64, 2
+        args.contexts, args.batches, args.q_heads, args.kv_heads, args.dim, args.repeats = (
+            [200, 333],
+            [1, 2],
+            8,
+            2,
+            64,
+            2,
+        )
         args.out = tempfile.mkdtemp(prefix="gpu_attention_smoke_")
         configs = SMOKE_CONFIGS
     dev = "cuda" if cuda else "cpu"
@@ -119,11 +137,17 @@ def main(argv: list[str] | None = None) -> int:
     props = torch.cuda.get_device_properties(0) if cuda else None
     card = props.name if cuda else "cpu-interpreter"
     result: dict = {
-        "benchmark": "benchmarks/gpu_attention.py", "card": card,
+        "benchmark": "benchmarks/gpu_attention.py",
+        "card": card,
         "multiprocessors": props.multi_processor_count if cuda else None,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
-        "python": platform.python_version(), "bits": args.bits, "repeats": args.repeats, "smoke": args.smoke,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "bits": args.bits,
+        "repeats": args.repeats,
+        "smoke": args.smoke,
         "shape": {"q_heads": args.q_heads, "kv_heads": args.kv_heads, "head_dim": args.dim, "dtype": "float16"},
         "configs": [{"block_n": c[0], "num_warps": c[1], "num_stages": c[2]} for c in configs],
     }
@@ -133,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     # copy bandwidth of this card
     copy_gbs = None
     if cuda:
-        buf = torch.empty(2 ** 30, dtype=torch.uint8, device=dev)
+        buf = torch.empty(2**30, dtype=torch.uint8, device=dev)
         dst = torch.empty_like(buf)
         copy = row("copy_ 1 GiB", time_ms(lambda: dst.copy_(buf), args.repeats, cuda), 2 * buf.numel(), None)
         buf = dst = None
@@ -148,20 +172,32 @@ def main(argv: list[str] | None = None) -> int:
     length = n0 - 37
     checks = []
     for cfg in configs:
-        out = decode_attention(q, kc, ksc, vc, vsc, length, codec, codec, key_scales=ks_,
-                               config=AttentionConfig(*cfg))
+        out = decode_attention(q, kc, ksc, vc, vsc, length, codec, codec, key_scales=ks_, config=AttentionConfig(*cfg))
         ref = reference_decode_attention(q, kc, ksc, vc, vsc, length, codec, codec, key_scales=ks_)
         err = (out.float() - ref.float()).abs().max().item()
-        checks.append({"config": list(cfg), "length": length, "max_abs_error_vs_reference": err,
-                       "reference_max_abs": ref.abs().max().item(), "ok": err <= 2e-3 * max(1.0, ref.abs().max().item())})
+        checks.append(
+            {
+                "config": list(cfg),
+                "length": length,
+                "max_abs_error_vs_reference": err,
+                "reference_max_abs": ref.abs().max().item(),
+                "ok": err <= 2e-3 * max(1.0, ref.abs().max().item()),
+            }
+        )
     sdpa = F.scaled_dot_product_attention(q[:, :, None], k[:, :, :length], v[:, :, :length], enable_gqa=True)[:, :, 0]
-    result["correctness"] = {"checks": checks, "all_ok": all(c["ok"] for c in checks),
-                             "max_abs_vs_sdpa_on_unquantized": (out.float() - sdpa.float()).abs().max().item(),
-                             "sdpa_max_abs": sdpa.abs().max().item()}
-    print(f"correctness vs reference (length {length}): "
-          + ", ".join(f"{c['config']}: {c['max_abs_error_vs_reference']:.2e}" for c in checks)
-          + f"; all ok: {result['correctness']['all_ok']}; vs SDPA on the unquantized cache "
-          f"{result['correctness']['max_abs_vs_sdpa_on_unquantized']:.3f} (quantization error)", flush=True)
+    result["correctness"] = {
+        "checks": checks,
+        "all_ok": all(c["ok"] for c in checks),
+        "max_abs_vs_sdpa_on_unquantized": (out.float() - sdpa.float()).abs().max().item(),
+        "sdpa_max_abs": sdpa.abs().max().item(),
+    }
+    print(
+        f"correctness vs reference (length {length}): "
+        + ", ".join(f"{c['config']}: {c['max_abs_error_vs_reference']:.2e}" for c in checks)
+        + f"; all ok: {result['correctness']['all_ok']}; vs SDPA on the unquantized cache "
+        f"{result['correctness']['max_abs_vs_sdpa_on_unquantized']:.3f} (quantization error)",
+        flush=True,
+    )
     del k, v, kc, ksc, vc, vsc
 
     rows = []
@@ -174,13 +210,21 @@ def main(argv: list[str] | None = None) -> int:
             fp16_bytes = 2 * k.numel() * 2
             coded_bytes = 2 * (kc.numel() + ksc.numel() * 2)
             shape = {"batch": b, "context": n}
-            r_a = row("sdpa fp16 enable_gqa", time_ms(
-                lambda: F.scaled_dot_product_attention(q4, k, v, enable_gqa=True), args.repeats, cuda),
-                fp16_bytes, copy_gbs, **shape)
+            r_a = row(
+                "sdpa fp16 enable_gqa",
+                time_ms(lambda: F.scaled_dot_product_attention(q4, k, v, enable_gqa=True), args.repeats, cuda),
+                fp16_bytes,
+                copy_gbs,
+                **shape,
+            )
             kr, vr = k.repeat_interleave(hq // hkv, dim=1), v.repeat_interleave(hq // hkv, dim=1)
-            r_b = row("sdpa fp16 repeat_interleave", time_ms(
-                lambda: F.scaled_dot_product_attention(q4, kr, vr), args.repeats, cuda),
-                fp16_bytes * (hq // hkv), copy_gbs, **shape)
+            r_b = row(
+                "sdpa fp16 repeat_interleave",
+                time_ms(lambda: F.scaled_dot_product_attention(q4, kr, vr), args.repeats, cuda),
+                fp16_bytes * (hq // hkv),
+                copy_gbs,
+                **shape,
+            )
             kr = vr = None  # free them (not del: the lambdas above name them)
             scales4 = ks_[None, :, None, :]
 
@@ -189,31 +233,56 @@ def main(argv: list[str] | None = None) -> int:
                 vd = K.dequantize(codec, vc, vsc, torch.float16)
                 return F.scaled_dot_product_attention(q4, kd, vd, enable_gqa=True)
 
-            r_c = row("dequantize kernel + sdpa", time_ms(dequant_sdpa, args.repeats, cuda), coded_bytes, copy_gbs,
-                      **shape)
+            r_c = row(
+                "dequantize kernel + sdpa", time_ms(dequant_sdpa, args.repeats, cuda), coded_bytes, copy_gbs, **shape
+            )
             fused = []
             for cfg in configs:
                 conf = AttentionConfig(*cfg)
-                fused.append(row(f"fused {cfg[0]}/{cfg[1]}/{cfg[2]}", time_ms(
-                    lambda: decode_attention(q, kc, ksc, vc, vsc, n, codec, codec, key_scales=ks_, config=conf),
-                    args.repeats, cuda), coded_bytes, copy_gbs, config=list(cfg), **shape))
+                fused.append(
+                    row(
+                        f"fused {cfg[0]}/{cfg[1]}/{cfg[2]}",
+                        time_ms(
+                            lambda: decode_attention(q, kc, ksc, vc, vsc, n, codec, codec, key_scales=ks_, config=conf),
+                            args.repeats,
+                            cuda,
+                        ),
+                        coded_bytes,
+                        copy_gbs,
+                        config=list(cfg),
+                        **shape,
+                    )
+                )
             base = min((r_a, r_b), key=lambda r: r["median_ms"])
             best = min(fused, key=lambda r: r["median_ms"])
             default = fused[0]
             for r in (r_a, r_b, r_c, *fused):
                 r["speedup_vs_baseline"] = base["median_ms"] / r["median_ms"]
                 rows.append(r)
-            summary.append({**shape, "baseline": base["method"], "baseline_ms": base["median_ms"],
-                            "fused_default_ms": default["median_ms"],
-                            "fused_default_speedup": base["median_ms"] / default["median_ms"],
-                            "fused_best": best["method"], "fused_best_ms": best["median_ms"],
-                            "fused_best_speedup": base["median_ms"] / best["median_ms"],
-                            "fused_best_fraction_of_copy": best.get("fraction_of_copy")})
-            print(f"B={b} n={n}: " + "  ".join(f"{r['method']} {r['median_ms']:.3f} ms" for r in (r_a, r_b, r_c))
-                  + "\n    fused: " + "  ".join(f"{r['method'][6:]} {r['median_ms']:.3f}" for r in fused)
-                  + f"  -> best {best['median_ms']:.3f} ms, {base['median_ms'] / best['median_ms']:.2f}x vs "
-                  f"{base['method']}" + (f", {best['GB_per_s']:.0f} GB/s = {best['fraction_of_copy']:.0%} of copy"
-                                         if cuda else "") + f"  [{time.time() - t_start:.0f} s]", flush=True)
+            summary.append(
+                {
+                    **shape,
+                    "baseline": base["method"],
+                    "baseline_ms": base["median_ms"],
+                    "fused_default_ms": default["median_ms"],
+                    "fused_default_speedup": base["median_ms"] / default["median_ms"],
+                    "fused_best": best["method"],
+                    "fused_best_ms": best["median_ms"],
+                    "fused_best_speedup": base["median_ms"] / best["median_ms"],
+                    "fused_best_fraction_of_copy": best.get("fraction_of_copy"),
+                }
+            )
+            print(
+                f"B={b} n={n}: "
+                + "  ".join(f"{r['method']} {r['median_ms']:.3f} ms" for r in (r_a, r_b, r_c))
+                + "\n    fused: "
+                + "  ".join(f"{r['method'][6:]} {r['median_ms']:.3f}" for r in fused)
+                + f"  -> best {best['median_ms']:.3f} ms, {base['median_ms'] / best['median_ms']:.2f}x vs "
+                f"{base['method']}"
+                + (f", {best['GB_per_s']:.0f} GB/s = {best['fraction_of_copy']:.0%} of copy" if cuda else "")
+                + f"  [{time.time() - t_start:.0f} s]",
+                flush=True,
+            )
             k = v = kc = ksc = vc = vsc = q = q4 = None
             if cuda:
                 torch.cuda.empty_cache()
@@ -227,8 +296,10 @@ def main(argv: list[str] | None = None) -> int:
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\n{'batch':>5} {'context':>8} {'baseline ms':>12} {'fused ms':>9} {'speedup':>8}  best config")
     for s in summary:
-        print(f"{s['batch']:>5} {s['context']:>8} {s['baseline_ms']:>12.3f} {s['fused_best_ms']:>9.3f} "
-              f"{s['fused_best_speedup']:>7.2f}x  {s['fused_best']}")
+        print(
+            f"{s['batch']:>5} {s['context']:>8} {s['baseline_ms']:>12.3f} {s['fused_best_ms']:>9.3f} "
+            f"{s['fused_best_speedup']:>7.2f}x  {s['fused_best']}"
+        )
     print(f"wrote {path} ({result['wall_s']:.0f} s)")
     return 0 if result["correctness"]["all_ok"] else 1
 

@@ -33,8 +33,14 @@ from lqlib import kernels as K
 
 # (block_v, num_warps, split, chunk_major, maxnreg): block_v = 32·num_warps puts one vector on each
 # thread; maxnreg caps the registers (None: up to 255, 8 warps per multiprocessor at d = 128)
-QUANTIZE_CONFIGS = [(32, 1, 1, False, None), (32, 1, 2, False, None), (64, 2, 1, False, None),
-                    (64, 2, 2, False, None), (128, 4, 1, False, None), (32, 1, 1, False, 168)]
+QUANTIZE_CONFIGS = [
+    (32, 1, 1, False, None),
+    (32, 1, 2, False, None),
+    (64, 2, 1, False, None),
+    (64, 2, 2, False, None),
+    (128, 4, 1, False, None),
+    (32, 1, 1, False, 168),
+]
 DEQUANTIZE_CONFIGS = [(16, 4, False), (16, 4, True), (64, 2, False), (128, 4, False)]
 _BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}
 
@@ -46,7 +52,7 @@ def bits_of(t: torch.Tensor) -> torch.Tensor:
 def sample(n: int, d: int, seed: int, dtype: torch.dtype) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(n, d, generator=gen) * torch.exp(torch.randn(n, 1, generator=gen) * 2)
-    x[:: 97] = 0.0  # some zero vectors
+    x[::97] = 0.0  # some zero vectors
     return x.to(dtype)
 
 
@@ -58,8 +64,13 @@ def identical(codec: E8Codec, x: torch.Tensor, qcfg: dict, dcfg: dict) -> dict:
     same_codes = torch.equal(codes.cpu(), ref_codes)
     same_steps = torch.equal(steps.cpu(), ref_steps)
     same_values = torch.equal(bits_of(y.cpu()), bits_of(codec.quantize(x)))
-    return {"codes": same_codes, "step_codes": same_steps, "values": same_values,
-            "codes_differing": int((codes.cpu() != ref_codes).sum()), "vectors": x.shape[0]}
+    return {
+        "codes": same_codes,
+        "step_codes": same_steps,
+        "values": same_values,
+        "codes_differing": int((codes.cpu() != ref_codes).sum()),
+        "vectors": x.shape[0],
+    }
 
 
 def label_of(cfg: dict) -> str:
@@ -111,10 +122,16 @@ def main(argv: list[str] | None = None) -> int:
     torch.backends.cuda.matmul.allow_tf32 = False
     dev = torch.cuda.get_device_properties(0)
     result: dict = {
-        "benchmark": "benchmarks/gpu_codec.py", "card": dev.name, "multiprocessors": dev.multi_processor_count,
+        "benchmark": "benchmarks/gpu_codec.py",
+        "card": dev.name,
+        "multiprocessors": dev.multi_processor_count,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
-        "python": platform.python_version(), "bits": args.bits, "repeats": args.repeats,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "bits": args.bits,
+        "repeats": args.repeats,
         "kernel_source_sha256": hashlib.sha256(Path(K._kernels().__file__).read_bytes()).hexdigest(),
     }
     codec = E8Codec(args.bits, rotation="rht", scale="vector", seed=0)
@@ -130,11 +147,23 @@ def main(argv: list[str] | None = None) -> int:
     x = sample(4096, args.dim, seed=1, dtype=torch.float16)
     for bv, warps, split, cm, regs in QUANTIZE_CONFIGS:
         cfg = {"block_v": bv, "num_warps": warps, "split": split, "chunk_major": cm, "maxnreg": regs}
-        checks.append({"dim": args.dim, "dtype": "torch.float16", "config": "quantize " + label_of(cfg),
-                       **identical(codec, x, cfg, {})})
+        checks.append(
+            {
+                "dim": args.dim,
+                "dtype": "torch.float16",
+                "config": "quantize " + label_of(cfg),
+                **identical(codec, x, cfg, {}),
+            }
+        )
     for bv, warps, cm in DEQUANTIZE_CONFIGS:
-        checks.append({"dim": args.dim, "dtype": "torch.float16", "config": f"dequantize {bv}/{warps}/cm{cm:d}",
-                       **identical(codec, x, {}, {"block_v": bv, "num_warps": warps, "chunk_major": cm})})
+        checks.append(
+            {
+                "dim": args.dim,
+                "dtype": "torch.float16",
+                "config": f"dequantize {bv}/{warps}/cm{cm:d}",
+                **identical(codec, x, {}, {"block_v": bv, "num_warps": warps, "chunk_major": cm}),
+            }
+        )
     result["bit_identity"] = checks
     result["bit_identical_everywhere"] = all(c["codes"] and c["step_codes"] and c["values"] for c in checks)
     print(f"bit identity: {result['bit_identical_everywhere']} ({len(checks)} checks, {time.time() - t0:.0f} s)")
@@ -143,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
             print("  MISMATCH", c)
 
     # 2. copy bandwidth of this card, then the kernels
-    buf = torch.empty(2 ** 30, dtype=torch.uint8, device="cuda")
+    buf = torch.empty(2**30, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(buf)
     buf.random_(0, 255)
     copy = summary(time_ms(lambda src=buf, out=dst: out.copy_(src), args.repeats), 2 * buf.numel(), None)
@@ -154,8 +183,11 @@ def main(argv: list[str] | None = None) -> int:
 
     n = 2 * args.layers * args.kv_heads * args.tokens
     shape = (2 * args.layers, args.kv_heads, args.tokens, args.dim)
-    result["shape"] = {"what": "Llama-3.1-8B KV cache: (K and V × layers, KV heads, tokens, head dim)",
-                       "shape": list(shape), "vectors": n}
+    result["shape"] = {
+        "what": "Llama-3.1-8B KV cache: (K and V × layers, KV heads, tokens, head dim)",
+        "shape": list(shape),
+        "vectors": n,
+    }
     rows = []
 
     def run_quantize(x, cfg, label):
@@ -163,11 +195,21 @@ def main(argv: list[str] | None = None) -> int:
         nbytes = x.numel() * x.element_size() + codes.numel() * codes.element_size() + steps.numel() * 2
         times = time_ms(lambda: K.quantize(codec, x, **cfg), args.repeats)
         again = statistics.median(time_ms(lambda: K.quantize(codec, x, **cfg), args.repeats))
-        row = {"kernel": "quantize", "label": label, "input_dtype": str(x.dtype), "dim": x.shape[-1],
-               "codes_dtype": str(codes.dtype), **cfg, **summary(times, nbytes, copy_gbs), "median_ms_again": again}
+        row = {
+            "kernel": "quantize",
+            "label": label,
+            "input_dtype": str(x.dtype),
+            "dim": x.shape[-1],
+            "codes_dtype": str(codes.dtype),
+            **cfg,
+            **summary(times, nbytes, copy_gbs),
+            "median_ms_again": again,
+        }
         rows.append(row)
-        print(f"{label:38s} {row['median_ms']:8.3f} ms {row['GB_per_s']:7.0f} GB/s {row['fraction_of_copy']:6.1%}"
-              f"  (again {again:.3f} ms)")
+        print(
+            f"{label:38s} {row['median_ms']:8.3f} ms {row['GB_per_s']:7.0f} GB/s {row['fraction_of_copy']:6.1%}"
+            f"  (again {again:.3f} ms)"
+        )
         return codes, steps
 
     def run_dequantize(codes, steps, dtype, cfg, label):
@@ -175,11 +217,21 @@ def main(argv: list[str] | None = None) -> int:
         nbytes = codes.numel() * codes.element_size() + steps.numel() * 2 + out.numel() * out.element_size()
         times = time_ms(lambda: K.dequantize(codec, codes, steps, dtype, **cfg), args.repeats)
         again = statistics.median(time_ms(lambda: K.dequantize(codec, codes, steps, dtype, **cfg), args.repeats))
-        row = {"kernel": "dequantize", "label": label, "output_dtype": str(dtype), "dim": codes.shape[-1],
-               "codes_dtype": str(codes.dtype), **cfg, **summary(times, nbytes, copy_gbs), "median_ms_again": again}
+        row = {
+            "kernel": "dequantize",
+            "label": label,
+            "output_dtype": str(dtype),
+            "dim": codes.shape[-1],
+            "codes_dtype": str(codes.dtype),
+            **cfg,
+            **summary(times, nbytes, copy_gbs),
+            "median_ms_again": again,
+        }
         rows.append(row)
-        print(f"{label:38s} {row['median_ms']:8.3f} ms {row['GB_per_s']:7.0f} GB/s {row['fraction_of_copy']:6.1%}"
-              f"  (again {again:.3f} ms)")
+        print(
+            f"{label:38s} {row['median_ms']:8.3f} ms {row['GB_per_s']:7.0f} GB/s {row['fraction_of_copy']:6.1%}"
+            f"  (again {again:.3f} ms)"
+        )
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(shape, generator=gen, device="cuda", dtype=torch.float16)
@@ -190,8 +242,13 @@ def main(argv: list[str] | None = None) -> int:
         c, s = run_quantize(x, cfg, f"quantize fp16 d={args.dim} " + label_of(cfg))
         codes, steps = (c, s) if codes is None else (codes, steps)
     for bv, warps, cm in DEQUANTIZE_CONFIGS:
-        run_dequantize(codes, steps, torch.float16, {"block_v": bv, "num_warps": warps, "chunk_major": cm},
-                       f"dequantize fp16 d={args.dim} {bv}/{warps}/cm{cm:d}")
+        run_dequantize(
+            codes,
+            steps,
+            torch.float16,
+            {"block_v": bv, "num_warps": warps, "chunk_major": cm},
+            f"dequantize fp16 d={args.dim} {bv}/{warps}/cm{cm:d}",
+        )
     best_q = min((r for r in rows if r["kernel"] == "quantize"), key=lambda r: r["median_ms"])
     best_d = min((r for r in rows if r["kernel"] == "dequantize"), key=lambda r: r["median_ms"])
     qcfg = {k: best_q[k] for k in ("block_v", "num_warps", "split", "chunk_major", "maxnreg")}
@@ -199,8 +256,9 @@ def main(argv: list[str] | None = None) -> int:
     run_quantize(x.to(torch.bfloat16), qcfg, f"quantize bf16 d={args.dim} best")
     run_dequantize(codes, steps, torch.bfloat16, dcfg, f"dequantize bf16 d={args.dim} best")
     del x, codes, steps
-    x64 = torch.randn(2 * args.layers * args.kv_heads * args.tokens * 2, 64, generator=gen, device="cuda",
-                      dtype=torch.float16)
+    x64 = torch.randn(
+        2 * args.layers * args.kv_heads * args.tokens * 2, 64, generator=gen, device="cuda", dtype=torch.float16
+    )
     c64, s64 = run_quantize(x64, qcfg, "quantize fp16 d=64 best")
     run_dequantize(c64, s64, torch.float16, dcfg, "dequantize fp16 d=64 best")
     del x64, c64, s64
@@ -208,20 +266,31 @@ def main(argv: list[str] | None = None) -> int:
     # the codec's own torch path on CUDA, one layer's keys (what the cache did before the kernels)
     xl = torch.randn(args.kv_heads, args.tokens, args.dim, generator=gen, device="cuda", dtype=torch.float16)
     tq = statistics.median(time_ms(lambda: codec.quantize(xl), 5, warmup=1))
-    rows.append({"kernel": "torch codec.quantize (quantize + dequantize, torch ops on CUDA)", "label": "one layer's K",
-                 "dim": args.dim, "vectors": xl.numel() // args.dim, "median_ms": tq,
-                 "GB_per_s": 2 * xl.numel() * 2 / (tq * 1e-3) / 1e9})
+    rows.append(
+        {
+            "kernel": "torch codec.quantize (quantize + dequantize, torch ops on CUDA)",
+            "label": "one layer's K",
+            "dim": args.dim,
+            "vectors": xl.numel() // args.dim,
+            "median_ms": tq,
+            "GB_per_s": 2 * xl.numel() * 2 / (tq * 1e-3) / 1e9,
+        }
+    )
     print(f"torch codec.quantize, {xl.numel() // args.dim} vectors: {tq:.3f} ms")
     result["rows"] = rows
-    result["best"] = {"quantize": {k: best_q[k] for k in ("label", "median_ms", "GB_per_s", "fraction_of_copy")},
-                      "dequantize": {k: best_d[k] for k in ("label", "median_ms", "GB_per_s", "fraction_of_copy")}}
+    result["best"] = {
+        "quantize": {k: best_q[k] for k in ("label", "median_ms", "GB_per_s", "fraction_of_copy")},
+        "dequantize": {k: best_d[k] for k in ("label", "median_ms", "GB_per_s", "fraction_of_copy")},
+    }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     card = re.sub(r"[^A-Za-z0-9]+", "-", dev.name).strip("-").lower()
     path = out / f"gpu_codec_{card}_{datetime.date.today().isoformat()}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nbest quantize {best_q['label']}: {best_q['GB_per_s']:.0f} GB/s = {best_q['fraction_of_copy']:.1%} of copy; "
-          f"best dequantize {best_d['label']}: {best_d['GB_per_s']:.0f} GB/s = {best_d['fraction_of_copy']:.1%} of copy")
+    print(
+        f"\nbest quantize {best_q['label']}: {best_q['GB_per_s']:.0f} GB/s = {best_q['fraction_of_copy']:.1%} of copy; "
+        f"best dequantize {best_d['label']}: {best_d['GB_per_s']:.0f} GB/s = {best_d['fraction_of_copy']:.1%} of copy"
+    )
     print(f"wrote {path}")
     return 0
 

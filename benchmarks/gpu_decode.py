@@ -6,7 +6,7 @@ nothing is downloaded) reads a prompt of random token ids of ``--contexts`` toke
 decodes greedily. For each context and each cache:
 
 * DynamicCache with ``attn_implementation="sdpa"`` (fp16 keys and values);
-* :class:`lqlib.device_cache.DeviceKVCache` with ``attn_implementation="lqlib_pages"`` (int8 E8 codes
+* :class:`lqlib.cache.device.DeviceKVCache` with ``attn_implementation="lqlib_pages"`` (int8 E8 codes
   + int16 step codes written by the quantize kernel; decode attention over the codes; prefill by
   SDPA over the dequantized history), capacity reserved up front, its per-layer launches issued
   eagerly ("device") and replayed as per-layer CUDA graphs ("device_graphs"; the rest of the model
@@ -52,12 +52,32 @@ def llama_8b_config(smoke: bool):
     from transformers import LlamaConfig
 
     if smoke:
-        return LlamaConfig(vocab_size=97, hidden_size=256, intermediate_size=128, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=4096)
-    return LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                       num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=131072,
-                       rope_theta=500000.0, rms_norm_eps=1e-5, initializer_range=0.02, tie_word_embeddings=False,
-                       bos_token_id=128000, eos_token_id=128001)
+        return LlamaConfig(
+            vocab_size=97,
+            hidden_size=256,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=64,
+            max_position_embeddings=4096,
+        )
+    return LlamaConfig(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        max_position_embeddings=131072,
+        rope_theta=500000.0,
+        rms_norm_eps=1e-5,
+        initializer_range=0.02,
+        tie_word_embeddings=False,
+        bos_token_id=128000,
+        eos_token_id=128001,
+    )
 
 
 def build_model(config, device: torch.device, dtype: torch.dtype):
@@ -90,15 +110,17 @@ class Timer:
 
 
 def kv_bytes_dynamic(cache) -> int:
-    return sum(layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
-               for layer in cache.layers)
+    return sum(
+        layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+        for layer in cache.layers
+    )
 
 
 def run_case(model, kind: str, ids: torch.Tensor, args, device: torch.device, timer: Timer) -> dict:
     """Prefill ``ids``, warm up, time ``repeats`` blocks of ``new_tokens`` greedy steps."""
     from transformers import DynamicCache
 
-    from lqlib.device_cache import ATTENTION, DeviceKVCache, cache_kwarg
+    from lqlib.cache.device import ATTENTION, DeviceKVCache, cache_kwarg
 
     kw = cache_kwarg(model)
     steps = args.warmup + args.repeats * args.new_tokens
@@ -107,8 +129,9 @@ def run_case(model, kind: str, ids: torch.Tensor, args, device: torch.device, ti
         cache = DynamicCache(config=model.config)
     else:
         model.set_attn_implementation(ATTENTION)
-        cache = DeviceKVCache(model.config, args.bits, capacity=ids.shape[1] + steps,
-                              cuda_graphs=kind == "device_graphs")
+        cache = DeviceKVCache(
+            model.config, args.bits, capacity=ids.shape[1] + steps, cuda_graphs=kind == "device_graphs"
+        )
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
@@ -130,10 +153,19 @@ def run_case(model, kind: str, ids: torch.Tensor, args, device: torch.device, ti
     warm_ms = timer(lambda: decode(args.warmup))
     blocks = [timer(lambda: decode(args.new_tokens)) for _ in range(args.repeats)]
     med = statistics.median(blocks)
-    row = {"cache": kind, "attn_implementation": model.config._attn_implementation, "context": ids.shape[1],
-           "prefill_ms": prefill_ms, "warmup_steps": args.warmup, "warmup_ms": warm_ms,
-           "block_ms": blocks, "median_block_ms": med, "ms_per_token": med / args.new_tokens,
-           "tokens_per_s": args.new_tokens / (med * 1e-3), "tokens_held": cache.get_seq_length()}
+    row = {
+        "cache": kind,
+        "attn_implementation": model.config._attn_implementation,
+        "context": ids.shape[1],
+        "prefill_ms": prefill_ms,
+        "warmup_steps": args.warmup,
+        "warmup_ms": warm_ms,
+        "block_ms": blocks,
+        "median_block_ms": med,
+        "ms_per_token": med / args.new_tokens,
+        "tokens_per_s": args.new_tokens / (med * 1e-3),
+        "tokens_held": cache.get_seq_length(),
+    }
     if kind == "dynamic":
         row["kv_bytes"] = kv_bytes_dynamic(cache)
     else:
@@ -156,7 +188,7 @@ def greedy_logits(model, cache, kw: str, ids: torch.Tensor, steps: int, feed: to
     for i in range(steps):
         tok = logits[-1].argmax(-1, keepdim=True)
         toks.append(tok)
-        nxt = tok if feed is None else feed[:, i:i + 1]
+        nxt = tok if feed is None else feed[:, i : i + 1]
         logits.append(model(input_ids=nxt, **{kw: cache}, use_cache=True).logits[:, -1].float())
     return {"logits": torch.stack(logits), "tokens": torch.cat(toks, 1)}
 
@@ -165,8 +197,8 @@ def agreement(model, args, device: torch.device, vocab: int) -> dict:
     """Device cache (decode kernel) vs a quantize-dequantize DynamicCache through the same kernels (SDPA)."""
     from lqlib import E8Codec
     from lqlib import kernels as K
-    from lqlib.device_cache import ATTENTION, DeviceKVCache, cache_kwarg
-    from lqlib.quantized_cache import QuantizeDequantizeCache
+    from lqlib.cache.device import ATTENTION, DeviceKVCache, cache_kwarg
+    from lqlib.cache.quantized import QuantizeDequantizeCache
 
     codec = E8Codec(args.bits)
 
@@ -177,11 +209,11 @@ def agreement(model, args, device: torch.device, vocab: int) -> dict:
     gen = torch.Generator(device="cpu").manual_seed(1)
     ids = torch.randint(0, vocab, (1, args.check_context), generator=gen).to(device)
     runs = {}
-    for name, impl, make in (("device_cache", ATTENTION, lambda: DeviceKVCache(model.config, args.bits)),
-                             ("quantize_dequantize_sdpa", "sdpa",
-                              lambda: QuantizeDequantizeCache(through_codec, model.config)),
-                             ("device_cache_graphs", ATTENTION,
-                              lambda: DeviceKVCache(model.config, args.bits, cuda_graphs=True))):
+    for name, impl, make in (
+        ("device_cache", ATTENTION, lambda: DeviceKVCache(model.config, args.bits)),
+        ("quantize_dequantize_sdpa", "sdpa", lambda: QuantizeDequantizeCache(through_codec, model.config)),
+        ("device_cache_graphs", ATTENTION, lambda: DeviceKVCache(model.config, args.bits, cuda_graphs=True)),
+    ):
         model.set_attn_implementation(impl)
         # every run is fed the first run's tokens, so that the logits compare step by step
         feed = runs["device_cache"]["tokens"] if runs else None
@@ -193,12 +225,17 @@ def agreement(model, args, device: torch.device, vocab: int) -> dict:
             runs[name] = {"error": repr(err)}
     a, b, g = runs["device_cache"], runs["quantize_dequantize_sdpa"], runs["device_cache_graphs"]
     diff = (a["logits"] - b["logits"]).abs().amax(dim=(1, 2))
-    return {"context": args.check_context, "decode_steps": args.check_steps,
-            "graphs_logits_identical_to_eager": g.get("error") or bool(torch.equal(a["logits"], g["logits"])),
-            "prefill_logits_identical": bool(torch.equal(a["logits"][0], b["logits"][0])),
-            "max_abs_logit_diff_per_step": diff.tolist(), "max_abs_logit": float(b["logits"].abs().max()),
-            "greedy_tokens_agree": bool(torch.equal(a["tokens"], b["tokens"])),
-            "tokens_device_cache": a["tokens"][0].tolist(), "tokens_reference": b["tokens"][0].tolist()}
+    return {
+        "context": args.check_context,
+        "decode_steps": args.check_steps,
+        "graphs_logits_identical_to_eager": g.get("error") or bool(torch.equal(a["logits"], g["logits"])),
+        "prefill_logits_identical": bool(torch.equal(a["logits"][0], b["logits"][0])),
+        "max_abs_logit_diff_per_step": diff.tolist(),
+        "max_abs_logit": float(b["logits"].abs().max()),
+        "greedy_tokens_agree": bool(torch.equal(a["tokens"], b["tokens"])),
+        "tokens_device_cache": a["tokens"][0].tolist(),
+        "tokens_reference": b["tokens"][0].tolist(),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -235,16 +272,38 @@ def main(argv: list[str] | None = None) -> int:
     config = llama_8b_config(args.smoke)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu-interpreter"
     result: dict = {
-        "benchmark": "benchmarks/gpu_decode.py", "card": card, "smoke": args.smoke,
+        "benchmark": "benchmarks/gpu_decode.py",
+        "card": card,
+        "smoke": args.smoke,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__, "triton": triton.__version__, "transformers": transformers.__version__,
-        "cuda": torch.version.cuda, "python": platform.python_version(),
-        "model": {"what": "Llama-3.1-8B shapes, random weights (normal std 0.02), float16" if not args.smoke
-                  else "tiny random Llama (smoke)",
-                  **{k: getattr(config, k) for k in ("num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                                                     "head_dim", "hidden_size", "intermediate_size", "vocab_size")}},
-        "batch": 1, "bits": args.bits, "new_tokens_per_block": args.new_tokens, "repeats": args.repeats,
-        "warmup_steps": args.warmup, "target_ratio": TARGET,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "transformers": transformers.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "model": {
+            "what": "Llama-3.1-8B shapes, random weights (normal std 0.02), float16"
+            if not args.smoke
+            else "tiny random Llama (smoke)",
+            **{
+                k: getattr(config, k)
+                for k in (
+                    "num_hidden_layers",
+                    "num_attention_heads",
+                    "num_key_value_heads",
+                    "head_dim",
+                    "hidden_size",
+                    "intermediate_size",
+                    "vocab_size",
+                )
+            },
+        },
+        "batch": 1,
+        "bits": args.bits,
+        "new_tokens_per_block": args.new_tokens,
+        "repeats": args.repeats,
+        "warmup_steps": args.warmup,
+        "target_ratio": TARGET,
     }
     print(f"{card}: building the model ...", flush=True)
     t0 = time.time()
@@ -260,11 +319,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"agreement check at context {args.check_context} ...", flush=True)
         t0 = time.time()
         result["agreement"] = agreement(model, args, device, config.vocab_size)
-        print(f"  graphs == eager: {result['agreement']['graphs_logits_identical_to_eager']}; "
-              f"prefill logits identical: {result['agreement']['prefill_logits_identical']}, decode max |dlogit| "
-              f"{max(result['agreement']['max_abs_logit_diff_per_step']):.2e} (|logit| <= "
-              f"{result['agreement']['max_abs_logit']:.2f}), tokens agree: "
-              f"{result['agreement']['greedy_tokens_agree']} ({time.time() - t0:.1f} s)", flush=True)
+        print(
+            f"  graphs == eager: {result['agreement']['graphs_logits_identical_to_eager']}; "
+            f"prefill logits identical: {result['agreement']['prefill_logits_identical']}, decode max |dlogit| "
+            f"{max(result['agreement']['max_abs_logit_diff_per_step']):.2e} (|logit| <= "
+            f"{result['agreement']['max_abs_logit']:.2f}), tokens agree: "
+            f"{result['agreement']['greedy_tokens_agree']} ({time.time() - t0:.1f} s)",
+            flush=True,
+        )
         for context in args.contexts:
             gen = torch.Generator(device="cpu").manual_seed(context)
             ids = torch.randint(0, config.vocab_size, (1, context), generator=gen).to(device)
@@ -282,29 +344,44 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(row)
                 pair[kind] = row
                 mem = f", peak {row['max_memory_allocated'] / 2**30:.2f} GiB" if "max_memory_allocated" in row else ""
-                print(f"  context {context:6d} {kind:13s} prefill {row['prefill_ms']:8.0f} ms, decode "
-                      f"{row['tokens_per_s']:7.2f} tok/s ({row['ms_per_token']:.2f} ms/token), KV "
-                      f"{row['kv_bytes'] / 2**20:9.1f} MiB{mem} ({time.time() - t0:.1f} s)", flush=True)
+                print(
+                    f"  context {context:6d} {kind:13s} prefill {row['prefill_ms']:8.0f} ms, decode "
+                    f"{row['tokens_per_s']:7.2f} tok/s ({row['ms_per_token']:.2f} ms/token), KV "
+                    f"{row['kv_bytes'] / 2**20:9.1f} MiB{mem} ({time.time() - t0:.1f} s)",
+                    flush=True,
+                )
             base = pair["dynamic"]
             for kind in [k for k in KINDS[1:] if k in pair]:
                 ratio = pair[kind]["tokens_per_s"] / base["tokens_per_s"]
-                summary.append({"context": context, "cache": kind, "tokens_per_s_dynamic": base["tokens_per_s"],
-                                "tokens_per_s_device_cache": pair[kind]["tokens_per_s"], "ratio": ratio,
-                                "meets_target": ratio >= TARGET, "kv_bytes_dynamic": base["kv_bytes"],
-                                "kv_bytes_device_cache": pair[kind]["kv_bytes"],
-                                "kv_memory_ratio": base["kv_bytes"] / pair[kind]["kv_bytes"],
-                                "peak_gib_dynamic": base.get("max_memory_allocated", 0) / 2**30,
-                                "peak_gib_device_cache": pair[kind].get("max_memory_allocated", 0) / 2**30})
+                summary.append(
+                    {
+                        "context": context,
+                        "cache": kind,
+                        "tokens_per_s_dynamic": base["tokens_per_s"],
+                        "tokens_per_s_device_cache": pair[kind]["tokens_per_s"],
+                        "ratio": ratio,
+                        "meets_target": ratio >= TARGET,
+                        "kv_bytes_dynamic": base["kv_bytes"],
+                        "kv_bytes_device_cache": pair[kind]["kv_bytes"],
+                        "kv_memory_ratio": base["kv_bytes"] / pair[kind]["kv_bytes"],
+                        "peak_gib_dynamic": base.get("max_memory_allocated", 0) / 2**30,
+                        "peak_gib_device_cache": pair[kind].get("max_memory_allocated", 0) / 2**30,
+                    }
+                )
     result["rows"] = rows
     result["summary"] = summary
     result["wall_s"] = time.time() - t_start
-    print(f"\n{'context':>8} {'ours':>13} {'DynamicCache tok/s':>19} {'ours tok/s':>11} {'ratio':>6} {'>=0.9':>6} "
-          f"{'KV fp16 MiB':>12} {'KV codes MiB':>13} {'smaller':>8} {'peak GiB dyn/ours':>18}")
+    print(
+        f"\n{'context':>8} {'ours':>13} {'DynamicCache tok/s':>19} {'ours tok/s':>11} {'ratio':>6} {'>=0.9':>6} "
+        f"{'KV fp16 MiB':>12} {'KV codes MiB':>13} {'smaller':>8} {'peak GiB dyn/ours':>18}"
+    )
     for s in summary:
-        print(f"{s['context']:8d} {s['cache']:>13} {s['tokens_per_s_dynamic']:19.2f} "
-              f"{s['tokens_per_s_device_cache']:11.2f} {s['ratio']:6.3f} {'ok' if s['meets_target'] else 'MISSED':>6} "
-              f"{s['kv_bytes_dynamic'] / 2**20:12.1f} {s['kv_bytes_device_cache'] / 2**20:13.1f} "
-              f"{s['kv_memory_ratio']:7.2f}x {s['peak_gib_dynamic']:8.2f}/{s['peak_gib_device_cache']:<8.2f}")
+        print(
+            f"{s['context']:8d} {s['cache']:>13} {s['tokens_per_s_dynamic']:19.2f} "
+            f"{s['tokens_per_s_device_cache']:11.2f} {s['ratio']:6.3f} {'ok' if s['meets_target'] else 'MISSED':>6} "
+            f"{s['kv_bytes_dynamic'] / 2**20:12.1f} {s['kv_bytes_device_cache'] / 2**20:13.1f} "
+            f"{s['kv_memory_ratio']:7.2f}x {s['peak_gib_dynamic']:8.2f}/{s['peak_gib_device_cache']:<8.2f}"
+        )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     slug = re.sub(r"[^A-Za-z0-9]+", "-", card).strip("-").lower()

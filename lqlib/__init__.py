@@ -6,11 +6,25 @@ entropy_model, rans, wire, codec), kernels, models/corpus, evaluation,
 analysis, book helpers and CLI.
 """
 
-from .codec import E8Codec, Encoded
-from .errors import (ChecksumError, CodecMismatchError, CorruptStreamError, FormatError, InputError,
-                     LqlibError, ResourceNotFoundError)
-from .lattices import LATTICES, nearest_a2, nearest_dn, nearest_e8, nearest_zn, normalized_second_moment
-from .rht import RandomizedHadamard, fwht
+from .coding.codec import E8Codec, Encoded
+from .core.lattices import (
+    LATTICES,
+    nearest_a2,
+    nearest_dn,
+    nearest_e8,
+    nearest_zn,
+    normalized_second_moment,
+)
+from .core.rht import RandomizedHadamard, fwht
+from .errors import (
+    ChecksumError,
+    CodecMismatchError,
+    CorruptStreamError,
+    FormatError,
+    InputError,
+    LqlibError,
+    ResourceNotFoundError,
+)
 
 __version__ = "0.1.0"
 
@@ -18,14 +32,29 @@ __version__ = "0.1.0"
 def __getattr__(name: str):
     """Lazy public names whose modules import transformers (kept out of ``import lqlib``)."""
     if name == "CompressedKVCache":
-        from .compressed_cache import CompressedKVCache
+        from .cache.compressed import CompressedKVCache
 
         return CompressedKVCache
     raise AttributeError(f"module 'lqlib' has no attribute {name!r}")
 
+
 __all__ = [
-    "E8Codec", "Encoded", "CompressedKVCache", "LATTICES", "RandomizedHadamard", "fwht",
-    "nearest_zn", "nearest_a2", "nearest_dn", "nearest_e8", "normalized_second_moment",
-    "LqlibError", "InputError", "FormatError", "ChecksumError", "CorruptStreamError",
-    "CodecMismatchError", "ResourceNotFoundError",
+    "E8Codec",
+    "Encoded",
+    "CompressedKVCache",
+    "LATTICES",
+    "RandomizedHadamard",
+    "fwht",
+    "nearest_zn",
+    "nearest_a2",
+    "nearest_dn",
+    "nearest_e8",
+    "normalized_second_moment",
+    "LqlibError",
+    "InputError",
+    "FormatError",
+    "ChecksumError",
+    "CorruptStreamError",
+    "CodecMismatchError",
+    "ResourceNotFoundError",
 ]

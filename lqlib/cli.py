@@ -14,35 +14,24 @@ import sys
 import time
 from pathlib import Path
 
-from .rate_distortion import gaussian_validation
-from .tables import write_table
+from .book.paper1 import TABLE3_COLUMNS, table3_rows
+from .book.tables import write_table
+from .evaluation.rate_distortion import gaussian_validation
 
 __all__ = ["main"]
-
-GAUSSIAN_COLUMNS = {
-    "target_bits": ("target b", 1),
-    "coded_bits": "coded bits/dim (ours)",
-    "paper_coded_bits": ("coded bits/dim (paper)", 3),
-    "rate_vs_paper": "ours / paper − 1",
-    "gap": "gap D/D* (ours)",
-    "exact_gap": "2πe·G(E8)",
-    "gap_vs_exact": "ours / exact − 1",
-    "paper_gap": ("gap (paper)", 3),
-    "lossless": "lossless",
-}
 
 
 def _gaussian_table(args: argparse.Namespace) -> int:
     start = time.perf_counter()
-    rows = gaussian_validation(n_blocks=args.blocks, seed=args.seed)
-    csv_path, md_path = write_table(rows, Path(args.out) / "gaussian_validation", GAUSSIAN_COLUMNS)
+    rows = table3_rows(gaussian_validation(n_blocks=args.blocks, seed=args.seed))
+    csv_path, md_path = write_table(rows, Path(args.out) / "gaussian_validation", TABLE3_COLUMNS)
     print(md_path.read_text())
     print(f"wrote {csv_path} and {md_path} in {time.perf_counter() - start:.1f} s")
     return 0 if all(row["lossless"] for row in rows) else 1
 
 
 def _book(args: argparse.Namespace) -> int:
-    from .book import BookBuildError, build_html, execute_notebooks
+    from .book.runner import BookBuildError, build_html, execute_notebooks
 
     root = Path(args.root).resolve()
     start = time.perf_counter()
@@ -62,11 +51,11 @@ def _book(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     import json
 
-    from .corpus import load_corpus
-    from .evaluate import compare_methods, hf_quantized_cache, method_specs
-    from .kv_capture import capture_kv
-    from .models import load
-    from .perplexity import token_windows
+    from .evaluation.capture import capture_kv
+    from .evaluation.corpus import load_corpus
+    from .evaluation.harness import compare_methods, hf_quantized_cache, method_specs
+    from .evaluation.models import load
+    from .evaluation.perplexity import token_windows
 
     loaded = load(args.model)
     text = load_corpus(args.corpus)
@@ -79,8 +68,18 @@ def _evaluate(args: argparse.Namespace) -> int:
     for row in rows:
         row.update(model=loaded.name, corpus=text.name, window=args.window, windows=input_ids.shape[0])
     out = Path(args.out)
-    write_table(rows, out / "evaluation", {"method": "method", "bits_per_dim": ("bits/dim", 3), "ppl": ("PPL", 3),
-                                           "delta_pct": ("Δ%", 2), "mse_k": ("MSE K", 5), "mse_v": ("MSE V", 5)})
+    write_table(
+        rows,
+        out / "evaluation",
+        {
+            "method": "method",
+            "bits_per_dim": ("bits/dim", 3),
+            "ppl": ("PPL", 3),
+            "delta_pct": ("Δ%", 2),
+            "mse_k": ("MSE K", 5),
+            "mse_v": ("MSE V", 5),
+        },
+    )
     (out / "evaluation.json").write_text(json.dumps(rows, indent=1))
     print((out / "evaluation.md").read_text())
     return 0

@@ -10,7 +10,7 @@ import math
 import torch
 from torch import Tensor
 
-from .lattices import nearest_e8
+from .core.lattices import nearest_e8
 
 __all__ = ["encode_e8", "compute_scale"]
 

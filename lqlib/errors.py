@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
-__all__ = ["LqlibError", "InputError", "FormatError", "ChecksumError", "CorruptStreamError",
-           "CodecMismatchError", "ResourceNotFoundError"]
+__all__ = [
+    "LqlibError",
+    "InputError",
+    "FormatError",
+    "ChecksumError",
+    "CorruptStreamError",
+    "CodecMismatchError",
+    "ResourceNotFoundError",
+]
 
 
 class LqlibError(Exception):

@@ -14,8 +14,9 @@ from hypothesis import HealthCheck, settings
 
 # Property tests: derandomized under `make test` and CI (HYPOTHESIS_PROFILE=ci: the same examples on
 # every run and machine), freshly random in a plain local `pytest` (the "dev" profile) to explore.
-settings.register_profile("ci", derandomize=True, database=None, deadline=None,
-                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile(
+    "ci", derandomize=True, database=None, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 settings.register_profile("dev", deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
@@ -30,6 +31,6 @@ if not torch.cuda.is_available():
 @pytest.fixture(scope="session")
 def default_model():
     """The embedded SmolLM2-135M-Instruct, loaded once per test session."""
-    from lqlib import models
+    from lqlib.evaluation import models
 
     return models.load()

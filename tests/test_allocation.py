@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lqlib.allocation import (
+from lqlib.alloc.allocation import (
     Allocation,
     allocate,
     am_gm_ratio,
@@ -62,7 +62,7 @@ def test_known_two_slot_example():
     np.testing.assert_allclose(a.bits, [3.0, 5.0], atol=1e-12)
     assert a.am_gm == pytest.approx(8.5 / 4, rel=1e-14)
     assert a.predicted_ratio == pytest.approx(2.125, rel=1e-14)  # no clamps: ratio is AM/GM
-    np.testing.assert_allclose(a.predicted_distortion, [4.0 ** -3, 16 * 4.0 ** -5])  # equalised
+    np.testing.assert_allclose(a.predicted_distortion, [4.0**-3, 16 * 4.0**-5])  # equalised
     assert allocate([1.0, 16.0], 4.0, grid=0.25).bits.tolist() == [3.0, 5.0]
     # weight ratio 16 = 4 bits of spread, so a cap of 4.5 re-spreads the excess: 3.5 / 4.5
     np.testing.assert_allclose(water_fill([1.0, 16.0], 4.0, b_max=4.5), [3.5, 4.5], atol=1e-12)
@@ -138,7 +138,7 @@ def test_rounding_is_brute_force_optimal_equal_sizes(slots):
         w = 4.0 ** rng.uniform(-2, 2, slots)
         budget = float(rng.choice([rng.uniform(1.0, 3.0), rng.choice(levels)]))
         a = allocate(w, budget, grid=0.25, b_min=1.0, b_max=3.0)
-        d = (w * 4.0 ** -combos).sum(axis=1)
+        d = (w * 4.0**-combos).sum(axis=1)
         feasible = combos.mean(axis=1) <= budget + 1e-12
         assert a.predicted_distortion.sum() == pytest.approx(d[feasible].min(), rel=1e-12)
         assert a.mean_bits <= budget + 1e-12
@@ -160,7 +160,6 @@ def test_rounding_unequal_sizes_is_feasible_and_maximal():
         assert not can_raise.any()
 
 
-
 @FAST
 @given(weights_st, st.floats(1.0, 6.0))
 def test_greedy_from_floors_equals_greedy_from_bottom(w, budget):
@@ -170,6 +169,7 @@ def test_greedy_from_floors_equals_greedy_from_bottom(w, budget):
     bottom = round_to_grid(np.ones(w.size), w, budget, 0.25, b_max=6.0)
     assert predicted_distortion(bottom, w).sum() == pytest.approx(a.predicted_distortion.sum(), rel=1e-12)
     assert bottom.mean() <= budget + 1e-12
+
 
 grid_st = st.one_of(
     st.sampled_from([0.25, 0.5, 1.0, 0.1]),

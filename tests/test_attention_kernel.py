@@ -18,9 +18,13 @@ triton = pytest.importorskip("triton")
 
 from lqlib import E8Codec, InputError
 from lqlib import kernels as K
-from lqlib.kernels.attention import (AttentionConfig, decode_attention, hadamard_matrix,
-                                     reference_decode_attention)
-from lqlib.rht import fwht
+from lqlib.core.rht import fwht
+from lqlib.kernels.attention import (
+    AttentionConfig,
+    decode_attention,
+    hadamard_matrix,
+    reference_decode_attention,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -39,7 +43,10 @@ def cache(b, hkv, cap, d, kc, vc, seed, scales=True):
     coded_k = k / ks[None, :, None, :] if scales else k
     k_codes, k_steps = K.reference_quantize(kc, coded_k)
     v_codes, v_steps = K.reference_quantize(vc, v.half())
-    to = (lambda t: t.to(DEVICE))
+
+    def to(t):
+        return t.to(DEVICE)
+
     return (k, v.half(), None if ks is None else to(ks), to(k_codes), to(k_steps), to(v_codes), to(v_steps))
 
 
@@ -55,11 +62,14 @@ def test_hadamard_matrix_is_the_fwht():
     assert torch.equal(x @ hadamard_matrix(128, torch.device("cpu"), torch.float64), fwht(x))
 
 
-@pytest.mark.parametrize("d,g,length,cfg", [
-    (64, 2, 137, AttentionConfig(block_n=32, splits=3)),  # partial tiles, length < capacity
-    (128, 4, 200, AttentionConfig(block_n=64)),  # full capacity, splits from the heuristic
-    (64, 4, 45, AttentionConfig(block_n=16, splits=7)),  # more splits than tiles: empty programs
-])
+@pytest.mark.parametrize(
+    "d,g,length,cfg",
+    [
+        (64, 2, 137, AttentionConfig(block_n=32, splits=3)),  # partial tiles, length < capacity
+        (128, 4, 200, AttentionConfig(block_n=64)),  # full capacity, splits from the heuristic
+        (64, 4, 45, AttentionConfig(block_n=16, splits=7)),  # more splits than tiles: empty programs
+    ],
+)
 def test_matches_reference(d, g, length, cfg):
     kc, vc = E8Codec(4.0, seed=1), E8Codec(3.0, seed=2)  # different rates and signs for K and V
     _, _, ks, k_codes, k_steps, v_codes, v_steps = cache(2, 2, 200, d, kc, vc, seed=d + g)
@@ -76,12 +86,14 @@ def test_matches_the_codec_then_sdpa():
     k, v, ks, k_codes, k_steps, v_codes, v_steps = cache(1, 2, 160, 64, kc, vc, seed=5)
     q = torch.randn(1, 8, 64, generator=torch.Generator().manual_seed(5)).half()
     n = 151
-    out = decode_attention(q.to(DEVICE), k_codes, k_steps, v_codes, v_steps, n, kc, vc, key_scales=ks,
-                           config=AttentionConfig(block_n=32))
+    out = decode_attention(
+        q.to(DEVICE), k_codes, k_steps, v_codes, v_steps, n, kc, vc, key_scales=ks, config=AttentionConfig(block_n=32)
+    )
     k_hat = kc.quantize(k / ks.cpu()[None, :, None, :]).float() * ks.cpu().float()[None, :, None, :]
     v_hat = vc.quantize(v).float()
-    sdpa = F.scaled_dot_product_attention(q.float()[:, :, None], k_hat[:, :, :n], v_hat[:, :, :n],
-                                          enable_gqa=True)[:, :, 0]
+    sdpa = F.scaled_dot_product_attention(q.float()[:, :, None], k_hat[:, :, :n], v_hat[:, :, :n], enable_gqa=True)[
+        :, :, 0
+    ]
     close(out, sdpa)
 
 
@@ -91,17 +103,36 @@ def test_rotations_bfloat16_lengths_tensor_and_sm_scale(rotation):
     _, _, _, k_codes, k_steps, v_codes, v_steps = cache(2, 2, 96, 64, kc, vc, seed=7, scales=False)
     q = torch.randn(2, 4, 64, generator=torch.Generator().manual_seed(7)).bfloat16().to(DEVICE)
     lengths = torch.tensor([96, 33], device=DEVICE)
-    out = decode_attention(q, k_codes, k_steps, v_codes, v_steps, lengths, kc, vc, sm_scale=0.3,
-                           config=AttentionConfig(block_n=16, splits=2))
+    out = decode_attention(
+        q,
+        k_codes,
+        k_steps,
+        v_codes,
+        v_steps,
+        lengths,
+        kc,
+        vc,
+        sm_scale=0.3,
+        config=AttentionConfig(block_n=16, splits=2),
+    )
     ref = reference_decode_attention(q, k_codes, k_steps, v_codes, v_steps, lengths, kc, vc, sm_scale=0.3)
     assert out.dtype == torch.bfloat16
     # bfloat16 output: 8-bit mantissa, so 2^-8 of the largest magnitude
     err = (out.float().cpu() - ref.float().cpu()).abs().max().item()
-    assert err <= 2 ** -7 * ref.float().abs().max().item(), err
+    assert err <= 2**-7 * ref.float().abs().max().item(), err
     # the second row sees only its 33 tokens: same as a cache cut at 33
-    cut = reference_decode_attention(q[1:], k_codes[1:, :, :33], k_steps[1:, :, :33], v_codes[1:, :, :33],
-                                     v_steps[1:, :, :33], 33, kc, vc, sm_scale=0.3)
-    assert (out[1:].float().cpu() - cut.float().cpu()).abs().max().item() <= 2 ** -7 * cut.float().abs().max().item()
+    cut = reference_decode_attention(
+        q[1:],
+        k_codes[1:, :, :33],
+        k_steps[1:, :, :33],
+        v_codes[1:, :, :33],
+        v_steps[1:, :, :33],
+        33,
+        kc,
+        vc,
+        sm_scale=0.3,
+    )
+    assert (out[1:].float().cpu() - cut.float().cpu()).abs().max().item() <= 2**-7 * cut.float().abs().max().item()
 
 
 def test_one_token_is_its_value():

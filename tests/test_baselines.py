@@ -6,15 +6,29 @@ import numpy as np
 import pytest
 import torch
 
-from lqlib.baselines import (E8Entropy, E8FixedRate, IntPerToken, KiviStyle, TurboQuantStyle, _gaussian_codebook,
-                             standard_methods)
-from lqlib.compressed_cache import CompressedKVCache
-from lqlib.evaluate import (compare_methods, compressed_cache_rate, delta_ratio, e8_bits_for_rate,
-                            hf_quantized_cache, method_specs, tensor_nbytes)
-from lqlib.kv_capture import capture_kv
-from lqlib.corpus import load_corpus
-from lqlib.perplexity import token_windows
-from lqlib.theory import entropy_coded_gap
+from lqlib.cache.compressed import CompressedKVCache
+from lqlib.core.theory import entropy_coded_gap
+from lqlib.evaluation.baselines import (
+    E8Entropy,
+    E8FixedRate,
+    IntPerToken,
+    KiviStyle,
+    TurboQuantStyle,
+    _gaussian_codebook,
+    standard_methods,
+)
+from lqlib.evaluation.capture import capture_kv
+from lqlib.evaluation.corpus import load_corpus
+from lqlib.evaluation.harness import (
+    compare_methods,
+    compressed_cache_rate,
+    delta_ratio,
+    e8_bits_for_rate,
+    hf_quantized_cache,
+    method_specs,
+    tensor_nbytes,
+)
+from lqlib.evaluation.perplexity import token_windows
 
 
 @pytest.fixture(scope="module")
@@ -44,12 +58,13 @@ def test_shapes_dtypes_and_rates(x):
 def test_distortions_follow_theory(x):
     # uniform b-bit quantizer on each vector's range: MSE = step²/12 with step = (max − min)/(2^b − 1)
     step = (x.amax(-1) - x.amin(-1)) / 15
-    assert rel_mse(IntPerToken(4), x) == pytest.approx((step.square() / 12).mean().item() / x.square().mean().item(),
-                                                       rel=0.05)
+    assert rel_mse(IntPerToken(4), x) == pytest.approx(
+        (step.square() / 12).mean().item() / x.square().mean().item(), rel=0.05
+    )
     # TurboQuant-style = Lloyd-Max on ~Gaussian coordinates: its known 4-bit distortion 0.009497
     assert rel_mse(TurboQuantStyle(4), x) == pytest.approx(0.009497, rel=0.06)
     # E8 + EC: 2πe·G(E8)·4^-b relative to the second moment
-    assert rel_mse(E8Entropy(4), x) == pytest.approx(entropy_coded_gap("E8") * 4.0 ** -4, rel=0.03)
+    assert rel_mse(E8Entropy(4), x) == pytest.approx(entropy_coded_gap("E8") * 4.0**-4, rel=0.03)
     # at about the same total rate (4.25 bits/dim) E8 + EC has at most ~0.55x TurboQuant-style's MSE
     assert rel_mse(E8Entropy(4), x) < 0.55 * rel_mse(TurboQuantStyle(4), x)
     levels = _gaussian_codebook(1)
@@ -71,13 +86,16 @@ def test_tensor_nbytes_unpacks_subclasses():
 def test_harness_on_the_default_model(default_model):
     ids, labels = token_windows(default_model.tokenizer, load_corpus().text, window=128, max_windows=2)
     kv = capture_kv(default_model, ids[:1])
-    specs = [spec for spec in method_specs(4) if "TurboQuant" in spec.label or "E8 + EC 4" == spec.label]
+    specs = [spec for spec in method_specs(4) if "TurboQuant" in spec.label or spec.label == "E8 + EC 4"]
     specs.append(hf_quantized_cache(4))
     rows = compare_methods(default_model, specs, ids, labels, kv, progress=False)
     by = {r["method"]: r for r in rows}
     assert by["full precision"]["delta_pct"] == 0.0 and all(r["tokens"] == 2 * 127 for r in rows)
-    assert all(len(r["window_nll"]) == 2 and sum(r["window_nll"]) == pytest.approx(r["ppl"] and
-               math.log(r["ppl"]) * r["tokens"], rel=1e-9) for r in rows)
+    assert all(
+        len(r["window_nll"]) == 2
+        and sum(r["window_nll"]) == pytest.approx(r["ppl"] and math.log(r["ppl"]) * r["tokens"], rel=1e-9)
+        for r in rows
+    )
     # E8 + EC's rate is the real cache's: 4 bits + step codes + page headers (the cache in a forward
     # pass holds slightly different K/V past layer 0, since attention there reads quantized history)
     cache = CompressedKVCache(default_model.config, 4.0)
@@ -103,10 +121,12 @@ def test_delta_ratio_and_its_interval():
     fp = rng.uniform(300, 400, 40)
     tokens = [127] * 40
     a = fp + rng.uniform(1, 3, 40)
-    rows = [{"method": "full precision", "window_nll": fp.tolist(), "window_tokens": tokens},
-            {"method": "a", "window_nll": a.tolist()},
-            {"method": "b", "window_nll": (fp + 2 * (a - fp)).tolist()},
-            {"method": "c", "window_nll": (fp + 2 * (a - fp) + rng.normal(0, 0.5, 40)).tolist()}]
+    rows = [
+        {"method": "full precision", "window_nll": fp.tolist(), "window_tokens": tokens},
+        {"method": "a", "window_nll": a.tolist()},
+        {"method": "b", "window_nll": (fp + 2 * (a - fp)).tolist()},
+        {"method": "c", "window_nll": (fp + 2 * (a - fp) + rng.normal(0, 0.5, 40)).tolist()},
+    ]
     exact = delta_ratio(rows, "b", "a")
     # b's per-window increase is exactly twice a's: ratio of PPL increases ≈ 2, interval tight around it
     expected = np.expm1(2 * (a - fp).sum() / (127 * 40)) / np.expm1((a - fp).sum() / (127 * 40))

@@ -14,16 +14,32 @@ from pathlib import Path
 
 import pytest
 
-from lqlib import book
+from lqlib.book import runner as book
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
-PAGES = ["book/paper1/01_scalar_barrier", "book/paper1/02_lattices", "book/paper1/03_e8_entropy_coding",
-         "book/paper1/04_rht", "book/paper1/05_real_kv", "book/paper1/06_perplexity", "book/paper2/01_system",
-         "book/paper2/02_end_to_end", "book/paper2/03_mse_vs_turboquant", "book/paper2/04_all_methods",
-         "book/paper2/05_generate", "book/paper2/06_gpu", "book/paper3/01_permutation_puzzle", "book/paper3/02_theorem_a",
-         "book/paper3/03_theorem_b", "book/paper3/04_theorem_c", "book/paper4/01_sensitivity", "book/paper4/02_allocation",
-         "book/paper4/03_water_filling", "book/scorecard"]
+PAGES = [
+    "book/paper1/01_scalar_barrier",
+    "book/paper1/02_lattices",
+    "book/paper1/03_e8_entropy_coding",
+    "book/paper1/04_rht",
+    "book/paper1/05_real_kv",
+    "book/paper1/06_perplexity",
+    "book/paper2/01_system",
+    "book/paper2/02_end_to_end",
+    "book/paper2/03_mse_vs_turboquant",
+    "book/paper2/04_all_methods",
+    "book/paper2/05_generate",
+    "book/paper2/06_gpu",
+    "book/paper3/01_permutation_puzzle",
+    "book/paper3/02_theorem_a",
+    "book/paper3/03_theorem_b",
+    "book/paper3/04_theorem_c",
+    "book/paper4/01_sensitivity",
+    "book/paper4/02_allocation",
+    "book/paper4/03_water_filling",
+    "book/scorecard",
+]
 SLIDER_PAGES = ["book/paper1/01_scalar_barrier", "book/paper3/04_theorem_c", "book/paper4/03_water_filling"]
 
 
@@ -31,8 +47,11 @@ SLIDER_PAGES = ["book/paper1/01_scalar_barrier", "book/paper3/04_theorem_c", "bo
 def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("book")
     for name in ("notebooks", "book", "_static", "results"):
-        shutil.copytree(ROOT / name, root / name, ignore=shutil.ignore_patterns("*.ipynb_checkpoints", ".*.stamp",
-                                                                                 "figures", "tables"))
+        shutil.copytree(
+            ROOT / name,
+            root / name,
+            ignore=shutil.ignore_patterns("*.ipynb_checkpoints", ".*.stamp", "figures", "tables"),
+        )
     for path in (root / "book").rglob("*.ipynb"):
         path.unlink()  # executed copies from a checkout's own build
     for name in ("_toc.yml", "_config.yml"):
@@ -52,18 +71,43 @@ def test_every_page_is_built_with_its_figures_tables_and_glue(built):
     assert 'id="fig-scalar-barrier"' in scalar and "Fig. 1" in scalar
     assert 'id="tbl-scalar-barrier"' in scalar and "Table 1" in scalar
     assert "application/vnd.jupyter.widget-state+json" in scalar
-    for figure in ("scalar_barrier", "voronoi_z2_a2", "table3_rate", "rht_rate_distortion", "real_kv_gap",
-                   "perplexity_vs_bits"):
+    for figure in (
+        "scalar_barrier",
+        "voronoi_z2_a2",
+        "table3_rate",
+        "rht_rate_distortion",
+        "real_kv_gap",
+        "perplexity_vs_bits",
+    ):
         part = root / "book" / "paper1" / "figures"
         assert (part / f"{figure}.png").stat().st_size > 1000 and (part / f"{figure}.svg").is_file()
-    for table in ("scalar_barrier", "normalized_second_moments", "table3_gaussian", "parity_saving", "one_block",
-                  "rht_ablation", "table4_real_kv", "table5_perplexity", "table6_memory"):
+    for table in (
+        "scalar_barrier",
+        "normalized_second_moments",
+        "table3_gaussian",
+        "parity_saving",
+        "one_block",
+        "rht_ablation",
+        "table4_real_kv",
+        "table5_perplexity",
+        "table6_memory",
+    ):
         assert (root / "book" / "paper1" / "tables" / f"{table}.csv").is_file()
         assert (root / "book" / "paper1" / "tables" / f"{table}.md").is_file()
     for figure in ("page_budget", "mse_vs_turboquant", "all_methods", "cache_growth", "gpu_attention", "gpu_decode"):
         assert (root / "book" / "paper2" / "figures" / f"{figure}.png").stat().st_size > 1000
-    for table in ("page_budget", "end_to_end", "mse_vs_turboquant", "all_methods", "generate", "gpu_codec",
-                  "gpu_attention", "gpu_rans", "gpu_rans_rate", "gpu_decode"):
+    for table in (
+        "page_budget",
+        "end_to_end",
+        "mse_vs_turboquant",
+        "all_methods",
+        "generate",
+        "gpu_codec",
+        "gpu_attention",
+        "gpu_rans",
+        "gpu_rans_rate",
+        "gpu_decode",
+    ):
         assert (root / "book" / "paper2" / "tables" / f"{table}.csv").is_file()
     paper3 = root / "book" / "paper3"
     for figure in ("theorem_a_rho", "theorem_a_scatter", "taylor_check", "theorem_c_range"):
@@ -96,14 +140,26 @@ def test_pages_render_offline_and_the_slider_changes_the_picture(server, tmp_pat
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ],
+        )
         page = browser.new_page()
         failed, foreign = [], []
         page.on("requestfailed", lambda r: failed.append(f"{r.url} {r.failure}"))
         page.on("response", lambda r: failed.append(f"{r.url} {r.status}") if r.status >= 400 else None)
-        page.on("request", lambda r: foreign.append(r.url) if not r.url.startswith((server, "data:", "blob:")) else None)
+        page.on(
+            "request", lambda r: foreign.append(r.url) if not r.url.startswith((server, "data:", "blob:")) else None
+        )
         for name in PAGES:
             page.goto(f"{server}/{name}.html", wait_until="networkidle")
         assert not failed, failed

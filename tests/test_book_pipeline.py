@@ -3,7 +3,7 @@
 import nbformat
 import pytest
 
-from lqlib import book
+from lqlib.book import runner as book
 
 
 def make_root(tmp_path, cells):
@@ -12,7 +12,8 @@ def make_root(tmp_path, cells):
     (tmp_path / "book" / "intro.md").write_text("# Intro\n")
     (tmp_path / "_toc.yml").write_text(
         "format: jb-book\nroot: book/intro\nparts:\n  - caption: P\n    chapters:\n"
-        "      - file: book/part/second\n      - file: book/part/first\n")
+        "      - file: book/part/second\n      - file: book/part/first\n"
+    )
     for name, source in cells.items():
         nb = nbformat.v4.new_notebook()
         params = nbformat.v4.new_code_cell("smoke = False\nout_dir = '.'")
@@ -31,8 +32,13 @@ def test_jobs_follow_the_toc(tmp_path):
 
 
 def test_parameters_reach_the_notebook_and_runs_are_cached(tmp_path, monkeypatch):
-    root = make_root(tmp_path, {"first": "import os; open('smoke.txt', 'w').write(str(smoke) + os.environ['TQDM_DISABLE'])",
-                                "second": "open('out.txt', 'w').write(out_dir)"})
+    root = make_root(
+        tmp_path,
+        {
+            "first": "import os; open('smoke.txt', 'w').write(str(smoke) + os.environ['TQDM_DISABLE'])",
+            "second": "open('out.txt', 'w').write(out_dir)",
+        },
+    )
     log = book.execute_notebooks(root, smoke=True, progress=False)
     assert all("ran in" in line for line in log)
     assert (root / "book" / "part" / "smoke.txt").read_text() == "True1"  # progress bars off in the kernel
@@ -41,7 +47,9 @@ def test_parameters_reach_the_notebook_and_runs_are_cached(tmp_path, monkeypatch
     assert len(injected) == 1 and "remove-cell" in injected[0].metadata["tags"]
     assert "TQDM_DISABLE" not in __import__("os").environ
     assert book.execute_notebooks(root, smoke=True, progress=False) == [
-        "book/part/second.ipynb: up to date", "book/part/first.ipynb: up to date"]
+        "book/part/second.ipynb: up to date",
+        "book/part/first.ipynb: up to date",
+    ]
     # another parameter set, or any change of the library, re-runs everything
     assert all("ran in" in line for line in book.execute_notebooks(root, smoke=False, progress=False))
     monkeypatch.setattr(book, "_library_digest", lambda: "changed")
@@ -55,6 +63,9 @@ def test_parameters_reach_the_notebook_and_runs_are_cached(tmp_path, monkeypatch
 
 def test_a_failing_notebook_names_its_cell_and_error(tmp_path):
     root = make_root(tmp_path, {"first": "x = 1", "second": "raise ValueError('the planted failure')"})
-    with pytest.raises(book.BookBuildError, match=r"second.ipynb failed at In \[3\] \(ValueError: the planted failure\); the cell starts with \"raise"):
+    with pytest.raises(
+        book.BookBuildError,
+        match=r"second.ipynb failed at In \[3\] \(ValueError: the planted failure\); the cell starts with \"raise",
+    ):
         book.execute_notebooks(root, progress=False)
     assert not (root / "book" / "part" / "first.ipynb").exists()  # later notebooks do not run

@@ -10,13 +10,14 @@ from hypothesis import strategies as st
 
 import lqlib
 from lqlib import E8Codec, Encoded
-from lqlib.entropy_model import gaussian_symbol_model
-from lqlib.lattices import nearest_e8
-from lqlib.paper_values import TABLE3_CODED_RATE
-from lqlib.rate_distortion import gaussian_validation
-from lqlib.steps import step_values
-from lqlib.symbols import points_to_symbols
-from lqlib.theory import entropy_coded_gap
+from lqlib.book.paper1 import table3_rows
+from lqlib.book.paper_values import TABLE3_CODED_RATE
+from lqlib.coding.entropy_model import gaussian_symbol_model
+from lqlib.core.lattices import nearest_e8
+from lqlib.core.steps import step_values
+from lqlib.core.symbols import points_to_symbols
+from lqlib.core.theory import entropy_coded_gap
+from lqlib.evaluation.rate_distortion import gaussian_validation
 from tests.conftest import DEVICES
 
 CONFIGS = [(rot, sc) for rot in ("none", "rht") for sc in ("vector", "tensor")]
@@ -46,10 +47,10 @@ def test_decode_equals_quantize_exactly(rotation, scale, device):
     rotation=st.sampled_from(["none", "rht"]),
     granularity=st.sampled_from(["vector", "tensor"]),
     dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16, torch.float64]),
-    seed=st.integers(0, 2 ** 32 - 1),
+    seed=st.integers(0, 2**32 - 1),
 )
 def test_round_trip_property(lead, d, bits, scale, rotation, granularity, dtype, seed):
-    gen = torch.Generator().manual_seed(seed % 2 ** 31)
+    gen = torch.Generator().manual_seed(seed % 2**31)
     x = (torch.randn(*lead, d, generator=gen, dtype=torch.float64) * scale).to(dtype)
     codec = E8Codec(bits, rotation=rotation, scale=granularity, seed=seed)
     enc = codec.encode(x)
@@ -67,14 +68,14 @@ def test_gaussian_gap_and_rate_on_small_sample(bits):
     codec = E8Codec(bits, rotation="none", scale="tensor")
     enc = codec.encode(x)
     y = codec.decode(enc)
-    gap = (y - x).double().square().mean().item() / (x.double().square().mean().item() * 4.0 ** -bits)
+    gap = (y - x).double().square().mean().item() / (x.double().square().mean().item() * 4.0**-bits)
     assert gap == pytest.approx(entropy_coded_gap("E8"), rel=0.01)
     assert codec.bits_per_dim(enc) == pytest.approx(TABLE3_CODED_RATE[bits], rel=0.015)
 
 
 def test_gaussian_validation_acceptance():
     """Paper I, Table 3 on 10^6 blocks: gap within 0.5% of 2πe·G(E8), rate within 1.5% of the paper's."""
-    rows = gaussian_validation(n_blocks=1_000_000, progress=False)
+    rows = table3_rows(gaussian_validation(n_blocks=1_000_000, progress=False))
     assert [r["target_bits"] for r in rows] == list(TABLE3_CODED_RATE)
     for r in rows:
         assert r["lossless"]
@@ -86,7 +87,7 @@ def test_model_cross_entropy_matches_empirical_entropy():
     """The parametric tables cost at most 0.002 bit/dim over the symbols' empirical entropy."""
     for bits in (2.0, 4.0):
         x = torch.randn(200_000, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-        a = math.sqrt(2 * math.pi * math.e) * 2 ** -bits
+        a = math.sqrt(2 * math.pi * math.e) * 2**-bits
         s = points_to_symbols(nearest_e8(x / a)).numpy()
         model = gaussian_symbol_model(bits)
 
@@ -137,10 +138,10 @@ def test_steps_are_on_the_log_grid_and_used_as_stored():
     codec = E8Codec(4.0, rotation="none", scale="vector")
     x = torch.randn(5, 16, dtype=torch.float64) * torch.logspace(-3, 3, 5, dtype=torch.float64)[:, None]
     enc = codec.encode(x)
-    exact = np.sqrt(2 * np.pi * np.e * (x.numpy() ** 2).mean(-1)) * 2 ** -4
+    exact = np.sqrt(2 * np.pi * np.e * (x.numpy() ** 2).mean(-1)) * 2**-4
     stored = step_values(torch.from_numpy(enc.step_codes), torch.float64).numpy()
     # the nearest grid point 2^(k/8) (held to float16 precision): within 1/16 octave of the exact step
-    assert np.allclose(stored, 2.0 ** (enc.step_codes / 8.0), rtol=2 ** -11, atol=0)
+    assert np.allclose(stored, 2.0 ** (enc.step_codes / 8.0), rtol=2**-11, atol=0)
     assert np.all(np.abs(np.log2(stored / exact)) <= 1 / 16 + 1e-3)
     # decoding multiplies the points by exactly the stored steps
     points = codec._analyse(x)[0]
@@ -168,7 +169,7 @@ def test_escapes_for_heavy_tails():
     x[400] = 300.0
     y = round_trip(codec, x)
     assert torch.equal(y, codec.quantize(x))
-    assert (y - x).abs().max() < 2 * 1.0 * math.sqrt(2 * math.pi * math.e * x.square().mean()) * 2 ** -4 * 8
+    assert (y - x).abs().max() < 2 * 1.0 * math.sqrt(2 * math.pi * math.e * x.square().mean()) * 2**-4 * 8
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
@@ -205,8 +206,12 @@ def test_bad_inputs_rejected():
 
 def test_codec_mismatch_rejected():
     enc = E8Codec(4.0, seed=1).encode(torch.randn(2, 64))
-    for other in (E8Codec(3.0, seed=1), E8Codec(4.0, seed=2), E8Codec(4.0, rotation="none", seed=1),
-                  E8Codec(4.0, scale="tensor", seed=1)):
+    for other in (
+        E8Codec(3.0, seed=1),
+        E8Codec(4.0, seed=2),
+        E8Codec(4.0, rotation="none", seed=1),
+        E8Codec(4.0, scale="tensor", seed=1),
+    ):
         with pytest.raises(lqlib.CodecMismatchError):
             other.decode(enc)
 
@@ -217,4 +222,4 @@ def test_half_precision_inputs_keep_dtype():
         y = round_trip(E8Codec(5.0), x)
         assert y.dtype == dtype
         rel = (y.float() - x.float()).square().mean() / x.float().square().mean()
-        assert rel < 4.0 ** -5 * 2.5
+        assert rel < 4.0**-5 * 2.5

@@ -7,10 +7,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import lqlib
 from lqlib import E8Codec, Encoded
-from lqlib.compressed_cache import CompressedKVCache, CompressedKVLayer
-from lqlib.corpus import load_corpus
-from lqlib.perplexity import perplexity, token_windows
-from lqlib.quantized_cache import QuantizeDequantizeCache
+from lqlib.cache.compressed import CompressedKVCache, CompressedKVLayer
+from lqlib.cache.quantized import QuantizeDequantizeCache
+from lqlib.evaluation.corpus import load_corpus
+from lqlib.evaluation.perplexity import perplexity, token_windows
 
 
 @pytest.fixture(scope="module")
@@ -28,14 +28,22 @@ def test_same_perplexity_as_the_in_loop_path(default_model, windows):
     """
     ids, labels = windows
     model, config = default_model.model, default_model.config
-    in_loop = perplexity(model, ids, labels, lambda: QuantizeDequantizeCache(E8Codec(4.0).quantize, config),
-                         progress=False)
+    in_loop = perplexity(
+        model, ids, labels, lambda: QuantizeDequantizeCache(E8Codec(4.0).quantize, config), progress=False
+    )
     real = perplexity(model, ids, labels, lambda: CompressedKVCache(config, 4.0, page_size=32), progress=False)
     assert real.nll == in_loop.nll
-    chunked_loop = perplexity(model, ids, labels, lambda: QuantizeDequantizeCache(E8Codec(4.0).quantize, config),
-                              chunk_size=48, progress=False)
-    chunked_real = perplexity(model, ids, labels, lambda: CompressedKVCache(config, 4.0, page_size=32),
-                              chunk_size=48, progress=False)
+    chunked_loop = perplexity(
+        model,
+        ids,
+        labels,
+        lambda: QuantizeDequantizeCache(E8Codec(4.0).quantize, config),
+        chunk_size=48,
+        progress=False,
+    )
+    chunked_real = perplexity(
+        model, ids, labels, lambda: CompressedKVCache(config, 4.0, page_size=32), chunk_size=48, progress=False
+    )
     assert chunked_real.nll == chunked_loop.nll
 
 
@@ -73,17 +81,25 @@ def test_four_bits_is_at_least_3_7x_smaller_than_fp16(default_model, windows):
 def test_generate_greedy_sampling_and_batches(default_model):
     model, tok, config = default_model.model, default_model.tokenizer, default_model.config
     prompt = tok("The capital of France is", return_tensors="pt")
-    greedy = model.generate(**prompt, max_new_tokens=12, do_sample=False, cache=CompressedKVCache(config, 6.0, page_size=4))
+    greedy = model.generate(
+        **prompt, max_new_tokens=12, do_sample=False, cache=CompressedKVCache(config, 6.0, page_size=4)
+    )
     reference = model.generate(**prompt, max_new_tokens=12, do_sample=False)
     assert greedy.shape == reference.shape and "Paris" in tok.decode(greedy[0])
     torch.manual_seed(0)
-    sampled = model.generate(**prompt, max_new_tokens=8, do_sample=True, cache=CompressedKVCache(config, 4.0, page_size=4))
+    sampled = model.generate(
+        **prompt, max_new_tokens=8, do_sample=True, cache=CompressedKVCache(config, 4.0, page_size=4)
+    )
     assert sampled.shape == (1, prompt.input_ids.shape[1] + 8)
     tok.padding_side = "left"
     batch = tok(["The capital of France is", "One, two, three,"], return_tensors="pt", padding=True)
     out = model.generate(**batch, max_new_tokens=6, do_sample=False, cache=CompressedKVCache(config, 6.0, page_size=4))
-    single = model.generate(**tok("One, two, three,", return_tensors="pt"), max_new_tokens=6, do_sample=False,
-                            cache=CompressedKVCache(config, 6.0, page_size=4))
+    single = model.generate(
+        **tok("One, two, three,", return_tensors="pt"),
+        max_new_tokens=6,
+        do_sample=False,
+        cache=CompressedKVCache(config, 6.0, page_size=4),
+    )
     assert out.shape[0] == 2 and tok.decode(out[1, -6:]) == tok.decode(single[0, -6:])
 
 
@@ -104,8 +120,8 @@ def test_recent_window_is_read_at_full_precision():
     keys, values = layer.update(k, v)
     assert len(layer.pages) == 1  # 9 - 3 = 6 >= 4: one page sealed, 5 tokens stay in the tail
     codec = E8Codec(4.0)
-    assert torch.equal(keys[..., 6:, :], k[..., 6:, :])                     # recent window: exact
-    assert torch.equal(keys[..., :6, :], codec.quantize(k[..., :6, :]))      # the rest: through the codec
+    assert torch.equal(keys[..., 6:, :], k[..., 6:, :])  # recent window: exact
+    assert torch.equal(keys[..., :6, :], codec.quantize(k[..., :6, :]))  # the rest: through the codec
     assert torch.equal(values[..., :4, :], codec.quantize(v[..., :4, :]))
     keys2, _ = layer.update(torch.randn(2, 3, 1, 64), torch.randn(2, 3, 1, 64))
     assert keys2.shape[-2] == 10 and torch.equal(keys2[..., :6, :], keys[..., :6, :])
@@ -134,22 +150,48 @@ def test_bad_inputs_are_clear_errors():
 
 def test_gqa_random_model_round_trip():
     """A random GQA Llama (8 query heads, 2 KV heads, head dim 32): compressed cache == in-loop path."""
-    config = LlamaConfig(vocab_size=97, hidden_size=256, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=8, num_key_value_heads=2)
+    config = LlamaConfig(
+        vocab_size=97,
+        hidden_size=256,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).eval()
     ids = torch.randint(0, 97, (2, 40))
     labels = ids.clone()
-    a = perplexity(model, ids, labels, lambda: CompressedKVCache(config, 3.0, page_size=16), chunk_size=10,
-                   batch_size=2, progress=False)
-    b = perplexity(model, ids, labels, lambda: QuantizeDequantizeCache(E8Codec(3.0).quantize, config),
-                   chunk_size=10, batch_size=2, progress=False)
+    a = perplexity(
+        model,
+        ids,
+        labels,
+        lambda: CompressedKVCache(config, 3.0, page_size=16),
+        chunk_size=10,
+        batch_size=2,
+        progress=False,
+    )
+    b = perplexity(
+        model,
+        ids,
+        labels,
+        lambda: QuantizeDequantizeCache(E8Codec(3.0).quantize, config),
+        chunk_size=10,
+        batch_size=2,
+        progress=False,
+    )
     assert a.nll == b.nll
 
 
 def _random_gqa_model(layers: int = 3):
-    config = LlamaConfig(vocab_size=97, hidden_size=256, intermediate_size=256, num_hidden_layers=layers,
-                         num_attention_heads=8, num_key_value_heads=2)
+    config = LlamaConfig(
+        vocab_size=97,
+        hidden_size=256,
+        intermediate_size=256,
+        num_hidden_layers=layers,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+    )
     torch.manual_seed(0)
     return config, LlamaForCausalLM(config).eval()
 
@@ -159,12 +201,26 @@ def test_bit_schedule_matches_the_in_loop_path_and_its_bytes():
     config, model = _random_gqa_model()
     schedule = np.array([[5.0, 3.0], [4.0, 4.0], [3.5, 2.5]])
     ids = torch.randint(0, 97, (2, 48))
-    a = perplexity(model, ids, ids.clone(), lambda: CompressedKVCache(config, schedule, page_size=16),
-                   chunk_size=12, batch_size=2, progress=False)
+    a = perplexity(
+        model,
+        ids,
+        ids.clone(),
+        lambda: CompressedKVCache(config, schedule, page_size=16),
+        chunk_size=12,
+        batch_size=2,
+        progress=False,
+    )
     keys = [E8Codec(k).quantize for k, _ in schedule]
     values = [E8Codec(v).quantize for _, v in schedule]
-    b = perplexity(model, ids, ids.clone(), lambda: QuantizeDequantizeCache(keys, config, values),
-                   chunk_size=12, batch_size=2, progress=False)
+    b = perplexity(
+        model,
+        ids,
+        ids.clone(),
+        lambda: QuantizeDequantizeCache(keys, config, values),
+        chunk_size=12,
+        batch_size=2,
+        progress=False,
+    )
     assert a.nll == b.nll
     cache = CompressedKVCache(config, schedule, page_size=16)
     with torch.no_grad():

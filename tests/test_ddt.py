@@ -9,14 +9,29 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lqlib.codec import E8Codec
-from lqlib.ddt import (Dithered, Permuted, ScalarBlockQuantizer, bias_drift, block_permutation, directional_risk,
-                       error_moments, error_moments_for_cache, first_order_term, gradient_moments, hlp_bounds,
-                       k_path_share, kv_gradients, loss_change, master_identity, variance_additivity)
-from lqlib.kv_capture import capture_kv
-from lqlib.models import LoadedModel
-from lqlib.quantized_cache import QuantizeDequantizeCache
-from lqlib.scalar import empirical_entropy
+from lqlib.cache.quantized import QuantizeDequantizeCache
+from lqlib.coding.codec import E8Codec
+from lqlib.core.scalar import empirical_entropy
+from lqlib.ddt import (
+    Dithered,
+    Permuted,
+    ScalarBlockQuantizer,
+    bias_drift,
+    block_permutation,
+    directional_risk,
+    error_moments,
+    error_moments_for_cache,
+    first_order_term,
+    gradient_moments,
+    hlp_bounds,
+    k_path_share,
+    kv_gradients,
+    loss_change,
+    master_identity,
+    variance_additivity,
+)
+from lqlib.evaluation.capture import capture_kv
+from lqlib.evaluation.models import LoadedModel
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -40,8 +55,14 @@ def tiny():
 
     transformers' RMSNorm computes in float32 even in a float64 model; its rounding (~1e-7) would
     swamp finite differences and second-order terms, so this model's norms are patched."""
-    config = LlamaConfig(vocab_size=53, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2)
+    config = LlamaConfig(
+        vocab_size=53,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).double().eval()
     for module in model.modules():
@@ -80,8 +101,10 @@ def _cache_fd(loaded, ids, layer, path, index, h=1e-4, frozen=None):
 
 def _indices(rng, count=4, windows=2, heads=2, tokens=24, dim=16):
     """Random (window, head, position, dim) entries, avoiding the last position (its gradient is 0)."""
-    return [(int(rng.integers(windows)), int(rng.integers(heads)), int(rng.integers(tokens - 1)),
-             int(rng.integers(dim))) for _ in range(count)]
+    return [
+        (int(rng.integers(windows)), int(rng.integers(heads)), int(rng.integers(tokens - 1)), int(rng.integers(dim)))
+        for _ in range(count)
+    ]
 
 
 @pytest.mark.parametrize("path", [0, 1])
@@ -90,7 +113,7 @@ def test_cache_gradients_match_finite_differences(tiny, path):
     grads = kv_gradients(loaded, ids, progress=False)
     assert grads.grad_keys.shape == grads.grad_values.shape == (2, 2, 2, 24, 16)
     g = grads.grad_keys if path == 0 else grads.grad_values
-    assert torch.all(g[:, :, :, -1] == 0)                        # the last position scores nothing
+    assert torch.all(g[:, :, :, -1] == 0)  # the last position scores nothing
     rng = np.random.default_rng(path)
     for layer in (0, 1):
         for index in _indices(rng):
@@ -126,10 +149,12 @@ def test_pre_rope_gradients_match_finite_differences(tiny):
         for b, head, t, i in _indices(rng, count=3):
             losses = []
             for delta in (1e-4, -1e-4):
+
                 def bump(_module, _inputs, output, where=(b, t, head * 16 + i), delta=delta):
                     output = output.clone()
                     output[where] += delta
                     return output
+
                 handle = k_proj.register_forward_hook(bump)
                 try:
                     losses.append(_summed_nll(loaded.model, ids))
@@ -143,7 +168,7 @@ def test_pre_rope_gradients_match_finite_differences(tiny):
     assert (pre.grad_keys - post.grad_keys).norm() > 1e-2 * post.grad_keys.norm()
     torch.testing.assert_close(pre.grad_values, post.grad_values, rtol=1e-12, atol=0)
     layer0 = loaded.model.model.layers[0]
-    with torch.no_grad():                                      # pre-RoPE keys are the k_proj output per head
+    with torch.no_grad():  # pre-RoPE keys are the k_proj output per head
         k = layer0.self_attn.k_proj(layer0.input_layernorm(loaded.model.model.embed_tokens(ids)))
     torch.testing.assert_close(pre.keys[0], k.view(2, 24, 2, 16).transpose(1, 2), rtol=1e-12, atol=1e-12)
 
@@ -170,7 +195,7 @@ def test_gradient_moments_are_mean_outer_products(tiny):
     np.testing.assert_allclose(batched["M"], M, rtol=1e-9, atol=1e-18)
     assert batched["nll"] == pytest.approx(_summed_nll(loaded.model, ids), rel=1e-12)
     assert batched["scored_tokens"] == 46
-    pre = gradient_moments(loaded, ids, pre_rope=True, progress=False)["M"]   # RoPE keeps tr M (float32 cos/sin)
+    pre = gradient_moments(loaded, ids, pre_rope=True, progress=False)["M"]  # RoPE keeps tr M (float32 cos/sin)
     np.testing.assert_allclose(np.trace(pre, axis1=-2, axis2=-1), np.trace(M, axis1=-2, axis2=-1), rtol=1e-6)
 
 
@@ -181,7 +206,7 @@ def _random_psd(rng, d, rank):
 
 def test_hlp_bounds_hold_and_are_tight():
     rng = np.random.default_rng(0)
-    for trial in range(200):
+    for _trial in range(200):
         d = int(rng.integers(2, 17))
         M, S = _random_psd(rng, d, int(rng.integers(1, d + 1))), _random_psd(rng, d, int(rng.integers(1, d + 1)))
         low, high = hlp_bounds(M, S)
@@ -191,7 +216,7 @@ def test_hlp_bounds_hold_and_are_tight():
     M = _random_psd(rng, 8, 8)
     _, vectors = np.linalg.eigh(M)
     for k, bound in ((0, 0), (-1, 1)):
-        S = 3.0 * np.outer(vectors[:, k], vectors[:, k])        # Σ along one eigenvector of M
+        S = 3.0 * np.outer(vectors[:, k], vectors[:, k])  # Σ along one eigenvector of M
         assert directional_risk(M, S) == pytest.approx(hlp_bounds(M, S)[bound], rel=1e-10)
     stack_M = np.stack([_random_psd(rng, 4, 4) for _ in range(6)]).reshape(2, 3, 4, 4)
     stack_S = np.stack([_random_psd(rng, 4, 2) for _ in range(6)]).reshape(2, 3, 4, 4)
@@ -206,7 +231,7 @@ def test_k_path_share_and_bias_drift():
     S = np.broadcast_to(np.eye(8), M.shape).copy()
     risk = np.trace(M, axis1=-2, axis2=-1)
     assert k_path_share(M, S) == pytest.approx(risk[:, 0].sum() / risk.sum(), rel=1e-12)
-    S[:, 1] *= 3.0                                              # V errors 3× larger in power
+    S[:, 1] *= 3.0  # V errors 3× larger in power
     assert k_path_share(M, S) == pytest.approx(risk[:, 0].sum() / (risk[:, 0].sum() + 3 * risk[:, 1].sum()))
     assert k_path_share(np.stack([M, M]), np.stack([S, S])).shape == (2,)
     mean = rng.standard_normal(M.shape[:-1]) * 0.3
@@ -236,7 +261,7 @@ def test_error_moments(tiny):
     assert S.shape == S_c.shape == (2, 2, 2, 16, 16) and m.shape == (2, 2, 2, 16)
     np.testing.assert_allclose(S[0, 0], error_moments(kv.keys[0][None], coarse)[0][0], rtol=1e-12)
     mse = np.trace(S, axis1=-2, axis2=-1) / 16
-    assert mse[0, 0].mean() / mse[1, 0].mean() > 20            # 3 bits against 6 bits on the keys
+    assert mse[0, 0].mean() / mse[1, 0].mean() > 20  # 3 bits against 6 bits on the keys
 
 
 def test_scalar_block_quantizer_scales_with_the_bit_width():
@@ -246,9 +271,9 @@ def test_scalar_block_quantizer_scales_with_the_bit_width():
     for b in range(3, 8):
         assert mse[b] / mse[b + 1] == pytest.approx(4.0, rel=0.1), b
     for b in range(4, 9):  # Δ²/12 with Δ = sqrt(2πe)·rms·2^(−b): (πe/6)·E[ms]·4^(−b), E[ms] = 1
-        assert mse[b] == pytest.approx(math.pi * math.e / 6 * 4.0 ** -b, rel=0.05), b
+        assert mse[b] == pytest.approx(math.pi * math.e / 6 * 4.0**-b, rel=0.05), b
         entropy = empirical_entropy(ScalarBlockQuantizer(b).symbols(x).numpy())
-        assert entropy == pytest.approx(b, abs=0.1), b        # the rate is about b bits/dim
+        assert entropy == pytest.approx(b, abs=0.1), b  # the rate is about b bits/dim
     q = ScalarBlockQuantizer(5)
     blocks = x[:3].reshape(3, 8, 8)
     expected = math.sqrt(2 * math.pi * math.e) * blocks.square().mean(-1, keepdim=True).sqrt() / 32
@@ -273,11 +298,11 @@ def test_permutations_are_applied_and_undone_exactly():
     identity = ScalarBlockQuantizer(4)(x)
     assert torch.equal(ScalarBlockQuantizer(4, permutation=torch.arange(32))(x), identity)
     random = ScalarBlockQuantizer(4, permutation=block_permutation("random", 32, seed=2))(x)
-    assert not torch.equal(random, identity)                   # other dims share a step
+    assert not torch.equal(random, identity)  # other dims share a step
     inside = torch.cat([torch.randperm(8, generator=generator) + 8 * k for k in range(4)])
     # same blocks, same steps (up to the summation order of the block's mean square)
     torch.testing.assert_close(ScalarBlockQuantizer(4, permutation=inside)(x), identity, rtol=1e-12, atol=1e-12)
-    e8 = E8Codec(4.0, rotation="none")                        # E8 is closed under coordinate permutations
+    e8 = E8Codec(4.0, rotation="none")  # E8 is closed under coordinate permutations
     torch.testing.assert_close(Permuted(e8, inside)(x), e8.quantize(x), rtol=1e-12, atol=1e-12)
     assert not torch.allclose(Permuted(e8, block_permutation("random", 32, seed=2))(x), e8.quantize(x))
     with pytest.raises(ValueError):
@@ -297,11 +322,11 @@ def test_crypto_lemma():
     assert float(e.min()) >= -step / 2 - 1e-12 and float(e.max()) <= step / 2 + 1e-12
     se = step / math.sqrt(12 * n)
     assert abs(float(e.mean())) < 5 * se
-    assert float(e.var()) == pytest.approx(step ** 2 / 12, rel=5 * math.sqrt(0.8 / n))
+    assert float(e.var()) == pytest.approx(step**2 / 12, rel=5 * math.sqrt(0.8 / n))
     quantiles = torch.quantile(e[:100_000] / step, torch.linspace(0.05, 0.95, 19, dtype=torch.float64))
     torch.testing.assert_close(quantiles, torch.linspace(-0.45, 0.45, 19, dtype=torch.float64), atol=0.01, rtol=0)
     assert abs(float(torch.corrcoef(torch.stack([x, e]))[0, 1])) < 5 / math.sqrt(n)
-    plain = torch.round(x / step) * step - x                   # no dither: e = −(x mod Δ), fully correlated
+    plain = torch.round(x / step) * step - x  # no dither: e = −(x mod Δ), fully correlated
     assert float(torch.corrcoef(torch.stack([x - torch.round(x / step) * step, plain]))[0, 1]) < -0.99
     # per-vector steps from the bit width: e/Δ is uniform whatever the scale
     y = torch.randn(20_000, 16, generator=generator, dtype=torch.float64) * torch.logspace(-2, 2, 16)
@@ -320,11 +345,11 @@ def test_variance_additivity_under_dither_and_its_failure_without():
     step = rng.uniform(0.05, 0.5, (parts, 1))
     x = torch.as_tensor(np.broadcast_to(rng.standard_normal((parts, d)), (draws, parts, d)).copy())
     steps = torch.as_tensor(np.broadcast_to(step, x.shape).copy())
-    e = Dithered(lambda _x: steps, seed=1)(x) - x              # same inputs, independent dither per draw
+    e = Dithered(lambda _x: steps, seed=1)(x) - x  # same inputs, independent dither per draw
     result = variance_additivity(g, e.numpy(), step)
     assert result["pos_add"] == pytest.approx(1.0, abs=0.06)
     assert result["pred"] == pytest.approx(1.0, abs=0.06)
-    assert result["analytic"] == pytest.approx(float((g ** 2 * step ** 2 / 12).sum()), rel=1e-12)
+    assert result["analytic"] == pytest.approx(float((g**2 * step**2 / 12).sum()), rel=1e-12)
     # no dither, every part gets the same input (and gradient): the errors are perfectly correlated
     same = torch.as_tensor(np.broadcast_to(rng.standard_normal((draws, 1, d)), (draws, parts, d)).copy())
     rounding = (torch.round(same / 0.3) * 0.3 - same).numpy()
@@ -361,7 +386,8 @@ def test_clean_errors_are_exact_for_layer_zero_only(tiny):
     first = master_identity(loaded, ids, [codec, lambda x: x], progress=False)
     assert first["q1_clean"] == pytest.approx(first["q1"], rel=1e-12)
     assert first_order_term(loaded, ids, [codec, lambda x: x], errors="clean", progress=False) == pytest.approx(
-        first["q1"], rel=1e-12)
+        first["q1"], rel=1e-12
+    )
     both = master_identity(loaded, ids, codec, progress=False)
     assert abs(both["q1_clean"] - both["q1"]) > 0.05 * abs(both["q1"])
     with pytest.raises(ValueError):
@@ -371,14 +397,14 @@ def test_clean_errors_are_exact_for_layer_zero_only(tiny):
 def test_labels_follow_the_perplexity_protocol(tiny):
     """With context-only tokens (labels −100) the summed NLL is the perplexity harness's; context tokens'
     keys and values still get gradients through the scored queries."""
-    from lqlib.perplexity import perplexity
+    from lqlib.evaluation.perplexity import perplexity
 
     loaded, ids = tiny
     labels = ids.clone()
     labels[:, :12] = -100
     grads = kv_gradients(loaded, ids, progress=False, labels=labels, batch_size=2)
     reference = perplexity(loaded.model, ids, labels, progress=False)
-    assert grads.nll.sum() == pytest.approx(reference.nll, rel=1e-6)   # the harness scores in float32
+    assert grads.nll.sum() == pytest.approx(reference.nll, rel=1e-6)  # the harness scores in float32
     assert list(grads.tokens) == list(reference.window_tokens) == [12, 12]
     moments = gradient_moments(loaded, ids, progress=False, labels=labels)
     assert moments["scored_tokens"] == 24 and moments["nll"] == pytest.approx(grads.nll.sum(), rel=1e-12)

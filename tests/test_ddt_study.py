@@ -7,13 +7,26 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lqlib.codec import E8Codec
-from lqlib.ddt import (Dithered, ScalarBlockQuantizer, bias_drift, block_permutation, directional_risk,
-                       error_moments_for_cache, first_order_term, gradient_moments, k_path_share, kv_gradients,
-                       loss_change, master_identity, predictor_study, spearman_bootstrap,
-                       theorem_a_configurations)
-from lqlib.kv_capture import capture_kv
-from lqlib.models import LoadedModel
+from lqlib.coding.codec import E8Codec
+from lqlib.ddt import (
+    Dithered,
+    ScalarBlockQuantizer,
+    bias_drift,
+    block_permutation,
+    directional_risk,
+    error_moments_for_cache,
+    first_order_term,
+    gradient_moments,
+    k_path_share,
+    kv_gradients,
+    loss_change,
+    master_identity,
+    predictor_study,
+    spearman_bootstrap,
+    theorem_a_configurations,
+)
+from lqlib.evaluation.capture import capture_kv
+from lqlib.evaluation.models import LoadedModel
 from tests.test_ddt import _float64_rms_norm
 
 
@@ -29,8 +42,14 @@ def one_thread():
 @pytest.fixture(scope="module")
 def tiny():
     """The random float64 GQA Llama of tests/test_ddt.py (2 layers, 2 KV heads of dim 16), 2 windows of 24."""
-    config = LlamaConfig(vocab_size=53, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2)
+    config = LlamaConfig(
+        vocab_size=53,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).double().eval()
     for module in model.modules():
@@ -56,6 +75,7 @@ def _recorder(quantizer, store, key):
         out = q(x)
         store.setdefault(key, []).append((out - x).detach())
         return out
+
     return write
 
 
@@ -81,7 +101,9 @@ def test_study_agrees_with_the_one_configuration_tools(tiny):
         assert study.q1[c] == pytest.approx(first_order_term(loaded, ids, k, v, progress=False), rel=1e-10)
         mi = master_identity(loaded, ids, k, v, progress=False)
         assert study.delta_loss_mirror[c] == pytest.approx(mi["delta_loss_mirror"], rel=1e-10)
-        assert study.odd[c] == pytest.approx(mi["odd"], rel=1e-9) and study.even[c] == pytest.approx(mi["even"], rel=1e-9)
+        assert study.odd[c] == pytest.approx(mi["odd"], rel=1e-9) and study.even[c] == pytest.approx(
+            mi["even"], rel=1e-9
+        )
         assert rows[c]["q1"] == study.q1[c] and rows[c]["delta_loss"] == study.delta_loss[c]
 
         # a second implementation of the moments: record the injected errors window by window
@@ -93,7 +115,7 @@ def test_study_agrees_with_the_one_configuration_tools(tiny):
         mean = np.zeros(study.mean_error.shape[1:])
         q1 = np.zeros(study.slot_q1.shape[1:])
         for (layer, path), chunks in store.items():
-            e = torch.cat(chunks).numpy()                                   # (windows, heads, T, d)
+            e = torch.cat(chunks).numpy()  # (windows, heads, T, d)
             g = (grads.grad_keys if path == 0 else grads.grad_values)[layer].numpy()
             for head in range(2):
                 flat = e[:, head].reshape(-1, 16)
@@ -113,7 +135,7 @@ def test_study_agrees_with_the_one_configuration_tools(tiny):
         assert study.mse[c] == pytest.approx(np.trace(sigma, axis1=-2, axis2=-1).mean() / 16, rel=1e-10)
         assert study.k_path_share[c] == pytest.approx(float(k_path_share(M, sigma)), rel=1e-9)
         assert study.bias_drift[c] == pytest.approx(float(bias_drift(M, sigma, sigma_c, axis=(0, 1, 2))), rel=1e-7)
-    assert len({round(float(s), 6) for s in study.k_path_share}) == 3   # the configurations differ
+    assert len({round(float(s), 6) for s in study.k_path_share}) == 3  # the configurations differ
 
 
 def test_study_batches_and_layer_zero(tiny):
@@ -129,7 +151,7 @@ def test_study_batches_and_layer_zero(tiny):
     np.testing.assert_allclose(two.q1, one.q1, rtol=1e-9)
     np.testing.assert_allclose(two.sigma, one.sigma, rtol=1e-9, atol=1e-15)
     np.testing.assert_allclose(two.slot_risk, one.slot_risk, rtol=1e-9, atol=1e-18)
-    sigma = np.mean([error_moments_for_cache(capture_kv(loaded, ids[w:w + 1]), codec)[0] for w in (0, 1)], axis=0)
+    sigma = np.mean([error_moments_for_cache(capture_kv(loaded, ids[w : w + 1]), codec)[0] for w in (0, 1)], axis=0)
     np.testing.assert_allclose(one.sigma[0, 0], sigma[0], rtol=0, atol=1e-5 * np.abs(sigma[0]).max())  # float32 capture
     assert np.all(one.sigma[0, 1] == 0) and np.all(one.slot_risk[0, 1] == 0)
     assert one.slot_trace[1, 1].min() > 0
@@ -145,13 +167,13 @@ def test_risk_is_the_variance_of_q1_under_independent_dither(tiny):
     step, n = 0.05, 300
     keys = [[Dithered(step, seed=4 * c), Dithered(step, seed=4 * c + 1)] for c in range(n)]
     values = [[Dithered(step, seed=4 * c + 2), Dithered(step, seed=4 * c + 3)] for c in range(n)]
-    study = predictor_study(loaded, ids, keys, values, batch_size=2, progress=False)   # one batch: fresh dither
+    study = predictor_study(loaded, ids, keys, values, batch_size=2, progress=False)  # one batch: fresh dither
     grads = kv_gradients(loaded, ids, progress=False)
-    analytic = float((grads.grad_keys.square().sum() + grads.grad_values.square().sum()) * step ** 2 / 12)
+    analytic = float((grads.grad_keys.square().sum() + grads.grad_values.square().sum()) * step**2 / 12)
     assert study.risk.mean() == pytest.approx(analytic, rel=0.02)
-    assert np.mean(study.q1 ** 2) == pytest.approx(analytic, rel=0.3)          # 300 draws: ±8% s.e.
+    assert np.mean(study.q1**2) == pytest.approx(analytic, rel=0.3)  # 300 draws: ±8% s.e.
     assert abs(study.q1.mean()) < 4 * np.sqrt(analytic / n)
-    assert study.mse.mean() == pytest.approx(step ** 2 / 12, rel=0.02)
+    assert study.mse.mean() == pytest.approx(step**2 / 12, rel=0.02)
 
 
 def test_study_rejects_bad_configurations(tiny):
@@ -181,7 +203,7 @@ def test_spearman_bootstrap_matches_scipy_and_covers():
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal(50)
-    y = np.round(x + rng.standard_normal(50), 1)                    # ties in y
+    y = np.round(x + rng.standard_normal(50), 1)  # ties in y
     result = spearman_bootstrap(x, y, draws=2000, seed=1)
     assert result["rho"] == pytest.approx(spearmanr(x, y)[0], rel=1e-12)
     assert result["ci_low"] < result["rho"] < result["ci_high"] and result["n"] == 50
@@ -192,8 +214,10 @@ def test_spearman_bootstrap_matches_scipy_and_covers():
     assert exact["rho"] == exact["ci_low"] == exact["ci_high"] == pytest.approx(1.0)
     assert spearman_bootstrap(x, -x, draws=500)["ci_high"] == pytest.approx(-1.0)
     # coverage: independent samples of 50, the 90% interval contains 0 in about 90% of trials
-    covered = [spearman_bootstrap(rng.standard_normal(50), rng.standard_normal(50), draws=400, level=0.9,
-                                  seed=t)["ci_low"] < 0 for t in range(100)]
+    covered = [
+        spearman_bootstrap(rng.standard_normal(50), rng.standard_normal(50), draws=400, level=0.9, seed=t)["ci_low"] < 0
+        for t in range(100)
+    ]
     assert 0.75 <= np.mean(covered) <= 1.0
     for bad in ((x[:2], y[:2]), (x, y[:-1]), (np.append(x[:-1], np.nan), y)):
         with pytest.raises(ValueError):
@@ -202,7 +226,7 @@ def test_spearman_bootstrap_matches_scipy_and_covers():
 
 def test_theorem_a_configurations():
     """50 configurations in four families at one bit width; same nominal rate (MSE ∝ 4^−b), other errors."""
-    from lqlib.kv_capture import KVSample
+    from lqlib.evaluation.capture import KVSample
 
     generator = torch.Generator().manual_seed(0)
     scales = torch.logspace(-1, 1, 64)[torch.randperm(64, generator=generator)]
@@ -212,20 +236,25 @@ def test_theorem_a_configurations():
     four = configs[4.0]
     assert len(four) == 50 and len({c["name"] for c in four}) == 50
     families = [c["family"] for c in four]
-    assert [families.count(f) for f in ("E8 + RHT", "E8, permuted", "scalar block", "per-layer mix")] == [12, 12, 13, 13]
+    assert [families.count(f) for f in ("E8 + RHT", "E8, permuted", "scalar block", "per-layer mix")] == [
+        12,
+        12,
+        13,
+        13,
+    ]
     assert all(len(c["keys"]) == len(c["values"]) == 2 for c in four)
-    x = keys[:1, :, :, :]                                              # (1, heads, T, d) like one cache write
+    x = keys[:1, :, :, :]  # (1, heads, T, d) like one cache write
     outputs = []
     for c4, c5 in zip(four, configs[5.0]):
         e4 = c4["keys"][0](x) - x if callable(c4["keys"][0]) else c4["keys"][0].quantize(x) - x
         e5 = c5["keys"][0](x) - x if callable(c5["keys"][0]) else c5["keys"][0].quantize(x) - x
         assert e4.shape == x.shape
-        assert 2.5 < float(e4.square().mean() / e5.square().mean()) < 6.5, c4["name"]   # about 4 per bit
+        assert 2.5 < float(e4.square().mean() / e5.square().mean()) < 6.5, c4["name"]  # about 4 per bit
         outputs.append(e4)
     distinct = {tuple(np.round(e.flatten()[:256].numpy(), 6)) for e in outputs[:37]}
-    assert len(distinct) == 37                                       # the non-mixed members all err differently
+    assert len(distinct) == 37  # the non-mixed members all err differently
     mixes = {tuple(id(q) for q in c["keys"] + c["values"]) for c in four[37:]}
-    assert len(mixes) == 13                                          # each mixture its own slot assignment
+    assert len(mixes) == 13  # each mixture its own slot assignment
     sorted_e8 = next(c for c in four if c["name"] == "E8 sorted")
     assert torch.equal(sorted_e8["keys"][1].permutation, block_permutation("sorted", 64, keys[1]))
     assert torch.equal(sorted_e8["values"][0].permutation, block_permutation("sorted", 64, sample.values[0]))

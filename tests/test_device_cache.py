@@ -1,8 +1,9 @@
 """The device-resident E8 cache: the CPU cache's numbers, the codec's codes, real bytes, clear errors.
 
 Runs the Triton kernels on CPU tensors in Triton's interpreter (conftest sets TRITON_INTERPRET=1
-without CUDA), or on the GPU where there is one (models and inputs on ``DEVICE``). Tolerances: prefill logits are bit for bit those of
-:class:`lqlib.compressed_cache.CompressedKVCache` (the dequantize kernel is the codec's bits and
+without CUDA), or on the GPU where there is one (models and inputs on ``DEVICE``). Tolerances: prefill logits are
+bit for bit those of
+:class:`lqlib.cache.compressed.CompressedKVCache` (the dequantize kernel is the codec's bits and
 both run SDPA); decode logits differ by the decode-attention kernel's float16 dot products
 (rotated query and codes in float16, float32 accumulation; float32 models round the query to
 float16), about float16 precision on the attention output (relative 5e-4): at most 5e-3 on logits of
@@ -17,8 +18,15 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 import lqlib
 from lqlib import E8Codec
-from lqlib.compressed_cache import CompressedKVCache, CompressedKVLayer
-from lqlib.device_cache import ATTENTION, DeviceKVCache, DeviceKVLayer, PagedHistory, _Graph, cache_kwarg
+from lqlib.cache.compressed import CompressedKVCache, CompressedKVLayer
+from lqlib.cache.device import (
+    ATTENTION,
+    DeviceKVCache,
+    DeviceKVLayer,
+    PagedHistory,
+    _Graph,
+    cache_kwarg,
+)
 from lqlib.kernels import reference_quantize
 
 pytest.importorskip("triton")
@@ -35,14 +43,23 @@ def dev(*tensors: torch.Tensor):
 
 def tiny_llama(dtype=torch.float32, layers: int = 2):
     """2 layers, 4 query heads, 2 KV heads (GQA), head dim 64, random weights."""
-    config = LlamaConfig(vocab_size=97, hidden_size=256, intermediate_size=128, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=64)
+    config = LlamaConfig(
+        vocab_size=97,
+        hidden_size=256,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+    )
     torch.manual_seed(0)
     return config, LlamaForCausalLM(config).eval().to(dtype=dtype, device=DEVICE)
 
 
 def greedy(model, cache, impl: str, ids: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prefill ``ids``, then ``steps`` greedy steps: (last-position logits (steps + 1, B, V) float32, tokens (B, steps))."""
+    """Prefill ``ids``, then ``steps`` greedy steps.
+
+    Returns (last-position logits (steps + 1, B, V) float32, tokens (B, steps))."""
     model.set_attn_implementation(impl)
     kw = cache_kwarg(model)
     ids = ids.to(model.device)
@@ -97,8 +114,9 @@ def test_bit_schedule_and_key_scales_match_the_cpu_cache():
     schedule = np.array([[4.5, 3.0], [3.5, 3.5]])
     scales = dev(torch.rand(2, 2, 64, generator=torch.Generator().manual_seed(3)) + 0.5)
     ids = torch.randint(0, 97, (1, 17), generator=torch.Generator().manual_seed(4))
-    ref_logits, ref_tokens = greedy(model, CompressedKVCache(config, schedule, page_size=8, key_scales=scales),
-                                    "sdpa", ids, 3)
+    ref_logits, ref_tokens = greedy(
+        model, CompressedKVCache(config, schedule, page_size=8, key_scales=scales), "sdpa", ids, 3
+    )
     cache = DeviceKVCache(config, schedule, key_scales=scales)
     logits, tokens = greedy(model, cache, ATTENTION, ids, 3)
     assert not cache.layers[0].joint and cache.layers[1].joint
@@ -106,7 +124,10 @@ def test_bit_schedule_and_key_scales_match_the_cpu_cache():
     assert (logits - ref_logits).abs().max() <= DECODE_ATOL
     assert torch.equal(tokens, ref_tokens)
     # the stored keys are the codec's points of keys / float16 scales
-    layer, s16 = DeviceKVLayer(E8Codec(4.5), E8Codec(3.0), key_scales=scales[0]), scales[0].cpu().half().float()[:, None]
+    layer, s16 = (
+        DeviceKVLayer(E8Codec(4.5), E8Codec(3.0), key_scales=scales[0]),
+        scales[0].cpu().half().float()[:, None],
+    )
     k, v = torch.randn(1, 2, 6, 64), torch.randn(1, 2, 6, 64)
     layer.update(*dev(k, v))
     assert torch.equal(layer.codes[0, ..., :6, :].cpu(), reference_quantize(E8Codec(4.5), k / s16)[0])
@@ -191,7 +212,7 @@ def test_cuda_graph_bookkeeping_records_once_and_replays(monkeypatch):
     eager.update(*prompt)
     graphed.update(*prompt)
     graphed._graphs_on = True
-    for step in range(6):  # 5 + 6 = 11 tokens: the capacity grows from 8 to 16 at the 9th
+    for _step in range(6):  # 5 + 6 = 11 tokens: the capacity grows from 8 to 16 at the 9th
         k, v = dev(torch.randn(2, 1, 2, 1, 64, generator=gen).half())
         q = dev(torch.randn(1, 4, 64, generator=gen).half())
         eager.update(k, v)
@@ -221,8 +242,13 @@ def test_unsupported_uses_are_clear_errors():
     padded = dev(torch.ones(2, 6, dtype=torch.long))
     padded[0, :2] = 0
     with pytest.raises(NotImplementedError, match="padded"):
-        model.generate(dev(torch.randint(0, 97, (2, 6))), attention_mask=padded, max_new_tokens=2, do_sample=False,
-                       **{kw: DeviceKVCache(config, 4.0)})
+        model.generate(
+            dev(torch.randint(0, 97, (2, 6))),
+            attention_mask=padded,
+            max_new_tokens=2,
+            do_sample=False,
+            **{kw: DeviceKVCache(config, 4.0)},
+        )
     with pytest.raises(lqlib.InputError, match="int8"):
         DeviceKVLayer(E8Codec(6.0)).update(*dev(torch.randn(1, 2, 3, 64), torch.randn(1, 2, 3, 64)))
     with pytest.raises(lqlib.InputError, match="power-of-two"):
@@ -234,11 +260,13 @@ def test_unsupported_uses_are_clear_errors():
     with pytest.raises(lqlib.InputError, match="continue"):
         ok.update(*dev(torch.randn(2, 2, 1, 64), torch.randn(2, 2, 1, 64)))
     with pytest.raises(lqlib.InputError, match="float64|dtype"):
-        DeviceKVLayer(E8Codec(4.0)).update(*dev(torch.randn(1, 2, 3, 64, dtype=torch.float64),
-                                                torch.randn(1, 2, 3, 64, dtype=torch.float64)))
+        DeviceKVLayer(E8Codec(4.0)).update(
+            *dev(torch.randn(1, 2, 3, 64, dtype=torch.float64), torch.randn(1, 2, 3, 64, dtype=torch.float64))
+        )
     with pytest.raises(lqlib.InputError, match="key_scales"):
-        DeviceKVLayer(E8Codec(4.0), key_scales=torch.ones(3, 64)).update(*dev(torch.randn(1, 2, 3, 64),
-                                                                              torch.randn(1, 2, 3, 64)))
+        DeviceKVLayer(E8Codec(4.0), key_scales=torch.ones(3, 64)).update(
+            *dev(torch.randn(1, 2, 3, 64), torch.randn(1, 2, 3, 64))
+        )
     with pytest.raises(lqlib.InputError, match="torch operation|attn_implementation"):
         ok.update(*dev(torch.randn(1, 2, 1, 64), torch.randn(1, 2, 1, 64)))[0] + 1
     with pytest.raises(lqlib.InputError, match="full-attention"):

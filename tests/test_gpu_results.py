@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from lqlib import gpu_results as g
+from lqlib.book import gpu_results as g
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 

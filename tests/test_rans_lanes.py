@@ -1,4 +1,4 @@
-"""Interleaved multi-lane rANS (lqlib.rans_lanes) and its Triton kernels (lqlib.kernels.rans).
+"""Interleaved multi-lane rANS (lqlib.coding.rans_lanes) and its Triton kernels (lqlib.kernels.rans).
 
 CPU coder: exact round trips, escapes, corruption, rate against constriction. Kernels (Triton's
 interpreter without CUDA): byte-identical pages to the CPU encoder, and each side decodes the other's.
@@ -11,16 +11,16 @@ import numpy as np
 import pytest
 import torch
 
-from lqlib import rans_lanes as RL
-from lqlib.entropy_model import gaussian_symbol_model
+from lqlib.coding import rans_lanes as RL
+from lqlib.coding.entropy_model import gaussian_symbol_model
+from lqlib.coding.rans import encode_symbols
+from lqlib.core.lattices import nearest_e8
 from lqlib.errors import CorruptStreamError, InputError
-from lqlib.lattices import nearest_e8
-from lqlib.rans import encode_symbols
 
 
 def gaussian_codes(n_pages: int, page_shape: tuple, bits: float, seed: int) -> np.ndarray:
     """Codes 2·p (int8) of E8 points of Gaussian data at the entropy-coded scale of ``bits``."""
-    s = 2.0 ** bits / np.sqrt(2 * np.pi * np.e)
+    s = 2.0**bits / np.sqrt(2 * np.pi * np.e)
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(n_pages, *page_shape, generator=gen, dtype=torch.float64) * s
     points = nearest_e8(x.reshape(*x.shape[:-1], -1, 8)).reshape(x.shape)
@@ -30,8 +30,8 @@ def gaussian_codes(n_pages: int, page_shape: tuple, bits: float, seed: int) -> n
 def with_escapes(symbols: np.ndarray) -> np.ndarray:
     """Some values far outside the tables (int32 extremes included)."""
     s = symbols.copy()
-    s[0, 1, 3] = 2 ** 31 - 1
-    s[0, 1, 8] = -2 ** 31
+    s[0, 1, 3] = 2**31 - 1
+    s[0, 1, 8] = -(2**31)
     s[-1, -1, 1] = 1000
     s[-1, 0, 7] = -77
     s[:, 5, 1:] = 12345  # every symbol of a block escaped, in every page
@@ -48,7 +48,7 @@ def test_tables_are_exact_and_deterministic():
         for table in range(1, 5):
             r = t.radius(table)
             f = t.freq[table]
-            assert f[: 2 * r + 2].min() >= 1 and f[2 * r + 2:].max(initial=0) == 0  # escape included
+            assert f[: 2 * r + 2].min() >= 1 and f[2 * r + 2 :].max(initial=0) == 0  # escape included
         assert np.array_equal(t.freq.sum(axis=1), np.full(5, m))
         # the slot table inverts the cumulative frequencies
         slots = np.arange(m)
@@ -77,7 +77,7 @@ def test_pages_decode_alone():
     pages = RL.encode_pages(symbols, 4.0, n_lanes=8)
     for k in range(4):
         assert np.array_equal(RL.decode_pages([pages[k]])[0], symbols[k])
-        assert pages[k] == RL.encode_pages(symbols[k: k + 1], 4.0, n_lanes=8)[0]  # nothing shared between pages
+        assert pages[k] == RL.encode_pages(symbols[k : k + 1], 4.0, n_lanes=8)[0]  # nothing shared between pages
 
 
 def test_rate_close_to_constriction():
@@ -103,17 +103,22 @@ def corrupted_pages(pages: list[bytes]) -> dict[str, list[bytes]]:
     flip = bytearray(pages[1])
     flip[body + 40] ^= 0x10  # a bit in a lane's words
     lane_table = bytearray(pages[1])  # one word moved from lane 0 to lane 1: lengths still add up
-    counts = np.frombuffer(bytes(lane_table[RL.HEADER_BYTES: body]), dtype="<u2").copy()
+    counts = np.frombuffer(bytes(lane_table[RL.HEADER_BYTES : body]), dtype="<u2").copy()
     counts[0] -= 1
     counts[1] += 1
-    lane_table[RL.HEADER_BYTES: body] = counts.astype("<u2").tobytes()
+    lane_table[RL.HEADER_BYTES : body] = counts.astype("<u2").tobytes()
     magic = bytearray(pages[1])
     magic[0] ^= 1
     rate = bytearray(pages[1])
     rate[12:20] = struct.pack("<d", 1e9)
-    return {"flipped bit": [pages[0], bytes(flip)], "lane table": [pages[0], bytes(lane_table)],
-            "truncated": [pages[0], pages[1][:-2]], "extended": [pages[0], pages[1] + b"\0\0"],
-            "header": [pages[0], bytes(magic)], "rate": [pages[0], bytes(rate)]}
+    return {
+        "flipped bit": [pages[0], bytes(flip)],
+        "lane table": [pages[0], bytes(lane_table)],
+        "truncated": [pages[0], pages[1][:-2]],
+        "extended": [pages[0], pages[1] + b"\0\0"],
+        "header": [pages[0], bytes(magic)],
+        "rate": [pages[0], bytes(rate)],
+    }
 
 
 def test_cpu_decoder_rejects_corrupted_pages():
@@ -126,7 +131,7 @@ def test_cpu_decoder_rejects_corrupted_pages():
 
 
 def test_bad_input():
-    from lqlib import codec
+    from lqlib.coding import codec
 
     assert (RL.MIN_BITS, RL.MAX_BITS) == (codec.MIN_BITS, codec.MAX_BITS)
     with pytest.raises(InputError):
@@ -156,7 +161,8 @@ except ImportError:
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_kernels = pytest.mark.skipif(
     triton_missing or (DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1"),
-    reason="the kernels need Triton, and CUDA or TRITON_INTERPRET=1")
+    reason="the kernels need Triton, and CUDA or TRITON_INTERPRET=1",
+)
 
 
 @needs_kernels
@@ -220,7 +226,7 @@ def test_imports_without_triton():
 import sys
 sys.modules["triton"] = None
 import numpy as np, torch
-from lqlib import rans_lanes as RL
+from lqlib.coding import rans_lanes as RL
 from lqlib.kernels import rans as KR
 sym = np.zeros((1, 16, 9), np.int32)
 assert np.array_equal(RL.decode_pages(RL.encode_pages(sym, 4.0, 4)), sym)

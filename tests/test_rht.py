@@ -4,7 +4,7 @@ import pytest
 import scipy.linalg
 import torch
 
-from lqlib.rht import RandomizedHadamard, fwht, random_signs
+from lqlib.core.rht import RandomizedHadamard, fwht, random_signs
 from tests.conftest import DEVICES
 
 

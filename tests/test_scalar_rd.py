@@ -6,10 +6,22 @@ import numpy as np
 import pytest
 import torch
 
-from lqlib import theory
-from lqlib.rate_distortion import (FAMILIES, explain_block, family_point, lattice_entropy_coded, make_source,
-                                   mse_at_rate, parity_saving)
-from lqlib.scalar import empirical_entropy, entropy_coded_scalar, fixed_rate_scalar, lloyd_max
+from lqlib.core import theory
+from lqlib.core.scalar import (
+    empirical_entropy,
+    entropy_coded_scalar,
+    fixed_rate_scalar,
+    lloyd_max,
+)
+from lqlib.evaluation.rate_distortion import (
+    FAMILIES,
+    explain_block,
+    family_point,
+    lattice_entropy_coded,
+    make_source,
+    mse_at_rate,
+    parity_saving,
+)
 
 
 @pytest.fixture(scope="module")
@@ -28,19 +40,19 @@ def test_lloyd_max_matches_known_gaussian_quantizers(gauss):
 def test_lloyd_max_on_uniform_is_uniform():
     x = make_source("uniform", 400_000, seed=1)
     for bits in (2, 4):
-        step = 2 * math.sqrt(3) / 2 ** bits
-        assert fixed_rate_scalar(x, bits).mse == pytest.approx(step ** 2 / 12, rel=0.02)
+        step = 2 * math.sqrt(3) / 2**bits
+        assert fixed_rate_scalar(x, bits).mse == pytest.approx(step**2 / 12, rel=0.02)
 
 
 def test_panter_dite_limit_approached(gauss):
-    gap = fixed_rate_scalar(gauss, 7).mse / 4.0 ** -7
+    gap = fixed_rate_scalar(gauss, 7).mse / 4.0**-7
     assert gap == pytest.approx(theory.PANTER_DITE_GAP, rel=0.03)
 
 
 def test_entropy_coded_scalar_hits_rate_and_cell_shape_gap(gauss):
     result = entropy_coded_scalar(gauss, 5.0)
     assert result.rate == pytest.approx(5.0, abs=1e-3)
-    assert result.mse / 4.0 ** -result.rate == pytest.approx(theory.CELL_SHAPE_GAP, rel=0.01)
+    assert result.mse / 4.0**-result.rate == pytest.approx(theory.CELL_SHAPE_GAP, rel=0.01)
 
 
 def test_empirical_entropy():
@@ -51,7 +63,7 @@ def test_empirical_entropy():
 @pytest.mark.parametrize("lattice", ["D4", "E8"])
 def test_lattice_gap_at_high_rate(gauss, lattice):
     result = lattice_entropy_coded(gauss, lattice, 6.0)
-    gap = result.mse / theory.gaussian_distortion_bound(result.rate, float(np.mean(gauss ** 2)))
+    gap = result.mse / theory.gaussian_distortion_bound(result.rate, float(np.mean(gauss**2)))
     assert gap == pytest.approx(theory.entropy_coded_gap(lattice), rel=0.02)
     assert result.rate == pytest.approx(6.0, abs=0.02)
 
@@ -69,8 +81,8 @@ def test_family_point_and_sources(gauss):
 
 
 def test_mse_at_rate_interpolates_log_linearly():
-    points = [{"rate": r, "mse": 4.0 ** -r} for r in (3.0, 4.0, 5.0)]
-    assert mse_at_rate(points, 4.5) == pytest.approx(4.0 ** -4.5, rel=1e-12)
+    points = [{"rate": r, "mse": 4.0**-r} for r in (3.0, 4.0, 5.0)]
+    assert mse_at_rate(points, 4.5) == pytest.approx(4.0**-4.5, rel=1e-12)
     with pytest.raises(ValueError, match="outside"):
         mse_at_rate(points, 6.0)
 
@@ -90,7 +102,7 @@ def test_explain_block_agrees_with_the_codec():
     x = torch.tensor(block).reshape(1, 8)
     step = float(codec._synthesis_factors(codec._analyse(x)[1], 8, torch.float64).reshape(-1)[0])
     # same point as the codec when the codec's step equals the explained one (sigma2 = its mean square)
-    rows2, summary2 = explain_block(block, 4.0, sigma2=float(np.mean(block ** 2)))
+    rows2, summary2 = explain_block(block, 4.0, sigma2=float(np.mean(block**2)))
     assert summary2["step"] == pytest.approx(step)
     assert np.allclose([r["E8 point"] for r in rows2], (codec.quantize(x) / step).numpy().reshape(-1))
     assert min(summary["d2_even"], summary["d2_odd"]) <= max(summary["d2_even"], summary["d2_odd"])

@@ -5,21 +5,32 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lqlib.compressed_cache import CompressedKVCache
-from lqlib.evaluate import compressed_cache_rate
-from lqlib.kv_capture import capture_kv
-from lqlib.models import LoadedModel
-from lqlib.perplexity import perplexity
-from lqlib.quantized_cache import QuantizeDequantizeCache
-from lqlib.schedule import channel_scales, fit_schedule, schedule_quantizers, uniform_schedule
-from lqlib.sensitivity import attention_sensitivity, propagation_factors
+from lqlib.alloc.schedule import (
+    channel_scales,
+    fit_schedule,
+    schedule_quantizers,
+    uniform_schedule,
+)
+from lqlib.alloc.sensitivity import attention_sensitivity, propagation_factors
+from lqlib.cache.compressed import CompressedKVCache
+from lqlib.cache.quantized import QuantizeDequantizeCache
+from lqlib.evaluation.capture import capture_kv
+from lqlib.evaluation.harness import compressed_cache_rate
+from lqlib.evaluation.models import LoadedModel
+from lqlib.evaluation.perplexity import perplexity
 
 
 @pytest.fixture(scope="module")
 def tiny():
     """A random GQA Llama: 2 layers, 4 query heads, 2 KV heads of dim 16, in float64."""
-    config = LlamaConfig(vocab_size=53, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2)
+    config = LlamaConfig(
+        vocab_size=53,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).double().eval()
     return LoadedModel(model, None, "tiny"), torch.randint(0, 53, (2, 24))
@@ -60,7 +71,7 @@ def test_weights_match_noise_simulation(tiny, path):
     stats = attention_sensitivity(loaded, ids, progress=False)
     sigma = 1e-3
     for layer in (0, 1):
-        predicted = (stats["weight_k"] if path == 0 else stats["weight_v"])[layer].sum() * sigma ** 2
+        predicted = (stats["weight_k"] if path == 0 else stats["weight_v"])[layer].sum() * sigma**2
         measured = _noisy_attention_output(loaded, ids, layer, path, sigma)
         assert measured == pytest.approx(predicted, rel=0.12), (layer, path)
 
@@ -109,17 +120,28 @@ def test_scheduled_in_loop_path_equals_the_cache_with_key_scales(tiny):
     scales = channel_scales(capture_kv(loaded, ids[:1]))
     assert scales.shape == (2, 2, 16) and scales.dtype == torch.float16
     keys, values = schedule_quantizers(schedule, key_scales=scales)
-    a = perplexity(loaded.model, ids, ids.clone(), lambda: QuantizeDequantizeCache(keys, config, values),
-                   chunk_size=8, progress=False)
-    b = perplexity(loaded.model, ids, ids.clone(),
-                   lambda: CompressedKVCache(config, schedule, page_size=8, key_scales=scales), chunk_size=8,
-                   progress=False)
+    a = perplexity(
+        loaded.model,
+        ids,
+        ids.clone(),
+        lambda: QuantizeDequantizeCache(keys, config, values),
+        chunk_size=8,
+        progress=False,
+    )
+    b = perplexity(
+        loaded.model,
+        ids,
+        ids.clone(),
+        lambda: CompressedKVCache(config, schedule, page_size=8, key_scales=scales),
+        chunk_size=8,
+        progress=False,
+    )
     assert a.nll == pytest.approx(b.nll, rel=1e-9)
 
 
 def test_sensitivity_rows_round_trip(tiny, tmp_path):
-    from lqlib.sensitivity import Sensitivity
-    from lqlib.tables import read_table, write_table
+    from lqlib.alloc.sensitivity import Sensitivity
+    from lqlib.book.tables import read_table, write_table
 
     loaded, ids = tiny
     stats = attention_sensitivity(loaded, ids, progress=False)
@@ -128,5 +150,8 @@ def test_sensitivity_rows_round_trip(tiny, tmp_path):
     back = Sensitivity.from_rows(read_table(tmp_path / "sensitivity"))
     np.testing.assert_allclose(back.slot_weights(per_head=True), sens.slot_weights(per_head=True), rtol=1e-15)
     assert back.slot_weights().shape == (2, 2)
-    np.testing.assert_allclose(sens.predicted_distortion(np.array([[4.0, 3.0], [4.0, 3.0]]))[:, 1],
-                               sens.slot_weights()[:, 1] * 1.2243 * 4.0 ** -3, rtol=1e-3)
+    np.testing.assert_allclose(
+        sens.predicted_distortion(np.array([[4.0, 3.0], [4.0, 3.0]]))[:, 1],
+        sens.slot_weights()[:, 1] * 1.2243 * 4.0**-3,
+        rtol=1e-3,
+    )

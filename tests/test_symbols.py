@@ -4,12 +4,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lqlib.lattices import nearest_e8
-from lqlib.symbols import SYMBOLS_PER_BLOCK, points_to_symbols, symbols_to_points
+from lqlib.core.lattices import nearest_e8
+from lqlib.core.symbols import SYMBOLS_PER_BLOCK, points_to_symbols, symbols_to_points
 
 
 @settings(max_examples=60, deadline=None)
-@given(scale=st.floats(0.01, 1e4), seed=st.integers(0, 2 ** 31 - 1), n=st.integers(1, 300))
+@given(scale=st.floats(0.01, 1e4), seed=st.integers(0, 2**31 - 1), n=st.integers(1, 300))
 def test_round_trip(scale, seed, n):
     x = torch.randn(n, 8, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * scale
     p = nearest_e8(x)
@@ -19,8 +19,12 @@ def test_round_trip(scale, seed, n):
 
 
 def test_layout():
-    p = torch.tensor([[0.5, -0.5, 1.5, 0.5, 0.5, 0.5, 0.5, -3.5],   # half-integer coset
-                      [1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 2.0]])    # integer coset
+    p = torch.tensor(
+        [
+            [0.5, -0.5, 1.5, 0.5, 0.5, 0.5, 0.5, -3.5],  # half-integer coset
+            [1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 2.0],
+        ]
+    )  # integer coset
     s = points_to_symbols(p)
     assert s[0].tolist() == [1, 0, -1, 1, 0, 0, 0, 0, -2]  # z7 = -4 → floor(-4/2) = -2
     assert s[1].tolist() == [0, 1, 1, 0, 0, 0, 0, 0, 1]

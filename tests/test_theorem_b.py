@@ -9,11 +9,24 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lqlib.ddt import (DitheredTrials, Dithered, ScalarBlockQuantizer, dithered_quantizers, dithered_trials, block_permutation,
-                       ordering_steps,
-                       first_order_term, fixed_gradient_additivity, kv_gradients, layer_groups, loss_change,
-                       real_pass_additivity, trial_seed, variance_additivity)
-from lqlib.models import LoadedModel
+from lqlib.ddt import (
+    Dithered,
+    DitheredTrials,
+    ScalarBlockQuantizer,
+    block_permutation,
+    dithered_quantizers,
+    dithered_trials,
+    first_order_term,
+    fixed_gradient_additivity,
+    kv_gradients,
+    layer_groups,
+    loss_change,
+    ordering_steps,
+    real_pass_additivity,
+    trial_seed,
+    variance_additivity,
+)
+from lqlib.evaluation.models import LoadedModel
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -32,8 +45,14 @@ def _float64_rms_norm(self, hidden_states):
 @pytest.fixture(scope="module")
 def tiny():
     """A random GQA Llama in float64 (2 layers, 2 KV heads of dim 16) and two windows of 24 tokens."""
-    config = LlamaConfig(vocab_size=53, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2)
+    config = LlamaConfig(
+        vocab_size=53,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).double().eval()
     for module in model.modules():
@@ -44,8 +63,9 @@ def tiny():
 
 def _synthetic_trials(parts: np.ndarray, analytic: np.ndarray) -> DitheredTrials:
     """Wrap (S, L, 2, W, T) first-order parts and (L, 2, W, T) analytic variances as DitheredTrials."""
-    return DitheredTrials(parts.sum(axis=(1, 2, 3, 4)), parts, analytic, analytic,
-                          np.ones(parts.shape[1:3], dtype=bool), 0.0, 0, 0)
+    return DitheredTrials(
+        parts.sum(axis=(1, 2, 3, 4)), parts, analytic, analytic, np.ones(parts.shape[1:3], dtype=bool), 0.0, 0, 0
+    )
 
 
 def _fixed_gradient_case(draws: int, seed: int):
@@ -62,7 +82,7 @@ def _fixed_gradient_case(draws: int, seed: int):
 
 def test_additivity_and_crypto_prediction_hold_under_independent_dither():
     g, step, e = _fixed_gradient_case(400, seed=1)
-    exact = (g ** 2 * step ** 2 / 12).sum(axis=-1)                # Var(gᵀe) of every part, closed form
+    exact = (g**2 * step**2 / 12).sum(axis=-1)  # Var(gᵀe) of every part, closed form
     result = fixed_gradient_additivity(_synthetic_trials((g * e).sum(axis=-1), exact), position_blocks=4)
     assert result["analytic"] == pytest.approx(float(exact.sum()), rel=1e-12)
     assert result["n_parts"] == 3 * 2 * 1 * 4
@@ -71,8 +91,9 @@ def test_additivity_and_crypto_prediction_hold_under_independent_dither():
     assert abs(result["z"]) < 3
     # the same estimate as variance_additivity on the raw elements, parts = (layer, path, window, block)
     blocks = e.reshape(400, 3, 2, 1, 4, 4 * 8)
-    raw = variance_additivity(g.reshape(3, 2, 1, 4, 32), blocks,
-                              np.broadcast_to(step, g.shape).reshape(3, 2, 1, 4, 32).copy())
+    raw = variance_additivity(
+        g.reshape(3, 2, 1, 4, 32), blocks, np.broadcast_to(step, g.shape).reshape(3, 2, 1, 4, 32).copy()
+    )
     assert result["pos_add"] == pytest.approx(raw["pos_add"], rel=1e-10)
     assert result["pred"] == pytest.approx(raw["pred"], rel=1e-10)
 
@@ -94,7 +115,7 @@ def test_stratified_dither_gives_the_crypto_variance_exactly():
     steps = torch.as_tensor(np.broadcast_to(step, x.shape).copy())
     e = (Stratified(lambda _x: steps, seed=3)(x) - x).numpy()
     result = variance_additivity(g, e, step)
-    exact = float((g ** 2 * step ** 2).sum() / 12)
+    exact = float((g**2 * step**2).sum() / 12)
     assert result["analytic"] == pytest.approx(exact, rel=1e-12)
     assert result["sum_var_parts"] == pytest.approx(exact * (draws + 1) / draws, rel=1e-9)
 
@@ -107,19 +128,29 @@ def test_correlated_errors_are_detected():
     rng = np.random.default_rng(4)
     base = torch.as_tensor(rng.standard_normal((draws, 1, 1, 1, tokens, d)))
     shifts = torch.arange(layers * 2, dtype=torch.float64).reshape(1, layers, 2, 1, 1, 1) * step
-    x = base + shifts                                                  # (S, L, 2, 1, T, d)
+    x = base + shifts  # (S, L, 2, 1, T, d)
     reused = Dithered(step, seed=5)
     e = torch.stack([reused(x[:, l, p]) - x[:, l, p] for l in range(layers) for p in range(2)], dim=1)
     e = e.reshape(x.shape).numpy()
-    analytic = np.full((layers, 2, 1, tokens), d * step ** 2 / 12)
+    analytic = np.full((layers, 2, 1, tokens), d * step**2 / 12)
     together = fixed_gradient_additivity(_synthetic_trials(e.sum(axis=-1), analytic), position_blocks=tokens)
     assert together["pos_add_low"] > 5 and together["pred_low"] > 5
     sign = np.where(np.arange(layers * 2).reshape(layers, 2) % 2 == 0, 1.0, -1.0)[None, :, :, None, None]
     cancel = fixed_gradient_additivity(_synthetic_trials(sign * e.sum(axis=-1), analytic), position_blocks=tokens)
     assert cancel["pos_add_high"] < 0.1 and cancel["pred_high"] < 0.1
     # the same inputs with fresh dither per slot (as dithered_trials does) pass
-    fresh = torch.stack([Dithered(step, seed=trial_seed(5, 0, l, p))(x[:, l, p]) - x[:, l, p]
-                         for l in range(layers) for p in range(2)], dim=1).reshape(x.shape).numpy()
+    fresh = (
+        torch.stack(
+            [
+                Dithered(step, seed=trial_seed(5, 0, l, p))(x[:, l, p]) - x[:, l, p]
+                for l in range(layers)
+                for p in range(2)
+            ],
+            dim=1,
+        )
+        .reshape(x.shape)
+        .numpy()
+    )
     ok = fixed_gradient_additivity(_synthetic_trials(fresh.sum(axis=-1), analytic), position_blocks=tokens)
     assert ok["pos_add_low"] < 1 < ok["pos_add_high"] and ok["pred_low"] < 1 < ok["pred_high"]
 
@@ -147,17 +178,19 @@ def test_trial_zero_is_loss_change_and_first_order_term(tiny):
     step = ScalarBlockQuantizer(5).step
     trials = dithered_trials(loaded, ids, step, n_trials=3, seed=11, batch_size=2, progress=False)
     kq, vq = dithered_quantizers(2, step, trial=0, seed=11)
-    assert trials.delta_loss[0] == pytest.approx(loss_change(loaded, ids, kq, vq, batch_size=2, progress=False),
-                                                 rel=1e-12)
+    assert trials.delta_loss[0] == pytest.approx(
+        loss_change(loaded, ids, kq, vq, batch_size=2, progress=False), rel=1e-12
+    )
     assert trials.first_order[0] == pytest.approx(
-        first_order_term(loaded, ids, kq, vq, batch_size=2, progress=False), rel=1e-10)
-    assert len(set(trials.delta_loss.tolist())) == 3                 # every trial its own dither
+        first_order_term(loaded, ids, kq, vq, batch_size=2, progress=False), rel=1e-10
+    )
+    assert len(set(trials.delta_loss.tolist())) == 3  # every trial its own dither
     again = dithered_trials(loaded, ids, step, n_trials=3, seed=11, batch_size=2, progress=False)
     assert np.array_equal(again.delta_loss, trials.delta_loss) and np.array_equal(again.parts, trials.parts)
     # analytic variance: layer 0's quantizer sees the clean cache, so its realised steps are the clean ones
     grads = kv_gradients(loaded, ids, progress=False)
     for p, (g, x) in enumerate(((grads.grad_keys, grads.keys), (grads.grad_values, grads.values))):
-        closed = (g.double() ** 2 * step(x).double() ** 2).sum(dim=(2, 4)).numpy() / 12   # (layers, W, T)
+        closed = (g.double() ** 2 * step(x).double() ** 2).sum(dim=(2, 4)).numpy() / 12  # (layers, W, T)
         np.testing.assert_allclose(trials.analytic_clean_parts[:, p], closed, rtol=1e-12)
         np.testing.assert_allclose(trials.analytic_parts[0, p], closed[0], rtol=1e-12)
     assert trials.scored_tokens == 46 and trials.analytic == pytest.approx(trials.analytic_parts.sum())
@@ -168,11 +201,15 @@ def test_group_runs_dither_only_their_slots(tiny):
     grads = kv_gradients(loaded, ids, progress=False)
     values_only = np.array([[False, True], [False, True]])
     run = dithered_trials(loaded, ids, 0.05, n_trials=2, slots=values_only, gradients=grads, progress=False)
-    assert np.all(run.parts[:, :, 0] == 0) and np.all(run.parts[:, :, 1, :, :-1] != 0)   # last position: g = 0
+    assert np.all(run.parts[:, :, 0] == 0) and np.all(run.parts[:, :, 1, :, :-1] != 0)  # last position: g = 0
     assert np.all(run.analytic_parts[:, 0] == 0)
     # one window per batch (batch_size 1): each batch has its own dither seeds
-    per_batch = [loss_change(loaded, ids[b:b + 1], *dithered_quantizers(2, 0.05, trial=1, batch=b, slots=values_only),
-                             progress=False) for b in (0, 1)]
+    per_batch = [
+        loss_change(
+            loaded, ids[b : b + 1], *dithered_quantizers(2, 0.05, trial=1, batch=b, slots=values_only), progress=False
+        )
+        for b in (0, 1)
+    ]
     assert run.delta_loss[1] == pytest.approx(sum(per_batch), rel=1e-12)
     with pytest.raises(ValueError):
         dithered_trials(loaded, ids, ScalarBlockQuantizer(4), n_trials=2, gradients=grads, progress=False)
@@ -188,27 +225,30 @@ def test_real_passes_add_up_for_small_steps(tiny):
     loaded, ids = tiny
     grads = kv_gradients(loaded, ids, progress=False)
     step = ScalarBlockQuantizer(6, block=16).step
-    common = dict(gradients=grads, batch_size=2, progress=False)
+    common = {"gradients": grads, "batch_size": 2, "progress": False}
     everything = dithered_trials(loaded, ids, step, n_trials=300, seed=1, **common)
-    groups = [dithered_trials(loaded, ids, step, n_trials=300, seed=2 + i, slots=mask, **common)
-              for i, mask in enumerate(layer_groups(2, 2))]
+    groups = [
+        dithered_trials(loaded, ids, step, n_trials=300, seed=2 + i, slots=mask, **common)
+        for i, mask in enumerate(layer_groups(2, 2))
+    ]
     result = real_pass_additivity(everything, groups, n_boot=1000)
     assert result["pos_add_low"] < 1 < result["pos_add_high"]
     assert result["pred_low"] < 1 < result["pred_high"]
     assert result["pos_add_high"] - result["pos_add_low"] < 0.6
     assert result["corr"] > 0.99 and result["remainder_var_share"] < 0.02
     assert abs(result["remainder_mean"]) < 0.2 * math.sqrt(result["var_total"])
-    with pytest.raises(ValueError):                                  # overlapping groups
+    with pytest.raises(ValueError):  # overlapping groups
         real_pass_additivity(everything, [groups[0], groups[0]])
-    with pytest.raises(ValueError):                                  # groups missing a slot
+    with pytest.raises(ValueError):  # groups missing a slot
         real_pass_additivity(everything, groups[:1])
     alone = real_pass_additivity(everything)
     assert math.isnan(alone["pos_add"]) and alone["pred"] == result["pred"]
-    assert not result["paired"] and result["var_ratio"] == pytest.approx(1, abs=0.01)   # ΔL ≈ X trial by trial
+    assert not result["paired"] and result["var_ratio"] == pytest.approx(1, abs=0.01)  # ΔL ≈ X trial by trial
     # paired group runs (the all-slot run's seed): the same dither per slot and trial, so layer 0 (whose
     # input is clean in both runs) gets identical errors, and pos_add is more precise
-    paired = [dithered_trials(loaded, ids, step, n_trials=300, seed=1, slots=mask, **common)
-              for mask in layer_groups(2, 2)]
+    paired = [
+        dithered_trials(loaded, ids, step, n_trials=300, seed=1, slots=mask, **common) for mask in layer_groups(2, 2)
+    ]
     np.testing.assert_allclose(paired[0].parts[:, 0], everything.parts[:, 0], rtol=1e-12)
     both = real_pass_additivity(everything, paired, n_boot=1000)
     assert both["paired"] and both["pos_add_trials"] == [300, 300, 300]
@@ -218,11 +258,13 @@ def test_real_passes_add_up_for_small_steps(tiny):
 
 def test_seeds_and_groups():
     """Seeds are 32-bit (torch's CPU generator ignores higher bits) and distinct within a run."""
-    assert torch.equal(torch.rand(4, generator=torch.Generator().manual_seed(5)),
-                       torch.rand(4, generator=torch.Generator().manual_seed(5 + 2 ** 32)))
+    assert torch.equal(
+        torch.rand(4, generator=torch.Generator().manual_seed(5)),
+        torch.rand(4, generator=torch.Generator().manual_seed(5 + 2**32)),
+    )
     for run in (0, 123456789):
         seeds = {trial_seed(run, t, l, p, b) for t, l, p, b in itertools.product(range(500), range(30), (0, 1), (0, 3))}
-        assert len(seeds) == 500 * 30 * 2 * 2 and all(0 <= s < 2 ** 32 for s in seeds)
+        assert len(seeds) == 500 * 30 * 2 * 2 and all(0 <= s < 2**32 for s in seeds)
     assert trial_seed(0, 0, 0, 0) != trial_seed(1, 0, 0, 0)
     with pytest.raises(ValueError):
         trial_seed(0, 0, 256, 0)

@@ -4,26 +4,26 @@ import math
 
 import pytest
 
-from lqlib import theory
-from lqlib.lattices import LATTICES
+from lqlib.core import theory
+from lqlib.core.lattices import LATTICES
 
 
 def test_scalar_barrier_decomposes():
-    assert theory.PANTER_DITE_GAP == pytest.approx(2.72070, abs=5e-6)
-    assert theory.CELL_SHAPE_GAP == pytest.approx(1.42329, abs=5e-6)
-    assert theory.FIXED_RATE_GAP == pytest.approx(1.91156, abs=5e-6)
-    assert theory.CELL_SHAPE_GAP * theory.FIXED_RATE_GAP == pytest.approx(theory.PANTER_DITE_GAP, rel=1e-14)
+    assert pytest.approx(2.72070, abs=5e-6) == theory.PANTER_DITE_GAP
+    assert pytest.approx(1.42329, abs=5e-6) == theory.CELL_SHAPE_GAP
+    assert pytest.approx(1.91156, abs=5e-6) == theory.FIXED_RATE_GAP
+    assert pytest.approx(theory.PANTER_DITE_GAP, rel=1e-14) == theory.CELL_SHAPE_GAP * theory.FIXED_RATE_GAP
 
 
 def test_entropy_coded_gaps():
     assert theory.entropy_coded_gap("E8") == pytest.approx(1.2243, abs=5e-5)
     assert theory.entropy_coded_gap("Z") == pytest.approx(theory.CELL_SHAPE_GAP, rel=1e-14)
-    assert theory.SPHERE_BOUND_G == pytest.approx(0.058550, abs=5e-7)
+    assert pytest.approx(0.058550, abs=5e-7) == theory.SPHERE_BOUND_G
     assert all(LATTICES[k].G > theory.SPHERE_BOUND_G for k in LATTICES)
 
 
 def test_gaussian_bound():
-    assert theory.gaussian_distortion_bound(4.0) == 4.0 ** -4
+    assert theory.gaussian_distortion_bound(4.0) == 4.0**-4
     assert theory.gaussian_distortion_bound(2.0, sigma2=3.0) == pytest.approx(3.0 / 16)
     # 6.02 dB per bit
     ratio = theory.gaussian_distortion_bound(3.0) / theory.gaussian_distortion_bound(4.0)
@@ -32,5 +32,5 @@ def test_gaussian_bound():
 
 def test_kv_cache_bytes():
     # Llama-3.1-8B: 32 layers, 8 KV heads, head dim 128; fp16 at 128K tokens is 16 GiB
-    assert theory.kv_cache_bytes(32, 8, 128, 131072, 16) == 16 * 2 ** 30
+    assert theory.kv_cache_bytes(32, 8, 128, 131072, 16) == 16 * 2**30
     assert theory.kv_cache_bytes(30, 3, 64, 1, 4.0) == 2 * 30 * 3 * 64 * 4 / 8

@@ -9,8 +9,14 @@ import torch
 
 import lqlib
 from lqlib import E8Codec, Encoded
-from lqlib.steps import CODE_MAX, CODE_MIN, pack_codes, packed_codes_size, unpack_codes
-from lqlib.wire import MAGIC, VERSION
+from lqlib.coding.wire import MAGIC, VERSION
+from lqlib.core.steps import (
+    CODE_MAX,
+    CODE_MIN,
+    pack_codes,
+    packed_codes_size,
+    unpack_codes,
+)
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +35,14 @@ def test_header_fields(sample):
     enc = Encoded.from_bytes(data)
     h = enc.header
     assert data[:4] == MAGIC and data[4] == VERSION
-    assert (h.rotation, h.scale, h.bits, h.seed, h.shape, h.dtype) == ("rht", "vector", 4.0, 3, (2, 5, 64),
-                                                                      torch.float32)
+    assert (h.rotation, h.scale, h.bits, h.seed, h.shape, h.dtype) == (
+        "rht",
+        "vector",
+        4.0,
+        3,
+        (2, 5, 64),
+        torch.float32,
+    )
     assert enc.step_codes.shape == (10,) and enc.words.dtype == np.uint32
 
 
@@ -61,8 +73,13 @@ def test_foreign_and_extended_input(sample):
 def test_unknown_version_and_codes(sample):
     _, _, data = sample
     body = bytearray(data[:-4])
-    for offset, value, message in ((4, VERSION + 1, "version"), (5, 9, "unknown code"), (7, 9, "unknown code"),
-                                   (16, 0, "dimensions"), (16, 99, "dimensions")):
+    for offset, value, message in (
+        (4, VERSION + 1, "version"),
+        (5, 9, "unknown code"),
+        (7, 9, "unknown code"),
+        (16, 0, "dimensions"),
+        (16, 99, "dimensions"),
+    ):
         changed = bytearray(body)
         changed[offset] = value
         with pytest.raises(lqlib.FormatError, match=message):
@@ -73,7 +90,7 @@ def test_forged_huge_shape_is_rejected_without_allocating(sample):
     codec, _, data = sample
     body = bytearray(data[:-4])
     # keep 10 vectors (the scale count) but claim a last dim of 2^24: parses, refuses to decode
-    struct.pack_into("<I", body, 17 + 8, 2 ** 24)
+    struct.pack_into("<I", body, 17 + 8, 2**24)
     with pytest.raises(lqlib.CorruptStreamError, match="cannot hold"):
         codec.decode(Encoded.from_bytes(with_crc(bytes(body))))
     # a last dim that is no multiple of 8
@@ -83,7 +100,7 @@ def test_forged_huge_shape_is_rejected_without_allocating(sample):
     # a tensor-scale stream claiming 2^36 elements over a tiny payload
     enc = E8Codec(4.0, scale="tensor").encode(torch.randn(4, 64))
     body = bytearray(enc.to_bytes()[:-4])
-    struct.pack_into("<II", body, 17, 2 ** 28, 256)
+    struct.pack_into("<II", body, 17, 2**28, 256)
     forged = Encoded.from_bytes(with_crc(bytes(body)))
     with pytest.raises(lqlib.CorruptStreamError, match="cannot hold"):
         E8Codec(4.0, scale="tensor").decode(forged)
@@ -96,7 +113,7 @@ def test_forged_payload_with_valid_checksum(sample):
     enc = Encoded.from_bytes(data)
     rng = np.random.default_rng(1)
     detected = 0
-    for trial in range(200):
+    for _trial in range(200):
         words = enc.words.copy()
         words[rng.integers(words.size)] ^= np.uint32(1 << int(rng.integers(32)))
         forged = Encoded.from_bytes(Encoded(enc.header, enc.step_codes, words).to_bytes())
@@ -112,7 +129,7 @@ def test_forged_payload_with_valid_checksum(sample):
 def test_forged_step_codes_rejected(sample):
     codec, _, data = sample
     enc = Encoded.from_bytes(data)
-    for bad in (CODE_MIN - 1, CODE_MAX + 1, 2 ** 30):
+    for bad in (CODE_MIN - 1, CODE_MAX + 1, 2**30):
         codes = enc.step_codes.copy()
         codes[3] = bad
         with pytest.raises(lqlib.CorruptStreamError, match="step codes"):

@@ -25,13 +25,21 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..codec import E8Codec
+from ..coding.codec import E8Codec
+from ..core.steps import FRACTIONS, INVERSE_FRACTIONS, code_constants
+from ..core.symbols import points_to_symbols
 from ..errors import InputError
-from ..steps import FRACTIONS, INVERSE_FRACTIONS, code_constants
-from ..symbols import points_to_symbols
 
-__all__ = ["triton_available", "quantize", "dequantize", "reference_quantize", "reference_dequantize",
-           "code_dtype", "codes_to_symbols", "KERNEL_DTYPES"]
+__all__ = [
+    "triton_available",
+    "quantize",
+    "dequantize",
+    "reference_quantize",
+    "reference_dequantize",
+    "code_dtype",
+    "codes_to_symbols",
+    "KERNEL_DTYPES",
+]
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 STEP_DTYPE = torch.int16
@@ -48,7 +56,7 @@ def triton_available() -> bool:
 
 def _kernels():
     try:
-        from . import _e8_triton
+        from ..kernels import _e8_triton
     except ImportError as err:
         raise ImportError("lqlib.kernels needs Triton: pip install 'lqlib[gpu]' (or pip install triton)") from err
     return _e8_triton
@@ -58,8 +66,10 @@ def check_kernel_device(x: Tensor, kernel) -> None:
     """A clear error where ``kernel`` (a Triton function) cannot take ``x``: compiled kernels take
     CUDA tensors only; the interpreter (``TRITON_INTERPRET=1`` before the first use) takes CPU ones."""
     if x.device.type != "cuda" and type(kernel).__name__ != "InterpretedFunction":
-        raise InputError(f"the Triton kernels take CUDA tensors, got a {x.device.type} tensor (on CPU, set "
-                         "TRITON_INTERPRET=1 before lqlib.kernels is first used, or use the codec itself)")
+        raise InputError(
+            f"the Triton kernels take CUDA tensors, got a {x.device.type} tensor (on CPU, set "
+            "TRITON_INTERPRET=1 before lqlib.kernels is first used, or use the codec itself)"
+        )
 
 
 def _check_codec(codec: E8Codec, dim: int) -> None:
@@ -79,7 +89,7 @@ def code_dtype(codec: E8Codec, dim: int) -> torch.dtype:
     the step was clamped at 2^100, i.e. for vectors whose RMS is above about 2^96 (bfloat16 or
     float32 only).
     """
-    bound = 2.0 * (math.sqrt(dim / (2.0 * math.pi * math.e)) * 2.0 ** (codec.bits + 1 / 16) * (1 + 2.0 ** -9) + 1.0)
+    bound = 2.0 * (math.sqrt(dim / (2.0 * math.pi * math.e)) * 2.0 ** (codec.bits + 1 / 16) * (1 + 2.0**-9) + 1.0)
     if bound <= 127:
         return torch.int8
     if bound <= 32767:
@@ -104,8 +114,9 @@ def _tables(device: torch.device) -> Tensor:
     return _TABLES[device]
 
 
-def _launch_config(kernel: str, device: torch.device, block_v: int | None, num_warps: int | None,
-                   chunk_major: bool | None) -> tuple[int, int, bool]:
+def _launch_config(
+    kernel: str, device: torch.device, block_v: int | None, num_warps: int | None, chunk_major: bool | None
+) -> tuple[int, int, bool]:
     """Vectors per program, warps and load order: the fastest measured (results/gpu_codec_*.json).
 
     Quantize: 32 vectors on one warp, one vector per thread, so that the transform's butterflies
@@ -133,9 +144,17 @@ def _check_input(codec: E8Codec, x: Tensor) -> None:
     _check_codec(codec, x.shape[-1])
 
 
-def quantize(codec: E8Codec, x: Tensor, *, codes_dtype: torch.dtype | None = None, block_v: int | None = None,
-             num_warps: int | None = None, chunk_major: bool | None = None, split: int = 1,
-             maxnreg: int | None = None) -> tuple[Tensor, Tensor]:
+def quantize(
+    codec: E8Codec,
+    x: Tensor,
+    *,
+    codes_dtype: torch.dtype | None = None,
+    block_v: int | None = None,
+    num_warps: int | None = None,
+    chunk_major: bool | None = None,
+    split: int = 1,
+    maxnreg: int | None = None,
+) -> tuple[Tensor, Tensor]:
     """Kernel: ``x`` (..., d) → (codes ``2·p`` (..., d) int8/int16, step codes (...) int16).
 
     The input must be finite (not checked: no host synchronisation); the codec raises on NaN/Inf.
@@ -157,16 +176,38 @@ def quantize(codec: E8Codec, x: Tensor, *, codes_dtype: torch.dtype | None = Non
         rht = codec.rotation == "rht"
         signs = codec._signs(d, x.device, torch.float32)
         kernels.e8_quantize_kernel[(triton_cdiv(n, bv),)](
-            x2, codes, steps, signs, _tables(x.device), n, n0, *t,
-            D=d, LOG2C=(d // 8).bit_length() - 1, SHIFT=codec._log2_dim(d), RHT=rht, BLOCK_V=bv, CHUNK_MAJOR=cm,
+            x2,
+            codes,
+            steps,
+            signs,
+            _tables(x.device),
+            n,
+            n0,
+            *t,
+            D=d,
+            LOG2C=(d // 8).bit_length() - 1,
+            SHIFT=codec._log2_dim(d),
+            RHT=rht,
+            BLOCK_V=bv,
+            CHUNK_MAJOR=cm,
             SPLIT=min(split, (d // 8).bit_length() - 1),
-            num_warps=warps, enable_fp_fusion=False, **({} if maxnreg is None else {"maxnreg": maxnreg}))
+            num_warps=warps,
+            enable_fp_fusion=False,
+            **({} if maxnreg is None else {"maxnreg": maxnreg}),
+        )
     return codes.reshape(x.shape), steps.reshape(x.shape[:-1])
 
 
-def dequantize(codec: E8Codec, codes: Tensor, step_codes: Tensor, dtype: torch.dtype = torch.float16, *,
-               block_v: int | None = None, num_warps: int | None = None,
-               chunk_major: bool | None = None) -> Tensor:
+def dequantize(
+    codec: E8Codec,
+    codes: Tensor,
+    step_codes: Tensor,
+    dtype: torch.dtype = torch.float16,
+    *,
+    block_v: int | None = None,
+    num_warps: int | None = None,
+    chunk_major: bool | None = None,
+) -> Tensor:
     """Kernel: codes ``2·p`` (..., d) and step codes (...) → values (..., d) in ``dtype``."""
     if dtype not in KERNEL_DTYPES:
         raise InputError(f"dtype {dtype} is not supported by the kernels; use one of {KERNEL_DTYPES}")
@@ -182,10 +223,21 @@ def dequantize(codec: E8Codec, codes: Tensor, step_codes: Tensor, dtype: torch.d
         check_kernel_device(codes, kernels.e8_dequantize_kernel)
         bv, warps, cm = _launch_config("dequantize", codes.device, block_v, num_warps, chunk_major)
         kernels.e8_dequantize_kernel[(triton_cdiv(n, bv),)](
-            c2, step_codes.contiguous().reshape(-1), out, codec._signs(d, codes.device, torch.float32),
-            _tables(codes.device), n,
-            D=d, LOG2C=(d // 8).bit_length() - 1, SHIFT=codec._log2_dim(d), RHT=codec.rotation == "rht",
-            BLOCK_V=bv, CHUNK_MAJOR=cm, num_warps=warps, enable_fp_fusion=False)
+            c2,
+            step_codes.contiguous().reshape(-1),
+            out,
+            codec._signs(d, codes.device, torch.float32),
+            _tables(codes.device),
+            n,
+            D=d,
+            LOG2C=(d // 8).bit_length() - 1,
+            SHIFT=codec._log2_dim(d),
+            RHT=codec.rotation == "rht",
+            BLOCK_V=bv,
+            CHUNK_MAJOR=cm,
+            num_warps=warps,
+            enable_fp_fusion=False,
+        )
     return out.reshape(codes.shape)
 
 
@@ -201,8 +253,9 @@ def reference_quantize(codec: E8Codec, x: Tensor, codes_dtype: torch.dtype | Non
     return codes, steps.reshape(x.shape[:-1]).to(STEP_DTYPE)
 
 
-def reference_dequantize(codec: E8Codec, codes: Tensor, step_codes: Tensor,
-                         dtype: torch.dtype = torch.float16) -> Tensor:
+def reference_dequantize(
+    codec: E8Codec, codes: Tensor, step_codes: Tensor, dtype: torch.dtype = torch.float16
+) -> Tensor:
     """What :func:`dequantize` returns, computed by the codec with torch operations."""
     _check_codec(codec, codes.shape[-1])
     points = codes.to(torch.float32) * 0.5

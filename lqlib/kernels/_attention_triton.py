@@ -55,7 +55,12 @@ def _split_codes(x, FAST_CVT: tl.constexpr, BIASED: tl.constexpr):
                 prmt.b32 $0, t, hi, 0x4240;
                 prmt.b32 $1, t, hi, 0x4341;
                 }""",
-                constraints="=r,=r,r", args=[x], dtype=(tl.float16, tl.float16), is_pure=True, pack=2)
+                constraints="=r,=r,r",
+                args=[x],
+                dtype=(tl.float16, tl.float16),
+                is_pure=True,
+                pack=2,
+            )
         else:
             return tl.inline_asm_elementwise(
                 asm="""{
@@ -68,16 +73,42 @@ def _split_codes(x, FAST_CVT: tl.constexpr, BIASED: tl.constexpr):
                 sub.f16x2 $0, $0, off;
                 sub.f16x2 $1, $1, off;
                 }""",
-                constraints="=r,=r,r", args=[x], dtype=(tl.float16, tl.float16), is_pure=True, pack=2)
+                constraints="=r,=r,r",
+                args=[x],
+                dtype=(tl.float16, tl.float16),
+                is_pure=True,
+                pack=2,
+            )
     else:
         return ((x << 8) >> 8).to(tl.float16), (x >> 8).to(tl.float16)
 
 
 @triton.jit
-def _tile(q_even, q_odd, s_init, factor, m, l, acc_even, acc_odd, kc_base, vc_base, ks_base, vs_base, tables_ptr,
-          s0, end, stride_kcn, stride_vcn,
-          BLOCK_N: tl.constexpr, HALF: tl.constexpr, K_SHIFT: tl.constexpr, V_SHIFT: tl.constexpr,
-          FAST_CVT: tl.constexpr, MASKED: tl.constexpr):
+def _tile(
+    q_even,
+    q_odd,
+    s_init,
+    factor,
+    m,
+    l,
+    acc_even,
+    acc_odd,
+    kc_base,
+    vc_base,
+    ks_base,
+    vs_base,
+    tables_ptr,
+    s0,
+    end,
+    stride_kcn,
+    stride_vcn,
+    BLOCK_N: tl.constexpr,
+    HALF: tl.constexpr,
+    K_SHIFT: tl.constexpr,
+    V_SHIFT: tl.constexpr,
+    FAST_CVT: tl.constexpr,
+    MASKED: tl.constexpr,
+):
     """One tile of BLOCK_N tokens from s0 (masked at ``end`` if MASKED): the online-softmax update."""
     tok = s0 + tl.arange(0, BLOCK_N)
     pairs = tl.arange(0, HALF)
@@ -126,14 +157,47 @@ def _row_max_abs(x):
 
 @triton.jit
 def decode_attention_kernel(
-        q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, scales_ptr, k_signs_ptr, v_signs_ptr, had_ptr, tables_ptr,
-        acc_ptr, ml_ptr, lengths_ptr, length, per_split, qk_scale,
-        stride_qb, stride_qh,
-        stride_kcb, stride_kch, stride_kcn, stride_ksb, stride_ksh,
-        stride_vcb, stride_vch, stride_vcn, stride_vsb, stride_vsh,
-        HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-        K_SHIFT: tl.constexpr, V_SHIFT: tl.constexpr, K_RHT: tl.constexpr, V_RHT: tl.constexpr,
-        HAS_SCALES: tl.constexpr, HAS_LENGTHS: tl.constexpr, FAST_CVT: tl.constexpr):
+    q_ptr,
+    kc_ptr,
+    ks_ptr,
+    vc_ptr,
+    vs_ptr,
+    scales_ptr,
+    k_signs_ptr,
+    v_signs_ptr,
+    had_ptr,
+    tables_ptr,
+    acc_ptr,
+    ml_ptr,
+    lengths_ptr,
+    length,
+    per_split,
+    qk_scale,
+    stride_qb,
+    stride_qh,
+    stride_kcb,
+    stride_kch,
+    stride_kcn,
+    stride_ksb,
+    stride_ksh,
+    stride_vcb,
+    stride_vch,
+    stride_vcn,
+    stride_vsb,
+    stride_vsh,
+    HKV: tl.constexpr,
+    G: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    K_SHIFT: tl.constexpr,
+    V_SHIFT: tl.constexpr,
+    K_RHT: tl.constexpr,
+    V_RHT: tl.constexpr,
+    HAS_SCALES: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr,
+    FAST_CVT: tl.constexpr,
+):
     """Partial attention of one (batch row, KV head) over one range of tokens.
 
     kc_ptr, vc_ptr: the int8 codes viewed as int16 pairs (B, Hkv, capacity, D/2), strides in pairs;
@@ -156,8 +220,9 @@ def decode_attention_kernel(
     rows = tl.arange(0, BLOCK_G)
     row_ok = rows < G
     dims = tl.arange(0, D)
-    q = tl.load(q_ptr + b * stride_qb + (h * G + rows)[:, None] * stride_qh + dims[None, :],
-                mask=row_ok[:, None], other=0.0).to(tl.float32)
+    q = tl.load(
+        q_ptr + b * stride_qb + (h * G + rows)[:, None] * stride_qh + dims[None, :], mask=row_ok[:, None], other=0.0
+    ).to(tl.float32)
     if HAS_SCALES:
         q = q * tl.load(scales_ptr + h * D + dims)[None, :]
     if K_RHT:
@@ -184,13 +249,57 @@ def decode_attention_kernel(
     vs_base = vs_ptr + b.to(tl.int64) * stride_vsb + h.to(tl.int64) * stride_vsh
     full_end = start + tl.maximum(end - start, 0) // BLOCK_N * BLOCK_N
     for s0 in range(start, full_end, BLOCK_N):  # whole tiles, no masks
-        m, l, acc_even, acc_odd = _tile(q_even, q_odd, s_init, factor, m, l, acc_even, acc_odd, kc_base, vc_base,
-                                        ks_base, vs_base, tables_ptr, s0, end, stride_kcn, stride_vcn,
-                                        BLOCK_N, HALF, K_SHIFT, V_SHIFT, FAST_CVT, False)
+        m, l, acc_even, acc_odd = _tile(
+            q_even,
+            q_odd,
+            s_init,
+            factor,
+            m,
+            l,
+            acc_even,
+            acc_odd,
+            kc_base,
+            vc_base,
+            ks_base,
+            vs_base,
+            tables_ptr,
+            s0,
+            end,
+            stride_kcn,
+            stride_vcn,
+            BLOCK_N,
+            HALF,
+            K_SHIFT,
+            V_SHIFT,
+            FAST_CVT,
+            False,
+        )
     if full_end < end:  # the last, partial tile
-        m, l, acc_even, acc_odd = _tile(q_even, q_odd, s_init, factor, m, l, acc_even, acc_odd, kc_base, vc_base,
-                                        ks_base, vs_base, tables_ptr, full_end, end, stride_kcn, stride_vcn,
-                                        BLOCK_N, HALF, K_SHIFT, V_SHIFT, FAST_CVT, True)
+        m, l, acc_even, acc_odd = _tile(
+            q_even,
+            q_odd,
+            s_init,
+            factor,
+            m,
+            l,
+            acc_even,
+            acc_odd,
+            kc_base,
+            vc_base,
+            ks_base,
+            vs_base,
+            tables_ptr,
+            full_end,
+            end,
+            stride_kcn,
+            stride_vcn,
+            BLOCK_N,
+            HALF,
+            K_SHIFT,
+            V_SHIFT,
+            FAST_CVT,
+            True,
+        )
 
     acc = tl.reshape(tl.join(acc_even, acc_odd), (BLOCK_G, D))
     if V_RHT:
@@ -207,8 +316,9 @@ def decode_attention_kernel(
 
 
 @triton.jit
-def combine_splits_kernel(acc_ptr, ml_ptr, out_ptr, n_splits,
-                          D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+def combine_splits_kernel(
+    acc_ptr, ml_ptr, out_ptr, n_splits, D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr
+):
     """out[row, cols] = Σ_s 2^(m_s − M)·acc_s / Σ_s 2^(m_s − M)·l_s / 2, in out_ptr's dtype."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)

@@ -33,10 +33,10 @@ import triton.language as tl
 _MAGIC = tl.constexpr(12582912.0)  # 1.5·2^23: x + it rounds x half to even to an integer (|x| < 2^22)
 _MANTISSA = tl.constexpr(0xFFFFFFFFFFFFF)  # float64 mantissa bits
 _HALF_EXPONENT = tl.constexpr(0x3FE0000000000000)  # float64 exponent bits of [0.5, 1)
-_BELOW = tl.constexpr(1.0 - 2.0 ** -18)  # bounds of the float64 sum of squares around its float32 estimate
-_ABOVE = tl.constexpr(1.0 + 2.0 ** -18)
-_TINY = tl.constexpr(2.0 ** -100)  # float32 sums of squares trusted between these
-_HUGE = tl.constexpr(2.0 ** 100)
+_BELOW = tl.constexpr(1.0 - 2.0**-18)  # bounds of the float64 sum of squares around its float32 estimate
+_ABOVE = tl.constexpr(1.0 + 2.0**-18)
+_TINY = tl.constexpr(2.0**-100)  # float32 sums of squares trusted between these
+_HUGE = tl.constexpr(2.0**100)
 
 
 @triton.jit
@@ -54,7 +54,7 @@ def _sum8(v):
 def _sum_blocks(v, LOG2C: tl.constexpr):
     """(C, B) → (B,): pairwise over the first axis (adjacent blocks, then pairs of them ...)."""
     B: tl.constexpr = v.shape[1]
-    for i in tl.static_range(LOG2C):
+    for _ in tl.static_range(LOG2C):
         a, b = tl.split(tl.permute(tl.reshape(v, (v.shape[0] // 2, 2, B)), (0, 2, 1)))
         v = a + b
     return tl.reshape(v, (B,))
@@ -71,7 +71,7 @@ def _fwht(v, LOG2C: tl.constexpr):
         w = tl.permute(tl.reshape(v, (C, B, 4 >> i, 2, 1 << i)), (0, 1, 2, 4, 3))
         a, b = tl.split(w)
         v = tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 1, 2, 4, 3)), (C, B, 8))
-    for i in tl.static_range(LOG2C):  # h = 8·2^i
+    for _ in tl.static_range(LOG2C):  # h = 8·2^i
         w = tl.permute(tl.reshape(v, (C >> (i + 1), 2, 1 << i, B, 8)), (0, 2, 3, 4, 1))
         a, b = tl.split(w)
         v = tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 4, 1, 2, 3)), (C, B, 8))
@@ -249,10 +249,26 @@ def _round_to(y, dtype: tl.constexpr):
 
 
 @triton.jit
-def e8_quantize_kernel(x_ptr, codes_ptr, steps_ptr, signs_ptr, tables_ptr, n_vectors,
-                       n0, t1, t2, t3, t4,
-                       D: tl.constexpr, LOG2C: tl.constexpr, SHIFT: tl.constexpr, RHT: tl.constexpr,
-                       BLOCK_V: tl.constexpr, CHUNK_MAJOR: tl.constexpr, SPLIT: tl.constexpr):
+def e8_quantize_kernel(
+    x_ptr,
+    codes_ptr,
+    steps_ptr,
+    signs_ptr,
+    tables_ptr,
+    n_vectors,
+    n0,
+    t1,
+    t2,
+    t3,
+    t4,
+    D: tl.constexpr,
+    LOG2C: tl.constexpr,
+    SHIFT: tl.constexpr,
+    RHT: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    CHUNK_MAJOR: tl.constexpr,
+    SPLIT: tl.constexpr,
+):
     """x (n_vectors, D) → codes 2·p (n_vectors, D) in codes_ptr's integer dtype, step codes (n_vectors,)."""
     C: tl.constexpr = D // 8
     pid = tl.program_id(0)
@@ -288,9 +304,20 @@ def e8_quantize_kernel(x_ptr, codes_ptr, steps_ptr, signs_ptr, tables_ptr, n_vec
 
 
 @triton.jit
-def e8_dequantize_kernel(codes_ptr, steps_ptr, out_ptr, signs_ptr, tables_ptr, n_vectors,
-                         D: tl.constexpr, LOG2C: tl.constexpr, SHIFT: tl.constexpr, RHT: tl.constexpr,
-                         BLOCK_V: tl.constexpr, CHUNK_MAJOR: tl.constexpr):
+def e8_dequantize_kernel(
+    codes_ptr,
+    steps_ptr,
+    out_ptr,
+    signs_ptr,
+    tables_ptr,
+    n_vectors,
+    D: tl.constexpr,
+    LOG2C: tl.constexpr,
+    SHIFT: tl.constexpr,
+    RHT: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    CHUNK_MAJOR: tl.constexpr,
+):
     """codes 2·p (n_vectors, D) and step codes (n_vectors,) → values (n_vectors, D) in out_ptr's dtype."""
     C: tl.constexpr = D // 8
     pid = tl.program_id(0)

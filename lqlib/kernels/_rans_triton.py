@@ -86,9 +86,27 @@ def _pack4(a, b, c, d):
 
 
 @triton.jit
-def rans_decode_kernel(words_ptr, start_ptr, count_ptr, dec_ptr, sym_ptr, enc_ptr, bucket_ptr, out_ptr, err_ptr,
-                       n_lanes_total, r_free, r_half, A, L: tl.constexpr, NB: tl.constexpr, K: tl.constexpr,
-                       BLOCK: tl.constexpr, TO_SYMBOLS: tl.constexpr, LOOKUP: tl.constexpr):
+def rans_decode_kernel(
+    words_ptr,
+    start_ptr,
+    count_ptr,
+    dec_ptr,
+    sym_ptr,
+    enc_ptr,
+    bucket_ptr,
+    out_ptr,
+    err_ptr,
+    n_lanes_total,
+    r_free,
+    r_half,
+    A,
+    L: tl.constexpr,
+    NB: tl.constexpr,
+    K: tl.constexpr,
+    BLOCK: tl.constexpr,
+    TO_SYMBOLS: tl.constexpr,
+    LOOKUP: tl.constexpr,
+):
     g = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     lane_ok = g < n_lanes_total
     page = g // L
@@ -128,8 +146,9 @@ def rans_decode_kernel(words_ptr, start_ptr, count_ptr, dec_ptr, sym_ptr, enc_pt
         v6 = s6 - r_free
         v7 = s7 - r_free
         v8 = s8 - r_half
-        any_esc = live & ((s1 == ef) | (s2 == ef) | (s3 == ef) | (s4 == ef) | (s5 == ef) | (s6 == ef) | (s7 == ef)
-                          | (s8 == eh))
+        any_esc = live & (
+            (s1 == ef) | (s2 == ef) | (s3 == ef) | (s4 == ef) | (s5 == ef) | (s6 == ef) | (s7 == ef) | (s8 == eh)
+        )
         if tl.max(any_esc.to(tl.int32), axis=0) > 0:  # rare: one uniform branch per block
             v1, x, ptr, bad = _decode_escape(x, ptr, end, bad, live & (s1 == ef), v1, words_ptr)
             v2, x, ptr, bad = _decode_escape(x, ptr, end, bad, live & (s2 == ef), v2, words_ptr)
@@ -201,9 +220,22 @@ def _byte(w, k: tl.constexpr):
 
 
 @triton.jit
-def rans_encode_kernel(in_ptr, enc_ptr, scratch_ptr, count_ptr, n_lanes_total, r_free, r_half, A,
-                       L: tl.constexpr, NB: tl.constexpr, K: tl.constexpr, CAP: tl.constexpr,
-                       BLOCK: tl.constexpr, FROM_SYMBOLS: tl.constexpr):
+def rans_encode_kernel(
+    in_ptr,
+    enc_ptr,
+    scratch_ptr,
+    count_ptr,
+    n_lanes_total,
+    r_free,
+    r_half,
+    A,
+    L: tl.constexpr,
+    NB: tl.constexpr,
+    K: tl.constexpr,
+    CAP: tl.constexpr,
+    BLOCK: tl.constexpr,
+    FROM_SYMBOLS: tl.constexpr,
+):
     g = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     lane_ok = g < n_lanes_total
     page = g // L
@@ -275,8 +307,9 @@ def rans_encode_kernel(in_ptr, enc_ptr, scratch_ptr, count_ptr, n_lanes_total, r
 
 
 @triton.jit
-def rans_pack_kernel(scratch_ptr, count_ptr, dst_ptr, out_ptr, n_lanes_total,
-                     CAP: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+def rans_pack_kernel(
+    scratch_ptr, count_ptr, dst_ptr, out_ptr, n_lanes_total, CAP: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr
+):
     """Lane g's ``count`` words at the end of its scratch row → ``out[dst[g] :]``; a (BLOCK, CHUNK) tile per step."""
     g = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     lane_ok = g < n_lanes_total

@@ -31,10 +31,16 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..codec import E8Codec
+from ..coding.codec import E8Codec
+from ..core.rht import fwht
 from ..errors import InputError
-from ..rht import fwht
-from . import _check_codec, _tables, check_kernel_device, reference_dequantize, triton_cdiv
+from ..kernels import (
+    _check_codec,
+    _tables,
+    check_kernel_device,
+    reference_dequantize,
+    triton_cdiv,
+)
 
 __all__ = ["decode_attention", "reference_decode_attention", "AttentionConfig", "QUERY_DTYPES"]
 
@@ -56,12 +62,19 @@ class AttentionConfig:
     splits: int | None = None
 
 
-def _validate(q: Tensor, k_codes: Tensor, k_steps: Tensor, v_codes: Tensor, v_steps: Tensor,
-              length: int | Tensor, k_codec: E8Codec, v_codec: E8Codec,
-              key_scales: Tensor | None) -> tuple[int, int, int, int, int]:
+def _validate(
+    q: Tensor,
+    k_codes: Tensor,
+    k_steps: Tensor,
+    v_codes: Tensor,
+    v_steps: Tensor,
+    length: int | Tensor,
+    k_codec: E8Codec,
+    v_codec: E8Codec,
+    key_scales: Tensor | None,
+) -> tuple[int, int, int, int, int]:
     """Check shapes, dtypes and devices; return (B, Hq, Hkv, cap, d)."""
-    for name, t in (("q", q), ("k_codes", k_codes), ("k_steps", k_steps), ("v_codes", v_codes),
-                    ("v_steps", v_steps)):
+    for name, t in (("q", q), ("k_codes", k_codes), ("k_steps", k_steps), ("v_codes", v_codes), ("v_steps", v_steps)):
         if not isinstance(t, Tensor):
             raise InputError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if q.dim() != 3:
@@ -70,8 +83,9 @@ def _validate(q: Tensor, k_codes: Tensor, k_steps: Tensor, v_codes: Tensor, v_st
         raise InputError(f"q must be one of {QUERY_DTYPES}, got {q.dtype}")
     b, hq, d = q.shape
     if k_codes.dim() != 4 or k_codes.shape[0] != b or k_codes.shape[-1] != d:
-        raise InputError(f"k_codes must have shape (batch={b}, kv_heads, capacity, head_dim={d}), "
-                         f"got {tuple(k_codes.shape)}")
+        raise InputError(
+            f"k_codes must have shape (batch={b}, kv_heads, capacity, head_dim={d}), got {tuple(k_codes.shape)}"
+        )
     if tuple(v_codes.shape) != tuple(k_codes.shape):
         raise InputError(f"v_codes {tuple(v_codes.shape)} do not match k_codes {tuple(k_codes.shape)}")
     _, hkv, cap, _ = k_codes.shape
@@ -92,8 +106,10 @@ def _validate(q: Tensor, k_codes: Tensor, k_steps: Tensor, v_codes: Tensor, v_st
     devices = {t.device for t in (q, k_codes, k_steps, v_codes, v_steps)}
     if key_scales is not None:
         if not isinstance(key_scales, Tensor) or tuple(key_scales.shape) != (hkv, d):
-            raise InputError(f"key_scales must be a ({hkv}, {d}) tensor, got "
-                             f"{tuple(key_scales.shape) if isinstance(key_scales, Tensor) else type(key_scales)}")
+            raise InputError(
+                f"key_scales must be a ({hkv}, {d}) tensor, got "
+                f"{tuple(key_scales.shape) if isinstance(key_scales, Tensor) else type(key_scales)}"
+            )
         devices.add(key_scales.device)
     if isinstance(length, Tensor):
         if tuple(length.shape) != (b,) or length.dtype not in (torch.int32, torch.int64):
@@ -109,9 +125,19 @@ def _validate(q: Tensor, k_codes: Tensor, k_steps: Tensor, v_codes: Tensor, v_st
     return b, hq, hkv, cap, d
 
 
-def reference_decode_attention(q: Tensor, k_codes: Tensor, k_steps: Tensor, v_codes: Tensor, v_steps: Tensor,
-                               length: int | Tensor, k_codec: E8Codec, v_codec: E8Codec, *,
-                               key_scales: Tensor | None = None, sm_scale: float | None = None) -> Tensor:
+def reference_decode_attention(
+    q: Tensor,
+    k_codes: Tensor,
+    k_steps: Tensor,
+    v_codes: Tensor,
+    v_steps: Tensor,
+    length: int | Tensor,
+    k_codec: E8Codec,
+    v_codec: E8Codec,
+    *,
+    key_scales: Tensor | None = None,
+    sm_scale: float | None = None,
+) -> Tensor:
     """What :func:`decode_attention` computes, with torch operations: dequantize the cache
     (:func:`lqlib.kernels.reference_dequantize`, float32), multiply the keys by the key scales,
     then float32 softmax attention over the first ``length`` tokens. Returns (B, Hq, d) in q.dtype."""
@@ -164,10 +190,20 @@ def choose_splits(batch_heads: int, tokens: int, block_n: int, device: torch.dev
     return triton_cdiv(tokens, per_split), per_split
 
 
-def decode_attention(q: Tensor, k_codes: Tensor, k_steps: Tensor, v_codes: Tensor, v_steps: Tensor,
-                     length: int | Tensor, k_codec: E8Codec, v_codec: E8Codec, *,
-                     key_scales: Tensor | None = None, sm_scale: float | None = None,
-                     config: AttentionConfig | None = None) -> Tensor:
+def decode_attention(
+    q: Tensor,
+    k_codes: Tensor,
+    k_steps: Tensor,
+    v_codes: Tensor,
+    v_steps: Tensor,
+    length: int | Tensor,
+    k_codec: E8Codec,
+    v_codec: E8Codec,
+    *,
+    key_scales: Tensor | None = None,
+    sm_scale: float | None = None,
+    config: AttentionConfig | None = None,
+) -> Tensor:
     """Fused decode attention on the coded cache (Triton; CUDA, or CPU under ``TRITON_INTERPRET=1``).
 
     Parameters
@@ -189,7 +225,7 @@ def decode_attention(q: Tensor, k_codes: Tensor, k_steps: Tensor, v_codes: Tenso
     """
     b, hq, hkv, cap, d = _validate(q, k_codes, k_steps, v_codes, v_steps, length, k_codec, v_codec, key_scales)
     try:
-        from . import _attention_triton as kernels
+        from ..kernels import _attention_triton as kernels
     except ImportError as err:
         raise ImportError("lqlib.kernels.attention needs Triton: pip install 'lqlib[gpu]'") from err
     cfg = config or AttentionConfig()
@@ -223,18 +259,53 @@ def decode_attention(q: Tensor, k_codes: Tensor, k_steps: Tensor, v_codes: Tenso
     k_pairs, v_pairs = k_codes.view(torch.int16), v_codes.view(torch.int16)  # codes 2j, 2j+1 in one int16
     check_kernel_device(q, kernels.decode_attention_kernel)
     kernels.decode_attention_kernel[(b * hkv, splits)](
-        q, k_pairs, k_steps, v_pairs, v_steps, scales, signs_k, signs_v, had, _tables(dev),
-        part_acc, part_ml, lengths, tokens, per_split, scale * math.log2(math.e) * 0.5,
-        q.stride(0), q.stride(1),
-        k_pairs.stride(0), k_pairs.stride(1), k_pairs.stride(2), k_steps.stride(0), k_steps.stride(1),
-        v_pairs.stride(0), v_pairs.stride(1), v_pairs.stride(2), v_steps.stride(0), v_steps.stride(1),
-        HKV=hkv, G=g, BLOCK_G=max(16, triton_next_pow2(g)), D=d, BLOCK_N=cfg.block_n,
-        K_SHIFT=k_codec._log2_dim(d), V_SHIFT=v_codec._log2_dim(d), K_RHT=k_rht, V_RHT=v_rht,
-        HAS_SCALES=key_scales is not None, HAS_LENGTHS=isinstance(length, Tensor), FAST_CVT=dev.type == "cuda",
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        q,
+        k_pairs,
+        k_steps,
+        v_pairs,
+        v_steps,
+        scales,
+        signs_k,
+        signs_v,
+        had,
+        _tables(dev),
+        part_acc,
+        part_ml,
+        lengths,
+        tokens,
+        per_split,
+        scale * math.log2(math.e) * 0.5,
+        q.stride(0),
+        q.stride(1),
+        k_pairs.stride(0),
+        k_pairs.stride(1),
+        k_pairs.stride(2),
+        k_steps.stride(0),
+        k_steps.stride(1),
+        v_pairs.stride(0),
+        v_pairs.stride(1),
+        v_pairs.stride(2),
+        v_steps.stride(0),
+        v_steps.stride(1),
+        HKV=hkv,
+        G=g,
+        BLOCK_G=max(16, triton_next_pow2(g)),
+        D=d,
+        BLOCK_N=cfg.block_n,
+        K_SHIFT=k_codec._log2_dim(d),
+        V_SHIFT=v_codec._log2_dim(d),
+        K_RHT=k_rht,
+        V_RHT=v_rht,
+        HAS_SCALES=key_scales is not None,
+        HAS_LENGTHS=isinstance(length, Tensor),
+        FAST_CVT=dev.type == "cuda",
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
     block_d = min(d, 32)
     kernels.combine_splits_kernel[(b * hq, d // block_d)](
-        part_acc, part_ml, out, splits, D=d, BLOCK_S=triton_next_pow2(splits), BLOCK_D=block_d, num_warps=1)
+        part_acc, part_ml, out, splits, D=d, BLOCK_S=triton_next_pow2(splits), BLOCK_D=block_d, num_warps=1
+    )
     return out
 
 

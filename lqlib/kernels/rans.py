@@ -26,19 +26,19 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .. import rans_lanes as RL
+from ..coding import rans_lanes as RL
 from ..errors import CorruptStreamError, InputError
-from . import check_kernel_device
+from ..kernels import check_kernel_device
 
 __all__ = ["PageBatch", "encode", "decode", "launch_config", "LOOKUPS"]
 
 _HEADER_WORDS = RL.HEADER_BYTES // 2
-_INT32_MAX = 2 ** 31 - 1
+_INT32_MAX = 2**31 - 1
 
 
 def _kernels():
     try:
-        from . import _rans_triton
+        from ..kernels import _rans_triton
     except ImportError as err:
         raise ImportError("lqlib.kernels.rans needs Triton: pip install 'lqlib[gpu]' (or pip install triton)") from err
     return _rans_triton
@@ -73,7 +73,7 @@ class PageBatch:
         """The pages as bytes objects (synchronises; copies the used bytes to the host)."""
         off = self.offsets.cpu().numpy()
         raw = self.data[: int(off[-1])].cpu().numpy().tobytes()
-        return [raw[off[p]: off[p + 1]] for p in range(self.n_pages)]
+        return [raw[off[p] : off[p + 1]] for p in range(self.n_pages)]
 
     @classmethod
     def from_pages(cls, pages: list[bytes], device: torch.device | str) -> PageBatch:
@@ -101,8 +101,9 @@ def _tables(bits: float, device: torch.device) -> tuple[Tensor, ...]:
     tables = RL.lane_tables(bits)
     key = (float(bits), device)
     if key not in _TABLES:
-        _TABLES[key] = tuple(torch.from_numpy(t).to(device)
-                             for t in (tables.enc, tables.dec, tables.dec_sym, tables.bucket))
+        _TABLES[key] = tuple(
+            torch.from_numpy(t).to(device) for t in (tables.enc, tables.dec, tables.dec_sym, tables.bucket)
+        )
     return (*_TABLES[key], tables)
 
 
@@ -120,8 +121,15 @@ def launch_config(device: torch.device, block: int | None, num_warps: int | None
     return block or 32 * num_warps, num_warps
 
 
-def encode(x: Tensor, bits: float, n_lanes: int = RL.DEFAULT_LANES, *, symbols: bool = False,
-           block: int | None = None, num_warps: int | None = None) -> PageBatch:
+def encode(
+    x: Tensor,
+    bits: float,
+    n_lanes: int = RL.DEFAULT_LANES,
+    *,
+    symbols: bool = False,
+    block: int | None = None,
+    num_warps: int | None = None,
+) -> PageBatch:
     """Kernel: pages of codes (or symbols) → page bytes, as :func:`lqlib.rans_lanes.encode_pages`.
 
     Parameters
@@ -168,9 +176,23 @@ def encode(x: Tensor, bits: float, n_lanes: int = RL.DEFAULT_LANES, *, symbols: 
     scratch = torch.empty(n_total, cap, dtype=torch.int16, device=device)
     counts = torch.empty(n_total, dtype=torch.int32, device=device)
     grid = (-(-n_total // bl),)
-    k.rans_encode_kernel[grid](src, enc, scratch, counts, n_total, tables.r_free, tables.r_half, tables.enc.shape[1],
-                               L=n_lanes, NB=n_blocks, K=-(-n_blocks // n_lanes), CAP=cap, BLOCK=bl,
-                               FROM_SYMBOLS=symbols, num_warps=warps)
+    k.rans_encode_kernel[grid](
+        src,
+        enc,
+        scratch,
+        counts,
+        n_total,
+        tables.r_free,
+        tables.r_half,
+        tables.enc.shape[1],
+        L=n_lanes,
+        NB=n_blocks,
+        K=-(-n_blocks // n_lanes),
+        CAP=cap,
+        BLOCK=bl,
+        FROM_SYMBOLS=symbols,
+        num_warps=warps,
+    )
     per_lane = counts.view(n_pages, n_lanes).to(torch.int64)
     offsets = torch.zeros(n_pages + 1, dtype=torch.int64, device=device)
     offsets[1:] = torch.cumsum(head_bytes + 2 * per_lane.sum(dim=1), dim=0)
@@ -178,16 +200,24 @@ def encode(x: Tensor, bits: float, n_lanes: int = RL.DEFAULT_LANES, *, symbols: 
     dst = (base[:, None] + (_HEADER_WORDS + n_lanes) + torch.cumsum(per_lane, dim=1) - per_lane).to(torch.int32)
     data = torch.empty(capacity, dtype=torch.uint8, device=device)
     words = data.view(torch.int16)
-    k.rans_pack_kernel[grid](scratch, counts, dst.reshape(-1), words, n_total, CAP=cap, BLOCK=bl, CHUNK=32,
-                             num_warps=warps)
+    k.rans_pack_kernel[grid](
+        scratch, counts, dst.reshape(-1), words, n_total, CAP=cap, BLOCK=bl, CHUNK=32, num_warps=warps
+    )
     head = _header_words(n_lanes, n_blocks, bits, device)
     words[base[:, None] + torch.arange(_HEADER_WORDS, device=device)] = head.expand(n_pages, -1)
     words[base[:, None] + _HEADER_WORDS + torch.arange(n_lanes, device=device)] = per_lane.to(torch.int16)
     return PageBatch(data, offsets, n_lanes, n_blocks, float(bits))
 
 
-def decode(batch: PageBatch, *, symbols: bool = False, check: bool = False, block: int | None = None,
-           num_warps: int | None = None, lookup: str = "packed") -> tuple[Tensor, Tensor]:
+def decode(
+    batch: PageBatch,
+    *,
+    symbols: bool = False,
+    check: bool = False,
+    block: int | None = None,
+    num_warps: int | None = None,
+    lookup: str = "packed",
+) -> tuple[Tensor, Tensor]:
     """Kernel: page bytes → codes ``2·p`` (n_pages, n_blocks·8) int8 (or symbols (n_pages, n_blocks, 9) int32).
 
     Returns
@@ -238,9 +268,27 @@ def decode(batch: PageBatch, *, symbols: bool = False, check: bool = False, bloc
         out = torch.empty(n_pages, n_blocks * 8, dtype=torch.int8, device=device)
         dst = out.view(torch.int32)
     k.rans_decode_kernel[(-(-n_total // bl),)](
-        words, starts.to(torch.int32).reshape(-1), counts.to(torch.int32).reshape(-1), dec, dec_sym, enc, bucket, dst,
-        err, n_total, tables.r_free, tables.r_half, tables.enc.shape[1], L=n_lanes, NB=n_blocks,
-        K=-(-n_blocks // n_lanes), BLOCK=bl, TO_SYMBOLS=symbols, LOOKUP=LOOKUPS[lookup], num_warps=warps)
+        words,
+        starts.to(torch.int32).reshape(-1),
+        counts.to(torch.int32).reshape(-1),
+        dec,
+        dec_sym,
+        enc,
+        bucket,
+        dst,
+        err,
+        n_total,
+        tables.r_free,
+        tables.r_half,
+        tables.enc.shape[1],
+        L=n_lanes,
+        NB=n_blocks,
+        K=-(-n_blocks // n_lanes),
+        BLOCK=bl,
+        TO_SYMBOLS=symbols,
+        LOOKUP=LOOKUPS[lookup],
+        num_warps=warps,
+    )
     ok &= err.view(n_pages, n_lanes).amax(dim=1) == 0
     if check and not bool(ok.all()):
         bad = torch.nonzero(~ok).flatten().tolist()

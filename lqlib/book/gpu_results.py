@@ -1,0 +1,142 @@
+"""The GPU benchmarks' recorded results (``results/*.json``) as table rows for the book.
+
+The benchmarks (``benchmarks/gpu_*.py``) run on a lent GPU and write one JSON file per run,
+named ``<benchmark>_<card>_<date>.json``; the book cannot re-run them on a CPU, so the Paper II
+chapter reads these files. Every row carries the card and date it was measured on, and every
+ratio is against a baseline timed in the same run on the same card.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+__all__ = ["load_results", "codec_rows", "attention_rows", "rans_rows", "rans_rate_rows", "decode_rows", "card_label"]
+
+
+def load_results(results_dir: str | Path, benchmark: str) -> list[dict]:
+    """Every recorded run of ``benchmark`` (e.g. ``"gpu_attention"``), oldest date first.
+
+    Smoke runs (``"smoke": true``, made on a CPU) are left out.
+
+    Raises
+    ------
+    FileNotFoundError
+        when ``results_dir`` holds no run of ``benchmark``.
+    """
+    paths = sorted(Path(results_dir).glob(f"{benchmark}_*.json"))
+    runs = [json.loads(path.read_text()) for path in paths]
+    runs = [run for run in runs if not run.get("smoke", False)]
+    if not runs:
+        raise FileNotFoundError(f"no recorded {benchmark} run under {results_dir}")
+    return sorted(runs, key=lambda run: (run["date"], run["card"]))
+
+
+def card_label(run: dict) -> str:
+    """``"<card>, <YYYY-MM-DD>"``: the card a number was measured on, and when."""
+    return f"{run['card']}, {run['date'][:10]}"
+
+
+def codec_rows(runs: list[dict]) -> list[dict]:
+    """Best quantize and dequantize kernel per run: median time, GB/s (read + written), fraction of copy,
+    and which kernel source ran (the first hex digits of the SHA-256 of ``_e8_triton.py``; runs
+    recorded before the benchmark kept it say "earlier")."""
+    rows = []
+    for run in runs:
+        for kernel in ("quantize", "dequantize"):
+            best = run["best"][kernel]
+            rows.append(
+                {
+                    "card": card_label(run),
+                    "kernel": kernel,
+                    "launch": best["label"],
+                    "kernel_source": run.get("kernel_source_sha256", "")[:8] or "earlier (not recorded)",
+                    "median_ms": best["median_ms"],
+                    "GB_per_s": best["GB_per_s"],
+                    "copy_GB_per_s": run["copy"]["GB_per_s"],
+                    "fraction_of_copy": best["fraction_of_copy"],
+                    "bit_identical": run["bit_identical_everywhere"],
+                }
+            )
+    return rows
+
+
+def attention_rows(runs: list[dict]) -> list[dict]:
+    """Fused decode attention at its default launch against PyTorch's fp16 SDPA, per (card, batch, context)."""
+    rows = []
+    for run in runs:
+        for s in run["summary"]:
+            rows.append(
+                {
+                    "card": card_label(run),
+                    "batch": s["batch"],
+                    "context": s["context"],
+                    "baseline": s["baseline"],
+                    "baseline_ms": s["baseline_ms"],
+                    "fused_ms": s["fused_default_ms"],
+                    "speedup": s["fused_default_speedup"],
+                    "correct": run["correctness"]["all_ok"],
+                }
+            )
+    return rows
+
+
+def rans_rows(runs: list[dict]) -> list[dict]:
+    """GPU multi-lane rANS, every timed launch: fp16-equivalent GB/s (2 bytes per decoded dimension)
+    and whether its output matched the CPU coder's exactly."""
+    rows = []
+    for run in runs:
+        for r in run["rows"]:
+            launch = f"{r['block']} lanes/program, {r['num_warps']} warp(s)" + (
+                f", {r['lookup']}" if "lookup" in r else ""
+            )
+            rows.append(
+                {
+                    "card": card_label(run),
+                    "kernel": r["kernel"],
+                    "lanes_per_page": r["lanes"],
+                    "launch": launch,
+                    "median_ms": r["median_ms"],
+                    "fp16_GB_per_s": r["fp16_equivalent_GB_per_s"],
+                    "exact": r["exact"],
+                }
+            )
+    return rows
+
+
+def rans_rate_rows(runs: list[dict]) -> list[dict]:
+    """Coded bits/dim of the lane format against the CPU coder (constriction) on the same pages."""
+    return [
+        {
+            "card": card_label(run),
+            "lanes_per_page": r["lanes"],
+            "bits_per_dim": r["bits_per_dim_checked_pages"],
+            "constriction_bits_per_dim": r["constriction_bits_per_dim_checked_pages"],
+            "overhead": r["overhead_vs_constriction"],
+        }
+        for run in runs
+        for r in run["rates"]
+    ]
+
+
+def decode_rows(runs: list[dict]) -> list[dict]:
+    """End-to-end greedy decode at batch 1: tokens/s of the compressed cache against transformers'
+    fp16 DynamicCache (SDPA) in the same run, with the KV bytes each holds and the peak memory."""
+    rows = []
+    for run in runs:
+        for s in run["summary"]:
+            rows.append(
+                {
+                    "card": card_label(run),
+                    "context": s["context"],
+                    "ours": "eager" if s["cache"] == "device" else "CUDA graphs",
+                    "dynamic_tok_s": s["tokens_per_s_dynamic"],
+                    "ours_tok_s": s["tokens_per_s_device_cache"],
+                    "ratio": s["ratio"],
+                    "kv_mib_dynamic": s["kv_bytes_dynamic"] / 2**20,
+                    "kv_mib_ours": s["kv_bytes_device_cache"] / 2**20,
+                    "peak_gib_dynamic": s["peak_gib_dynamic"],
+                    "peak_gib_ours": s["peak_gib_device_cache"],
+                }
+            )
+    return rows

@@ -1,0 +1,123 @@
+"""rANS entropy coding of parity-aware E8 symbols (CPU, through ``constriction``).
+
+One ANS stack holds, in decoding order:
+
+1. the coset bits of all blocks;
+2. the 8 remaining symbols of the integer-coset blocks (z0..z6, then floor(z7/2));
+3. the same for the half-integer-coset blocks;
+4. the raw values of escaped symbols, 32 bits each.
+
+Every group is pushed with one vectorised ``encode_reverse`` call, so there is
+no Python loop over blocks.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import constriction
+import numpy as np
+
+from ..errors import CorruptStreamError
+from .entropy_model import SymbolModel
+
+__all__ = ["encode_symbols", "decode_symbols"]
+
+_Categorical = constriction.stream.model.Categorical
+_UNIFORM_16 = constriction.stream.model.Uniform(1 << 16)
+_ESCAPE_OFFSET = 1 << 31
+
+
+@functools.lru_cache(maxsize=64)
+def _coders_models(model: SymbolModel) -> tuple:
+    """constriction models for ``model``: the coset model, then (free, half) per coset."""
+    return (
+        _Categorical(model.coset, perfect=False),
+        [(_Categorical(model.free[c], perfect=False), _Categorical(model.half[c], perfect=False)) for c in (0, 1)],
+    )
+
+
+def encode_symbols(symbols: np.ndarray, model: SymbolModel) -> np.ndarray:
+    """Entropy-code parity-aware symbols.
+
+    Parameters
+    ----------
+    symbols : shape (n_blocks, 9), int32, as made by :func:`lqlib.symbols.points_to_symbols`.
+    model : probability tables for the rate the symbols were quantized at.
+
+    Returns
+    -------
+    np.ndarray of uint32 words (the ANS stack, ready for :func:`decode_symbols`).
+    """
+    coset_model, per_coset = _coders_models(model)
+    coset = np.ascontiguousarray(symbols[:, 0], dtype=np.int32)
+    index = symbols[:, 1:].astype(np.int32) + model.radius  # |symbols| < 2^30: no overflow
+    outside = (index < 0) | (index > 2 * model.radius)
+    any_escape = bool(outside.any())
+    if any_escape:
+        index[outside] = model.escape_index
+    groups, escaped = [], []
+    for c in (0, 1):
+        in_coset = coset == c
+        rows = index[in_coset]
+        groups.append((rows[:, :7].reshape(-1), np.ascontiguousarray(rows[:, 7])))
+        if any_escape:
+            values, out = symbols[in_coset, 1:], outside[in_coset]
+            escaped += [values[:, :7][out[:, :7]], values[:, 7][out[:, 7]]]
+
+    coder = constriction.stream.stack.AnsCoder()
+    if any_escape:
+        raw = (np.concatenate(escaped).astype(np.int64) + _ESCAPE_OFFSET).astype(np.uint32)
+        coder.encode_reverse(np.stack([raw >> 16, raw & 0xFFFF], axis=1).reshape(-1).astype(np.int32), _UNIFORM_16)
+    for c in (1, 0):
+        free_idx, half_idx = groups[c]
+        coder.encode_reverse(half_idx, per_coset[c][1])
+        coder.encode_reverse(free_idx, per_coset[c][0])
+    coder.encode_reverse(coset, coset_model)
+    return coder.get_compressed()
+
+
+def decode_symbols(words: np.ndarray, n_blocks: int, model: SymbolModel) -> np.ndarray:
+    """Inverse of :func:`encode_symbols`.
+
+    Raises
+    ------
+    CorruptStreamError
+        if the words do not decode to exactly ``n_blocks`` blocks.
+    """
+    coset_model, per_coset = _coders_models(model)
+    try:
+        coder = constriction.stream.stack.AnsCoder(np.ascontiguousarray(words, dtype=np.uint32))
+        coset = coder.decode(coset_model, n_blocks)
+        symbols = np.empty((n_blocks, 9), dtype=np.int32)
+        symbols[:, 0] = coset
+        escape_slots = []
+        for c in (0, 1):
+            count = int(np.count_nonzero(coset == c))
+            free_idx = coder.decode(per_coset[c][0], 7 * count)
+            half_idx = coder.decode(per_coset[c][1], count)
+            block = np.concatenate([free_idx.reshape(count, 7), half_idx[:, None]], axis=1)
+            escape_slots.append(block == model.escape_index)
+            symbols[coset == c, 1:] = block - model.radius
+        n_escaped = int(sum(int(s.sum()) for s in escape_slots))
+        if n_escaped:
+            halves = coder.decode(_UNIFORM_16, 2 * n_escaped).astype(np.int64).reshape(-1, 2)
+            raw = ((halves[:, 0] << 16) | halves[:, 1]) - _ESCAPE_OFFSET
+            # escaped values come in the encoder's order: per coset, all free symbols, then halves
+            ordered = []
+            for c in (0, 1):
+                rows = np.flatnonzero(coset == c)
+                slots = escape_slots[c]
+                free_pos = np.argwhere(slots[:, :7])
+                half_pos = np.flatnonzero(slots[:, 7])
+                ordered.append((rows[free_pos[:, 0]], 1 + free_pos[:, 1]))
+                ordered.append((rows[half_pos], np.full(half_pos.size, 8)))
+            row_index = np.concatenate([r for r, _ in ordered])
+            col_index = np.concatenate([k for _, k in ordered])
+            symbols[row_index, col_index] = raw.astype(np.int32)
+        empty = coder.is_empty()
+    except (ValueError, RuntimeError, OverflowError) as exc:
+        raise CorruptStreamError(f"entropy-coded payload does not decode: {exc}") from exc
+    if not empty:
+        raise CorruptStreamError("entropy-coded payload has trailing data: it does not match its header")
+    return symbols

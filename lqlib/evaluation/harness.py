@@ -1,0 +1,361 @@
+"""The evaluation harness: every KV method through the same windows, model and protocol, in one run.
+
+For each method it reports the measured total bits/dim (side information included),
+the perplexity and its increase over full precision, and the relative MSE of K and V
+on the same captured cache. Methods run in-loop (``QuantizeDequantizeCache``) in one
+forward pass per window, except HF's ``QuantizedCache``, which keeps its first chunk
+and a residual window in full precision and so runs chunk by chunk (``chunk_size``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..cache.compressed import CompressedKVLayer, schedule_codecs
+from ..cache.quantized import QuantizeDequantizeCache
+from ..coding.codec import MAX_BITS, MIN_BITS
+from ..errors import InputError
+from .baselines import E8Entropy, KVMethod, standard_methods
+from .capture import KVSample
+from .models import LoadedModel
+from .perplexity import perplexity
+
+__all__ = [
+    "MethodSpec",
+    "compare_methods",
+    "tensor_nbytes",
+    "hf_quantized_cache",
+    "generate_throughput",
+    "compressed_cache_rate",
+    "e8_bits_for_rate",
+    "method_specs",
+    "e8_spec",
+    "delta_ratio",
+    "delta_pct_ci",
+    "delta_pct_gap_ci",
+]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A KV method for the harness: separate key and value quantizers, or a cache factory.
+
+    Attributes
+    ----------
+    label : name in tables.
+    key, value : in-loop quantizers with their rate accounting (None for ``make_cache`` methods).
+    make_cache : builds a transformers cache for the model config (for HF's own caches).
+    bits_per_dim : measures the total rate on a captured cache (for ``make_cache`` methods).
+    chunk_size : feed windows in chunks of this many tokens (None: one forward pass).
+    """
+
+    label: str
+    key: KVMethod | None = None
+    value: KVMethod | None = None
+    make_cache: Callable[[object], object] | None = None
+    bits_per_dim: Callable[[KVSample], float] | None = None
+    chunk_size: int | None = None
+    family: str = ""
+
+    def rate(self, kv: KVSample) -> float:
+        if self.bits_per_dim is not None:
+            return self.bits_per_dim(kv)
+        return 0.5 * (self.key.bits_per_dim(kv.keys) + self.value.bits_per_dim(kv.values))
+
+    def cache_factory(self, config) -> Callable[[], object]:
+        if self.make_cache is not None:
+            return lambda: self.make_cache(config)
+        return lambda: QuantizeDequantizeCache(self.key.quantize, config, value_quantizer=self.value.quantize)
+
+
+def _relative_mse(method: KVMethod, x: Tensor) -> float:
+    return ((method.quantize(x).double() - x.double()).square().mean() / x.double().square().mean()).item()
+
+
+def compare_methods(
+    loaded: LoadedModel,
+    specs: list[MethodSpec],
+    input_ids: Tensor,
+    labels: Tensor,
+    kv: KVSample,
+    batch_size: int = 2,
+    progress: bool = True,
+) -> list[dict]:
+    """Full precision first, then every method on the same windows; one row per method."""
+    model, config = loaded.model, loaded.config
+    fp = perplexity(model, input_ids, labels, batch_size=batch_size, progress=progress, desc="full precision")
+    rows = [
+        {
+            "method": "full precision",
+            "family": "fp16",
+            "bits_per_dim": 16.0,
+            "ppl": fp.ppl,
+            "delta_pct": 0.0,
+            "mse_k": 0.0,
+            "mse_v": 0.0,
+            "tokens": fp.tokens,
+            "window_nll": list(fp.window_nll),
+            "window_tokens": list(fp.window_tokens),
+        }
+    ]
+    for spec in specs:
+        start = time.perf_counter()
+        result = perplexity(
+            model,
+            input_ids,
+            labels,
+            spec.cache_factory(config),
+            batch_size=batch_size,
+            chunk_size=spec.chunk_size,
+            progress=progress,
+            desc=spec.label,
+        )
+        rows.append(
+            {
+                "method": spec.label,
+                "family": spec.family or spec.label,
+                "bits_per_dim": spec.rate(kv),
+                "ppl": result.ppl,
+                "delta_pct": 100.0 * (result.ppl / fp.ppl - 1.0),
+                "mse_k": _relative_mse(spec.key, kv.keys) if spec.key else float("nan"),
+                "mse_v": _relative_mse(spec.value, kv.values) if spec.value else float("nan"),
+                "tokens": result.tokens,
+                "seconds": time.perf_counter() - start,
+                "window_nll": list(result.window_nll),
+            }
+        )
+    return rows
+
+
+def delta_ratio(rows: list[dict], method: str, baseline: str, n_boot: int = 4000, seed: int = 0) -> dict:
+    """ΔPPL of ``method`` over ΔPPL of ``baseline`` (rows of :func:`compare_methods`), with a 95%
+    paired bootstrap interval over windows (the same resampled windows for both and for fp)."""
+    by_name = {r["method"]: r for r in rows}
+    fp = np.asarray(rows[0]["window_nll"])
+    tokens = np.asarray(rows[0]["window_tokens"], dtype=np.float64)
+    a, b = np.asarray(by_name[method]["window_nll"]), np.asarray(by_name[baseline]["window_nll"])
+
+    def ratio(index: np.ndarray) -> np.ndarray:
+        n = tokens[index].sum(axis=-1)
+        return np.expm1((a - fp)[index].sum(axis=-1) / n) / np.expm1((b - fp)[index].sum(axis=-1) / n)
+
+    draws = ratio(np.random.default_rng(seed).integers(0, fp.size, (n_boot, fp.size)))
+    lo, hi = np.percentile(draws, [2.5, 97.5])
+    return {
+        "method": method,
+        "baseline": baseline,
+        "ratio": float(ratio(np.arange(fp.size))),
+        "low": float(lo),
+        "high": float(hi),
+        "windows": int(fp.size),
+    }
+
+
+def _paired_windows(*arrays, tokens) -> tuple[list[np.ndarray], np.ndarray]:
+    nlls = [np.asarray(a, dtype=np.float64).reshape(-1) for a in arrays]
+    weights = np.asarray(tokens, dtype=np.float64).reshape(-1)
+    if any(a.shape != weights.shape for a in nlls) or weights.size == 0:
+        raise ValueError(
+            f"need per-window NLLs and token counts of one non-empty length, got "
+            f"{[a.size for a in nlls]} NLLs and {weights.size} token counts"
+        )
+    if not np.all(weights > 0):
+        raise ValueError("every window needs at least one scored token")
+    return nlls, weights
+
+
+def _bootstrap(statistic, windows: int, n_boot: int, seed: int, level: float) -> tuple[float, float, float]:
+    """(value, low, high): the statistic on all windows and its percentile interval over resampled windows."""
+    if not 0 < level < 1:
+        raise ValueError(f"level must lie in (0, 1), got {level}")
+    draws = statistic(np.random.default_rng(seed).integers(0, windows, (n_boot, windows)))
+    low, high = np.percentile(draws, [50 * (1 - level), 50 * (1 + level)])
+    return float(statistic(np.arange(windows))), float(low), float(high)
+
+
+def delta_pct_ci(
+    window_nll, baseline_window_nll, tokens, n_boot: int = 4000, seed: int = 0, level: float = 0.95
+) -> dict:
+    """PPL increase over a baseline in percent, 100·(PPL/PPL_base − 1), with a paired bootstrap
+    interval over windows.
+
+    Parameters
+    ----------
+    window_nll, baseline_window_nll : summed NLL (nats) of each window, shape (windows,), on the
+        same windows (e.g. ``PerplexityResult.window_nll``).
+    tokens : scored tokens per window, shape (windows,).
+    n_boot, seed, level : bootstrap draws, their seed (the same seed resamples the same windows,
+        so intervals from one seed are paired across configurations) and the coverage.
+
+    Returns
+    -------
+    dict: ``delta_pct`` (all windows), ``low``, ``high`` (percentile interval) and ``windows``.
+    """
+    (a, base), weights = _paired_windows(window_nll, baseline_window_nll, tokens=tokens)
+    excess = a - base
+
+    def pct(index: np.ndarray) -> np.ndarray:
+        return 100.0 * np.expm1(excess[index].sum(axis=-1) / weights[index].sum(axis=-1))
+
+    value, low, high = _bootstrap(pct, a.size, n_boot, seed, level)
+    return {"delta_pct": value, "low": low, "high": high, "windows": int(a.size)}
+
+
+def delta_pct_gap_ci(
+    window_nll_a, window_nll_b, baseline_window_nll, tokens, n_boot: int = 4000, seed: int = 0, level: float = 0.95
+) -> dict:
+    """ΔPPL(a) − ΔPPL(b) in percentage points (both over the same baseline), with a paired bootstrap
+    interval: a, b and the baseline are resampled with the same windows, so the window-to-window
+    variation they share cancels.
+
+    Parameters and returns as :func:`delta_pct_ci`, with ``gap_pp`` in place of ``delta_pct``.
+    """
+    (a, b, base), weights = _paired_windows(window_nll_a, window_nll_b, baseline_window_nll, tokens=tokens)
+
+    def gap(index: np.ndarray) -> np.ndarray:
+        n = weights[index].sum(axis=-1)
+        return 100.0 * (np.expm1((a - base)[index].sum(axis=-1) / n) - np.expm1((b - base)[index].sum(axis=-1) / n))
+
+    value, low, high = _bootstrap(gap, a.size, n_boot, seed, level)
+    return {"gap_pp": value, "low": low, "high": high, "windows": int(a.size)}
+
+
+def tensor_nbytes(obj) -> int:
+    """Bytes of a tensor, unpacking tensor subclasses (e.g. quanto's packed tensors) into their parts."""
+    if isinstance(obj, Tensor):
+        flatten = getattr(type(obj), "__tensor_flatten__", None)
+        if flatten is not None and type(obj) is not Tensor:
+            names, _ = obj.__tensor_flatten__()
+            return sum(tensor_nbytes(getattr(obj, name)) for name in names)
+        return obj.numel() * obj.element_size()
+    return 0
+
+
+def hf_quantized_cache(
+    nbits: int, residual_length: int = 32, q_group_size: int = 64, chunk_size: int = 32
+) -> MethodSpec:
+    """HF ``QuantizedCache`` (quanto backend), fed in chunks; its rate from the real buffers after a window."""
+    from transformers import QuantizedCache
+
+    def make(config):
+        return QuantizedCache("quanto", config, nbits=nbits, residual_length=residual_length, q_group_size=q_group_size)
+
+    def rate(kv: KVSample) -> float:
+        # replay the captured keys and values chunk by chunk through one layer's cache and weigh its buffers
+        layers, heads, tokens, dim = kv.keys.shape
+        total_bits = 0.0
+        for layer in range(layers):
+            cache = make(_OneLayerConfig())
+            for start in range(0, tokens, chunk_size):
+                sl = slice(start, start + chunk_size)
+                cache.update(kv.keys[layer, None, :, sl], kv.values[layer, None, :, sl], 0)
+            held = cache.layers[0]
+            total_bits += 8 * sum(
+                tensor_nbytes(t) for t in (held._quantized_keys, held._quantized_values, held.keys, held.values)
+            )
+        return total_bits / (2 * kv.keys.numel())
+
+    return MethodSpec(
+        f"HF QuantizedCache quanto int{nbits}",
+        make_cache=make,
+        bits_per_dim=rate,
+        chunk_size=chunk_size,
+        family="HF QuantizedCache",
+    )
+
+
+def compressed_cache_rate(
+    kv: KVSample, bits: float | np.ndarray, rotation: str = "rht", page_size: int = 64, key_scales: Tensor | None = None
+) -> float:
+    """Total bits/dim :class:`lqlib.CompressedKVCache` holds for a captured cache: every byte of its
+    pages (headers, step codes, payload, CRCs), of its full-precision tail and of its key scales,
+    × 8 / (2 · numel). ``bits`` is one rate or a (layers, 2) schedule of key and value rates;
+    ``key_scales`` (layers, kv_heads, head_dim) are optional per-channel key scales."""
+    total = 0
+    for layer, (key_codec, value_codec) in enumerate(schedule_codecs(bits, kv.keys.shape[0], rotation)):
+        held = CompressedKVLayer(
+            key_codec, page_size, value_codec=value_codec, key_scales=None if key_scales is None else key_scales[layer]
+        )
+        held.update(kv.keys[layer, None], kv.values[layer, None])
+        total += held.nbytes()
+    return 8.0 * total / (2 * kv.keys.numel())
+
+
+def e8_bits_for_rate(
+    total_bits: float,
+    kv: KVSample,
+    rotation: str = "rht",
+    page_size: int = 64,
+    tolerance: float = 0.002,
+    key_scales: Tensor | None = None,
+) -> float:
+    """The codec rate b whose real cache stores ``total_bits`` bits/dim on ``kv`` (to ``tolerance``),
+    by bisection: the stored rate grows with b. ``key_scales`` count as the cache holds them."""
+    lo, hi = MIN_BITS, MAX_BITS
+    for _ in range(40):
+        mid = 0.5 * (lo + hi)
+        rate = compressed_cache_rate(kv, mid, rotation, page_size, key_scales)
+        if abs(rate - total_bits) <= tolerance:
+            return mid
+        lo, hi = (mid, hi) if rate < total_bits else (lo, mid)
+    raise InputError(f"no codec rate stores {total_bits} bits/dim within {tolerance} on this cache")
+
+
+def e8_spec(bits: float, rotation: str = "rht", label: str | None = None, page_size: int = 64) -> MethodSpec:
+    """E8 + entropy coding for the harness: in-loop codec, rate from the real cache's bytes."""
+    method = E8Entropy(bits, rotation)
+    label = label or f"E8 + EC {bits:g}{', no RHT' if rotation == 'none' else ''}"
+    return MethodSpec(
+        label,
+        method,
+        method,
+        family="E8 + EC" + (", no RHT" if rotation == "none" else ""),
+        bits_per_dim=lambda kv: compressed_cache_rate(kv, bits, rotation, page_size),
+    )
+
+
+def method_specs(bits: int) -> list[MethodSpec]:
+    """Every baseline family at integer rate ``bits``; the E8 + EC rows take their rate from the real cache."""
+    specs = []
+    for label, family, key, value in standard_methods(bits):
+        if isinstance(key, E8Entropy):
+            specs.append(e8_spec(float(bits), key.rotation, label))
+        else:
+            specs.append(MethodSpec(label, key, value, family=family))
+    return specs
+
+
+class _OneLayerConfig:
+    """The least config HF's QuantizedCache needs to lay out a single full-attention layer."""
+
+    def get_text_config(self, decoder: bool = True):
+        from transformers import LlamaConfig
+
+        return LlamaConfig(num_hidden_layers=1)
+
+
+@torch.no_grad()
+def generate_throughput(
+    loaded: LoadedModel, prompt: str, new_tokens: int, make_cache: Callable[[], object] | None = None
+) -> dict:
+    """Greedy generation of ``new_tokens`` tokens; tokens/s and the generated text."""
+    tok, model = loaded.tokenizer, loaded.model
+    inputs = tok(prompt, return_tensors="pt").to(model.device)
+    kwargs = {"cache": make_cache()} if make_cache is not None else {}
+    start = time.perf_counter()
+    out = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, **kwargs)
+    seconds = time.perf_counter() - start
+    generated = out[0, inputs.input_ids.shape[1] :]
+    return {
+        "tokens_per_s": generated.numel() / seconds,
+        "seconds": seconds,
+        "ids": generated.tolist(),
+        "text": tok.decode(generated, skip_special_tokens=True),
+        "cache_nbytes": kwargs["cache"].nbytes() if hasattr(kwargs.get("cache"), "nbytes") else None,
+    }
