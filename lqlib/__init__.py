@@ -1,11 +1,20 @@
 """lqlib: E8 lattice quantization with entropy coding for LLM KV caches.
 
-The companion library of the LatticeQuant papers. Layers (each imports only
-from the ones before it): math core (lattices, theory, rht, symbols,
-entropy_model, rans, wire, codec), kernels, models/corpus, evaluation,
-analysis, book helpers and CLI.
+The companion library of the LatticeQuant papers, in layers, each a folder that imports only from
+the ones before it (``tests/test_layers.py`` checks this):
+
+1. ``core/`` — lattices, closed forms, the randomized Hadamard transform, symbols, step codes, scalar
+   quantizers; ``coding/`` — entropy models, rANS, the wire format, the E8 codec;
+2. ``kernels/`` — Triton kernels (imported lazily);
+3. ``cache/`` — transformers KV caches (in-loop, compressed bitstream, GPU device codes);
+4. ``evaluation/`` — models, corpora, captured K/V, perplexity, baselines, the harness;
+5. ``ddt/`` (Paper III) and ``alloc/`` (Paper IV);
+6. ``book/`` — the book's runner and helpers; ``cli`` — ``python -m lqlib``.
+
+``errors`` and ``store`` (the content-addressed result store) are shared by all layers.
 """
 
+from . import store
 from .coding.codec import E8Codec, Encoded
 from .core.lattices import (
     LATTICES,
@@ -29,12 +38,24 @@ from .errors import (
 __version__ = "0.1.0"
 
 
+_LAZY = {
+    "CompressedKVCache": ("cache.compressed", "CompressedKVCache"),
+    "DeviceKVCache": ("cache.device", "DeviceKVCache"),
+    "QuantizeDequantizeCache": ("cache.quantized", "QuantizeDequantizeCache"),
+    "load_model": ("evaluation.models", "load"),
+    "load_corpus": ("evaluation.corpus", "load_corpus"),
+    "models": ("evaluation.models", None),
+}
+
+
 def __getattr__(name: str):
     """Lazy public names whose modules import transformers (kept out of ``import lqlib``)."""
-    if name == "CompressedKVCache":
-        from .cache.compressed import CompressedKVCache
+    if name in _LAZY:
+        import importlib
 
-        return CompressedKVCache
+        module, attribute = _LAZY[name]
+        loaded = importlib.import_module(f".{module}", __name__)
+        return loaded if attribute is None else getattr(loaded, attribute)
     raise AttributeError(f"module 'lqlib' has no attribute {name!r}")
 
 
@@ -42,6 +63,12 @@ __all__ = [
     "E8Codec",
     "Encoded",
     "CompressedKVCache",
+    "DeviceKVCache",
+    "QuantizeDequantizeCache",
+    "load_model",
+    "load_corpus",
+    "models",
+    "store",
     "LATTICES",
     "RandomizedHadamard",
     "fwht",

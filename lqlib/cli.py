@@ -31,20 +31,29 @@ def _gaussian_table(args: argparse.Namespace) -> int:
 
 
 def _book(args: argparse.Namespace) -> int:
-    from .book.runner import BookBuildError, build_html, execute_notebooks
+    from .book.runner import BookBuildError, BookSettings, build_html, build_report, execute_notebooks
 
     root = Path(args.root).resolve()
+    settings = BookSettings(args.smoke, args.model, args.corpus, args.device, args.dtype)
     start = time.perf_counter()
     try:
-        for line in execute_notebooks(root, smoke=args.smoke, force=args.force):
-            print(line, flush=True)
+        runs = execute_notebooks(root, force=args.force, settings=settings)
+        for run in runs:
+            print(run, flush=True)
+        executed = time.perf_counter()
         if not args.no_build:
             html = build_html(root, strict=not args.lenient)
             print(f"built {html / 'index.html'}")
     except BookBuildError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(f"book done in {time.perf_counter() - start:.0f} s (smoke={args.smoke})")
+    report = build_report(root, settings, runs, executed - start, time.perf_counter() - executed)
+    (root / "_build").mkdir(exist_ok=True)
+    (root / "_build" / "book_build.json").write_text(report.to_json())
+    if settings.is_default and all(run.ran for run in runs) and not args.no_build:
+        (root / "results" / "book_build.json").write_text(report.to_json())
+        print("wrote results/book_build.json (a full build from scratch on the default model)")
+    print(f"book done in {report.total_s:.0f} s (smoke={settings.smoke})")
     return 0
 
 
@@ -99,6 +108,14 @@ def main(argv: list[str] | None = None) -> int:
     book.add_argument("--no-build", action="store_true", help="execute notebooks only")
     book.add_argument("--lenient", action="store_true", help="build without -W -n")
     book.add_argument("--root", default=".", help="repository root (with _toc.yml)")
+    book.add_argument(
+        "--model",
+        default="smollm2-135m-instruct",
+        help="the embedded default, a local folder or .gguf file, or a Hugging Face id",
+    )
+    book.add_argument("--corpus", default="pydoc", choices=["pydoc", "wikitext2", "auto"])
+    book.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    book.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
     book.set_defaults(run=_book)
     ev = sub.add_parser("evaluate", help="perplexity and rate of every KV method on the same windows")
     ev.add_argument("--model", default="smollm2-135m-instruct", help="default model, HF id or local path")

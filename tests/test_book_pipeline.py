@@ -39,26 +39,26 @@ def test_parameters_reach_the_notebook_and_runs_are_cached(tmp_path, monkeypatch
             "second": "open('out.txt', 'w').write(out_dir)",
         },
     )
-    log = book.execute_notebooks(root, smoke=True, progress=False)
+    log = [str(run) for run in book.execute_notebooks(root, smoke=True, progress=False)]
     assert all("ran in" in line for line in log)
     assert (root / "book" / "part" / "smoke.txt").read_text() == "True1"  # progress bars off in the kernel
     executed = nbformat.read(root / "book" / "part" / "first.ipynb", as_version=4)
     injected = [c for c in executed.cells if "injected-parameters" in c.metadata.get("tags", [])]
     assert len(injected) == 1 and "remove-cell" in injected[0].metadata["tags"]
     assert "TQDM_DISABLE" not in __import__("os").environ
-    assert book.execute_notebooks(root, smoke=True, progress=False) == [
+    assert [str(run) for run in book.execute_notebooks(root, smoke=True, progress=False)] == [
         "book/part/second.ipynb: up to date",
         "book/part/first.ipynb: up to date",
     ]
     # another parameter set, or any change of the library, re-runs everything
-    assert all("ran in" in line for line in book.execute_notebooks(root, smoke=False, progress=False))
+    assert all(run.ran for run in book.execute_notebooks(root, smoke=False, progress=False))
     monkeypatch.setattr(book, "_library_digest", lambda: "changed")
-    assert all("ran in" in line for line in book.execute_notebooks(root, smoke=False, progress=False))
+    assert all(run.ran for run in book.execute_notebooks(root, smoke=False, progress=False))
     # a change in an earlier notebook re-runs the later ones too
     nb = nbformat.read(root / "notebooks" / "part" / "second.ipynb", as_version=4)
     nb.cells.append(nbformat.v4.new_code_cell("z = 3"))
     nbformat.write(nb, root / "notebooks" / "part" / "second.ipynb")
-    assert all("ran in" in line for line in book.execute_notebooks(root, smoke=False, progress=False))
+    assert all(run.ran for run in book.execute_notebooks(root, smoke=False, progress=False))
 
 
 def test_a_failing_notebook_names_its_cell_and_error(tmp_path):
@@ -69,3 +69,33 @@ def test_a_failing_notebook_names_its_cell_and_error(tmp_path):
     ):
         book.execute_notebooks(root, progress=False)
     assert not (root / "book" / "part" / "first.ipynb").exists()  # later notebooks do not run
+
+
+def test_settings_reach_the_notebooks_that_declare_them(tmp_path):
+    """--model/--corpus/--device/--dtype go to every notebook whose parameters cell names them (others run
+    without them), a change of settings re-runs, and the build report records what ran where."""
+    root = make_root(
+        tmp_path,
+        {
+            "first": "open('seen.txt', 'w').write(f'{model}|{corpus}|{device}|{dtype}|{smoke}')",
+            "second": "open('plain.txt', 'w').write(str(smoke))",
+        },
+    )
+    nb = nbformat.read(root / "notebooks" / "part" / "first.ipynb", as_version=4)
+    nb.cells[0].source += "\nmodel = 'default'\ncorpus = 'pydoc'\ndevice = 'auto'\ndtype = 'float32'"
+    nbformat.write(nb, root / "notebooks" / "part" / "first.ipynb")
+    settings = book.BookSettings(smoke=True, model="/models/tiny", corpus="wikitext2", device="cpu", dtype="bfloat16")
+    runs = book.execute_notebooks(root, progress=False, settings=settings)
+    assert (root / "book" / "part" / "seen.txt").read_text() == "/models/tiny|wikitext2|cpu|bfloat16|True"
+    assert (root / "book" / "part" / "plain.txt").read_text() == "True"
+    assert [run.ran for run in book.execute_notebooks(root, progress=False, settings=settings)] == [False, False]
+    other = book.BookSettings(smoke=True, model="/models/other")
+    assert all(run.ran for run in book.execute_notebooks(root, progress=False, settings=other))
+    report = book.build_report(root, settings, runs, 12.0, 3.0)
+    data = __import__("json").loads(report.to_json())
+    assert data["mode"] == "smoke" and data["total_s"] == 15.0 and data["settings"]["dtype"] == "bfloat16"
+    assert [n["path"] for n in data["notebooks"]] == ["book/part/second.ipynb", "book/part/first.ipynb"]
+    assert {"python", "torch", "transformers", "lqlib_digest"} <= set(data["versions"])
+    assert data["machine"]["cores"] >= 1
+    with pytest.raises(book.InputError if hasattr(book, "InputError") else ValueError):
+        book.BookSettings(dtype="int8")

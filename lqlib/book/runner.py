@@ -9,35 +9,99 @@ Layout (paths relative to the repository root)::
     _build/html                     the built book
 
 Notebooks run in the order of ``_toc.yml``, each in its output folder, with the
-parameters ``smoke`` (small sizes for CI) and ``out_dir``. A notebook is re-run
-unless a stamp shows that its source, every ``lqlib`` source file, the
-parameters and every notebook before it are unchanged, so library changes are
-never served from a stale cache.
+parameters ``smoke`` (small sizes for CI) and ``out_dir``, and — where the notebook's
+``parameters`` cell declares them — the :class:`BookSettings` ``model``, ``corpus``, ``device``
+and ``dtype``. A notebook is re-run unless a stamp shows that its source, every ``lqlib``
+source file, the settings and every notebook before it are unchanged, so library changes are
+never served from a stale cache. :func:`build_report` records what a build did and where.
 """
 
 from __future__ import annotations
 
+import datetime
 import hashlib
+import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import yaml
 
-from ..errors import LqlibError
+from ..errors import InputError, LqlibError
+from ..store import library_digest
 
-__all__ = ["NotebookJob", "notebook_jobs", "execute_notebooks", "build_html", "BookBuildError"]
+__all__ = [
+    "BookSettings",
+    "NotebookJob",
+    "NotebookRun",
+    "notebook_jobs",
+    "execute_notebooks",
+    "build_html",
+    "build_report",
+    "BuildReport",
+    "BookBuildError",
+]
 
-LIBRARY = Path(__file__).resolve().parent
-_QUIET_KERNEL = {"TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+_QUIET_KERNEL = {"TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error"}
 
 
 class BookBuildError(LqlibError, RuntimeError):
     """A notebook failed (its path, cell and error are in the message) or Sphinx reported a problem."""
+
+
+@dataclass(frozen=True)
+class BookSettings:
+    """What every notebook runs on: sizes (``smoke``), the model and corpus, the device and dtype.
+
+    ``model`` is the embedded default, a local folder or ``.gguf`` file, or a Hugging Face id;
+    ``corpus`` one of ``pydoc``, ``wikitext2``, ``auto``; ``device`` ``auto`` (CUDA when available),
+    ``cpu`` or ``cuda``; ``dtype`` ``float32``, ``bfloat16`` or ``float16``.
+    """
+
+    smoke: bool = False
+    model: str = "smollm2-135m-instruct"
+    corpus: str = "pydoc"
+    device: str = "auto"
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.corpus not in ("pydoc", "wikitext2", "auto"):
+            raise InputError(f"corpus must be pydoc, wikitext2 or auto, got {self.corpus!r}")
+        if self.dtype not in ("float32", "bfloat16", "float16", "float64"):
+            raise InputError(f"dtype must be float32, bfloat16, float16 or float64, got {self.dtype!r}")
+        if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
+            raise InputError(f"device must be auto, cpu or cuda[:n], got {self.device!r}")
+
+    @property
+    def is_default(self) -> bool:
+        """True for the embedded model and corpus at full size in float32 on the CPU (the committed build)."""
+        return (self.model, self.corpus, self.dtype, self.smoke) == ("smollm2-135m-instruct", "pydoc", "float32", False)
+
+    def parameters(self) -> dict[str, object]:
+        return {
+            "smoke": self.smoke,
+            "model": self.model,
+            "corpus": self.corpus,
+            "device": self.device,
+            "dtype": self.dtype,
+        }
+
+
+@dataclass(frozen=True)
+class NotebookRun:
+    """One notebook of a build: its path (relative to the root), whether it ran, and its seconds."""
+
+    path: str
+    ran: bool
+    seconds: float
+
+    def __str__(self) -> str:
+        return f"{self.path}: ran in {self.seconds:.1f} s" if self.ran else f"{self.path}: up to date"
 
 
 @dataclass(frozen=True)
@@ -84,11 +148,14 @@ def notebook_jobs(root: Path) -> list[NotebookJob]:
 
 
 def _library_digest() -> str:
-    digest = hashlib.sha256()
-    for path in sorted(LIBRARY.rglob("*.py")):
-        digest.update(path.relative_to(LIBRARY).as_posix().encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()
+    return library_digest()
+
+
+def _declared_parameters(source: Path) -> set[str]:
+    """The names a notebook's ``parameters`` cell assigns."""
+    import papermill
+
+    return set(papermill.inspect_notebook(str(source)))
 
 
 def _restore(name: str, value: str | None) -> None:
@@ -110,8 +177,17 @@ def _hide_injected_parameters(path: Path) -> None:
     nbformat.write(notebook, path)
 
 
-def execute_notebooks(root: Path, smoke: bool = False, force: bool = False, progress: bool = True) -> list[str]:
-    """Run every notebook with papermill (skipping up-to-date ones); return a log line per notebook.
+def execute_notebooks(
+    root: Path,
+    smoke: bool = False,
+    force: bool = False,
+    progress: bool = True,
+    settings: BookSettings | None = None,
+) -> list[NotebookRun]:
+    """Run every notebook with papermill (skipping up-to-date ones); return one :class:`NotebookRun` each.
+
+    ``settings`` (default: :class:`BookSettings` with ``smoke``) reach every notebook that declares
+    them in its ``parameters`` cell; ``smoke`` and ``out_dir`` reach every notebook.
 
     Raises
     ------
@@ -121,20 +197,24 @@ def execute_notebooks(root: Path, smoke: bool = False, force: bool = False, prog
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
+    settings = settings or BookSettings(smoke=smoke)
     library = _library_digest()
-    chain = hashlib.sha256(f"smoke={smoke}".encode())
-    log = []
+    chain = hashlib.sha256(json.dumps(settings.parameters(), sort_keys=True).encode())
+    runs = []
     for job in notebook_jobs(root):
         chain.update(job.source.read_bytes())
         chain.update(library.encode())
         key = chain.hexdigest()
+        relative = str(job.output.relative_to(root))
         if not force and job.output.is_file() and job.stamp.is_file() and job.stamp.read_text() == key:
-            log.append(f"{job.output.relative_to(root)}: up to date")
+            runs.append(NotebookRun(relative, False, 0.0))
             continue
         job.output.parent.mkdir(parents=True, exist_ok=True)
         job.stamp.unlink(missing_ok=True)
         start = time.perf_counter()
-        print(f"running {job.source.relative_to(root)} (smoke={smoke})", flush=True)
+        print(f"running {job.source.relative_to(root)} (smoke={settings.smoke})", flush=True)
+        declared = _declared_parameters(job.source)
+        parameters = {k: v for k, v in settings.parameters().items() if k in declared or k == "smoke"}
         saved = {name: os.environ.get(name) for name in _QUIET_KERNEL}
         try:
             # the kernel inherits this environment: no progress bars in the book's pages; papermill's
@@ -143,7 +223,7 @@ def execute_notebooks(root: Path, smoke: bool = False, force: bool = False, prog
             papermill.execute_notebook(
                 str(job.source),
                 str(job.output),
-                parameters={"smoke": smoke, "out_dir": "."},
+                parameters={**parameters, "out_dir": "."},
                 cwd=str(job.output.parent),
                 kernel_name="python3",
                 request_save_on_cell_execute=False,
@@ -160,15 +240,15 @@ def execute_notebooks(root: Path, smoke: bool = False, force: bool = False, prog
                 _restore(name, value)
         _hide_injected_parameters(job.output)
         job.stamp.write_text(key)
-        log.append(f"{job.output.relative_to(root)}: ran in {time.perf_counter() - start:.1f} s")
-    return log
+        runs.append(NotebookRun(relative, True, time.perf_counter() - start))
+    return runs
 
 
 def build_html(root: Path, strict: bool = True) -> Path:
     """Build the HTML book from the executed notebooks (``jupyter-book build --all``, ``-W -n`` if strict).
 
     MathJax and the widget JavaScript are fetched from the npm registry at build
-    time by the Sphinx extension :mod:`lqlib.book_assets` (named in ``_config.yml``).
+    time by the Sphinx extension :mod:`lqlib.book.assets` (named in ``_config.yml``).
     """
     shutil.rmtree(root / "_build" / "html", ignore_errors=True)
     command = [sys.executable, "-c", "from jupyter_book.cli.main import main; main()", "build", str(root), "--all"]
@@ -178,3 +258,82 @@ def build_html(root: Path, strict: bool = True) -> Path:
     if done.returncode != 0:
         raise BookBuildError(f"jupyter-book build failed:\n{done.stdout[-6000:]}\n{done.stderr[-6000:]}")
     return root / "_build" / "html"
+
+
+def _versions() -> dict[str, str]:
+    from importlib import metadata
+
+    versions = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "numpy", "constriction", "papermill", "jupyter-book", "triton"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    versions["lqlib_digest"] = library_digest()[:16]
+    return versions
+
+
+def _machine() -> dict[str, object]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    memory = None
+    try:
+        pages, size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+        memory = round(pages * size / 2**30, 1)
+    except (ValueError, OSError, AttributeError):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": memory, "platform": platform.platform()}
+
+
+def _git_commit(root: Path) -> str:
+    done = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True)
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True
+    )
+    commit = done.stdout.strip() if done.returncode == 0 else "unknown"
+    return commit + ("+changes" if dirty.returncode == 0 and dirty.stdout.strip() else "")
+
+
+@dataclass
+class BuildReport:
+    """What one ``python -m lqlib book`` did: settings, per-notebook seconds, totals, versions, machine."""
+
+    settings: dict
+    notebooks: list[dict]
+    execute_s: float
+    html_s: float
+    total_s: float
+    versions: dict = field(default_factory=_versions)
+    machine: dict = field(default_factory=_machine)
+    date: str = field(
+        default_factory=lambda: datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    )
+    commit: str = ""
+
+    @property
+    def mode(self) -> str:
+        return "smoke" if self.settings.get("smoke") else "full"
+
+    def to_json(self) -> str:
+        return json.dumps({"mode": self.mode, **asdict(self)}, indent=1)
+
+
+def build_report(
+    root: Path, settings: BookSettings, runs: list[NotebookRun], execute_s: float, html_s: float
+) -> BuildReport:
+    """The report of a build (see :class:`BuildReport`); ``runs`` as :func:`execute_notebooks` returned them."""
+    notebooks = [{"path": run.path, "ran": run.ran, "seconds": round(run.seconds, 1)} for run in runs]
+    return BuildReport(
+        settings.parameters(),
+        notebooks,
+        round(execute_s, 1),
+        round(html_s, 1),
+        round(execute_s + html_s, 1),
+        commit=_git_commit(root),
+    )
