@@ -22,7 +22,6 @@ from lqlib.ddt import (
     loss_change,
     master_identity,
     predictor_study,
-    spearman_bootstrap,
     theorem_a_configurations,
 )
 from lqlib.evaluation.capture import capture_kv
@@ -196,32 +195,6 @@ def test_mirror_for_some_configurations_only(tiny):
     np.testing.assert_array_equal(study.delta_loss, full.delta_loss)
     with pytest.raises(ValueError):
         predictor_study(loaded, ids, configs, mirror=[True], progress=False)
-
-
-def test_spearman_bootstrap_matches_scipy_and_covers():
-    from scipy.stats import spearmanr
-
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal(50)
-    y = np.round(x + rng.standard_normal(50), 1)  # ties in y
-    result = spearman_bootstrap(x, y, draws=2000, seed=1)
-    assert result["rho"] == pytest.approx(spearmanr(x, y)[0], rel=1e-12)
-    assert result["ci_low"] < result["rho"] < result["ci_high"] and result["n"] == 50
-    # the bootstrap resamples have ties from repeated pairs: same ρ as scipy on one resample
-    index = rng.integers(0, 50, 50)
-    assert spearman_bootstrap(x[index], y[index], draws=10)["rho"] == pytest.approx(spearmanr(x[index], y[index])[0])
-    exact = spearman_bootstrap(x, np.exp(x), draws=500)
-    assert exact["rho"] == exact["ci_low"] == exact["ci_high"] == pytest.approx(1.0)
-    assert spearman_bootstrap(x, -x, draws=500)["ci_high"] == pytest.approx(-1.0)
-    # coverage: independent samples of 50, the 90% interval contains 0 in about 90% of trials
-    covered = [
-        spearman_bootstrap(rng.standard_normal(50), rng.standard_normal(50), draws=400, level=0.9, seed=t)["ci_low"] < 0
-        for t in range(100)
-    ]
-    assert 0.75 <= np.mean(covered) <= 1.0
-    for bad in ((x[:2], y[:2]), (x, y[:-1]), (np.append(x[:-1], np.nan), y)):
-        with pytest.raises(ValueError):
-            spearman_bootstrap(*bad)
 
 
 def test_theorem_a_configurations():

@@ -22,7 +22,6 @@ from lqlib.ddt import (
     isotropic_risk,
     m_variant,
     noise_quantizers,
-    paired_delta_pct,
     plane_rotations,
     range_over_iso,
     relative_risk,
@@ -36,6 +35,7 @@ from lqlib.ddt import (
 )
 from lqlib.evaluation.capture import capture_kv
 from lqlib.evaluation.models import LoadedModel
+from lqlib.evaluation.stats import paired_delta_pct
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -346,10 +346,11 @@ def test_noise_quantizers_in_the_cache(tiny):
 
     # the paired bootstrap on these numbers: identity, closed form, interval around the estimate
     tokens = np.full(2, 23)
-    assert paired_delta_pct(clean, clean, tokens)[:3] == (0.0, 0.0, 0.0)
-    delta, low, high = paired_delta_pct(noisy, clean, tokens, n_boot=500)
-    assert delta == pytest.approx(100 * math.expm1((noisy - clean).sum() / 46), rel=1e-12)
-    assert low <= delta <= high
+    same = paired_delta_pct(clean, clean, tokens)
+    assert (same.value, same.low, same.high) == (0.0, 0.0, 0.0)
+    noisy_ci = paired_delta_pct(noisy, clean, tokens, draws=500)
+    assert noisy_ci.value == pytest.approx(100 * math.expm1((noisy - clean).sum() / 46), rel=1e-12)
+    assert noisy_ci.low <= noisy_ci.value <= noisy_ci.high
 
 
 def test_anisotropy_index():

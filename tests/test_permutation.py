@@ -13,13 +13,12 @@ from lqlib.ddt.permutation import (
     cache_orderings,
     measure_quantized,
     ordering_summary,
-    pearson_ci,
     permuted_quantizers,
 )
 from lqlib.evaluation.capture import KVSample, capture_kv
-from lqlib.evaluation.harness import delta_pct_ci, delta_pct_gap_ci
 from lqlib.evaluation.models import LoadedModel
 from lqlib.evaluation.perplexity import perplexity
+from lqlib.evaluation.stats import paired_delta_pct
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -113,39 +112,6 @@ def test_orderings_matter_only_across_blocks(tiny):
         assert (Permuted(q, across)(x) - plain).abs().max() > 1e-3
 
 
-def test_delta_pct_interval():
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(100, 200, 30)
-    base = rng.uniform(2, 3, 30) * tokens
-    # the same per-token increase c in every window: ΔPPL = 100·(e^c − 1), and no bootstrap spread
-    c = 0.02
-    exact = delta_pct_ci(base + c * tokens, base, tokens)
-    assert exact["delta_pct"] == pytest.approx(100 * np.expm1(c), rel=1e-12)
-    assert exact["high"] - exact["low"] < 1e-9 and exact["windows"] == 30
-    # agrees with the perplexity ratio and brackets it when windows differ
-    noisy_nll = base + rng.normal(c, 0.02, 30) * tokens
-    noisy = delta_pct_ci(noisy_nll, base, tokens)
-    ppl = np.exp(noisy_nll.sum() / tokens.sum()) / np.exp(base.sum() / tokens.sum())
-    assert noisy["delta_pct"] == pytest.approx(100 * (ppl - 1), rel=1e-10)
-    assert noisy["low"] < noisy["delta_pct"] < noisy["high"] and noisy["high"] - noisy["low"] > 0.1
-    # the paired gap: a − b with b = a + shared noise cancels it; a against itself is exactly 0
-    shared = rng.normal(0, 0.05, 30) * tokens
-    a, b = base + c * tokens + shared, base + 1.5 * c * tokens + shared
-    gap = delta_pct_gap_ci(b, a, base, tokens)
-    ci_a, ci_b = delta_pct_ci(a, base, tokens), delta_pct_ci(b, base, tokens)
-    assert gap["gap_pp"] == pytest.approx(ci_b["delta_pct"] - ci_a["delta_pct"], rel=1e-12)
-    assert 0 < gap["low"] < gap["gap_pp"] < gap["high"]
-    assert gap["high"] - gap["low"] < 0.2 * min(ci_a["high"] - ci_a["low"], ci_b["high"] - ci_b["low"])
-    same = delta_pct_gap_ci(a, a, base, tokens)
-    assert same["gap_pp"] == same["low"] == same["high"] == 0.0
-    with pytest.raises(ValueError):
-        delta_pct_ci(a[:5], base, tokens)
-    with pytest.raises(ValueError):
-        delta_pct_ci(a, base, np.zeros(30))
-    with pytest.raises(ValueError):
-        delta_pct_ci(a, base, tokens, level=1.5)
-
-
 def test_ordering_summary_spreads_and_verdicts():
     rng = np.random.default_rng(3)
     tokens = np.full(20, 100)
@@ -154,16 +120,16 @@ def test_ordering_summary_spreads_and_verdicts():
 
     def row(quantizer, ordering, seed, per_token, mse, noise_row):
         nll = base + per_token * tokens + noise_row
-        ci = delta_pct_ci(nll, base, tokens)
+        ci = paired_delta_pct(nll, base, tokens)
         return {
             "quantizer": quantizer,
             "bits": 3,
             "ordering": ordering,
             "seed": seed,
             "rel_mse": mse,
-            "delta_pct": ci["delta_pct"],
-            "ci_low": ci["low"],
-            "ci_high": ci["high"],
+            "delta_pct": ci.value,
+            "ci_low": ci.low,
+            "ci_high": ci.high,
             "window_nll": nll,
         }
 
@@ -203,19 +169,3 @@ def test_ordering_summary_spreads_and_verdicts():
     assert set(a) == {"quantizer", "bits", "mse_spread_pct", "dppl_spread", "dppl_spread_ci", "verdict", "details"}
     with pytest.raises(ValueError):
         ordering_summary([], base, tokens)
-
-
-def test_pearson_interval():
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=40)
-    line = pearson_ci(x, 3 * x - 1)
-    assert line["r"] == pytest.approx(1.0) and line["low"] == pytest.approx(1.0) and line["n"] == 40
-    assert pearson_ci(x, -x)["high"] == pytest.approx(-1.0)
-    y = x + 0.7 * rng.normal(size=40)
-    noisy = pearson_ci(x, y)
-    assert noisy["r"] == pytest.approx(np.corrcoef(x, y)[0, 1])
-    assert noisy["low"] < noisy["r"] < noisy["high"] and noisy["low"] > 0
-    unrelated = pearson_ci(x, rng.normal(size=40))
-    assert unrelated["low"] < 0 < unrelated["high"]
-    with pytest.raises(ValueError):
-        pearson_ci(x[:2], x[:2])

@@ -21,6 +21,10 @@ __all__ = [
     "PAPER3_THEOREM_B",
     "PAPER3_THEOREM_B_RANDOM_Z_MAX",
     "PAPER4",
+    "TABLE5_PPL",
+    "PAPER3_QWEN",
+    "PAPER4_LLAMA",
+    "PAPER_MODELS",
 ]
 
 #: Paper I, Table 3: coded bits/dim of E8 + parity-aware rANS on a Gaussian source, by target rate.
@@ -95,3 +99,30 @@ PAPER2_TABLE: dict[str, tuple[float, float, float, float]] = {
 }
 #: Paper II: bits/dim LatticeQuant saves over TurboQuant at equal quality.
 PAPER2_BITS_SAVED: float = 0.575
+
+#: Paper I, Table 5 (the seed's table): WikiText-2 perplexity by KV bits for every model the paper ran
+#: ("fp16" for none); a missing entry is a rate the paper did not report.
+TABLE5_PPL: dict[str, dict[str, float]] = {
+    "Llama-3.1-8B": {"fp16": 5.64, "5": 5.67, "4": 5.75, "3.5": 5.88, "3": 6.19},
+    "Llama-3.2-1B": {"fp16": 8.62, "5": 8.74, "4": 9.00, "3.5": 9.44, "3": 10.89},
+    "Mistral-7B-v0.3": {"fp16": 5.25, "4": 5.38},
+    "Qwen2.5-7B": {"fp16": 6.11, "5": 271.0, "4": 8400.0, "3": 31110.0},
+}
+#: Paper III on Qwen2.5-7B: Theorem A ρ of Q1 (an upper bound, "< 0.05"), ΔL/L (a lower bound, "> 60%"),
+#: and Theorem C range/iso (ranges) per M type.
+PAPER3_QWEN: dict[str, float | tuple[float, float]] = {
+    "theorem_a_rho_below": 0.05,
+    "theorem_a_dl_over_l_above_pct": 60.0,
+    "theorem_c_actual": (0.21, 0.24),
+    "theorem_c_rank1": (0.23, 0.24),
+    "theorem_c_near_isotropic": (0.01, 0.01),
+}
+#: Paper IV on Llama-3.1-8B: 4-bit perplexity with uniform and with optimal allocation (as printed).
+PAPER4_LLAMA: dict[str, float] = {"uniform_4b": 5.75, "optimal_4b": 5.81}
+#: The papers' models and the Hugging Face ids that run them (``python -m lqlib book --model ...``).
+PAPER_MODELS: dict[str, str] = {
+    "Llama-3.1-8B": "meta-llama/Llama-3.1-8B",
+    "Llama-3.2-1B": "meta-llama/Llama-3.2-1B",
+    "Mistral-7B-v0.3": "mistralai/Mistral-7B-v0.3",
+    "Qwen2.5-7B": "Qwen/Qwen2.5-7B",
+}

@@ -40,14 +40,7 @@ from .moments import (
     hlp_bounds,
     k_path_share,
 )
-from .noise import (
-    GaussianNoise,
-    error_shapes,
-    noise_quantizers,
-    paired_delta_pct,
-    relative_risk,
-    risk_ratio,
-)
+from .noise import GaussianNoise, error_shapes, noise_quantizers, relative_risk, risk_ratio
 from .permutation import (
     ORDERINGS,
     ErrorMeter,
@@ -55,23 +48,15 @@ from .permutation import (
     cache_orderings,
     measure_quantized,
     ordering_summary,
-    pearson_ci,
     permuted_quantizers,
 )
-from .quantizers import (
-    SCALAR_STEP_FACTOR,
-    Dithered,
-    Permuted,
-    ScalarBlockQuantizer,
-    block_permutation,
-)
+from .quantizers import SCALAR_STEP_FACTOR, Dithered, Permuted, ScalarBlockQuantizer, block_permutation
 from .theorem_a import (
     PredictorStudy,
     first_order_term,
     loss_change,
     master_identity,
     predictor_study,
-    spearman_bootstrap,
     theorem_a_configurations,
 )
 from .theorem_b import (
@@ -107,7 +92,6 @@ __all__ = [
     "loss_change",
     "PredictorStudy",
     "predictor_study",
-    "spearman_bootstrap",
     "theorem_a_configurations",
     "variance_additivity",
     "trial_seed",
@@ -139,7 +123,6 @@ __all__ = [
     "relative_risk",
     "risk_ratio",
     "noise_quantizers",
-    "paired_delta_pct",
     "ORDERINGS",
     "cache_orderings",
     "permuted_quantizers",
@@ -147,5 +130,4 @@ __all__ = [
     "QuantizedRun",
     "measure_quantized",
     "ordering_summary",
-    "pearson_ci",
 ]

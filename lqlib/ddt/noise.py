@@ -15,7 +15,7 @@ from torch import Tensor
 from .isotropy import SHAPES, _eigh, _square, _trace, haar_orthogonal
 from .moments import directional_risk
 
-__all__ = ["error_shapes", "GaussianNoise", "relative_risk", "risk_ratio", "noise_quantizers", "paired_delta_pct"]
+__all__ = ["error_shapes", "GaussianNoise", "relative_risk", "risk_ratio", "noise_quantizers"]
 
 
 def error_shapes(M, kind: str, k: int = 8, seed: int = 0) -> np.ndarray:
@@ -144,31 +144,3 @@ def noise_quantizers(shapes, rel_mse: float, seed: int = 0) -> tuple[list[Gaussi
         [GaussianNoise(shapes[l, 0], rel_mse, seed + 2 * l) for l in range(shapes.shape[0])],
         [GaussianNoise(shapes[l, 1], rel_mse, seed + 2 * l + 1) for l in range(shapes.shape[0])],
     )
-
-
-def paired_delta_pct(
-    window_nll, clean_window_nll, window_tokens, n_boot: int = 4000, seed: int = 0
-) -> tuple[float, float, float]:
-    """100·(PPL/PPL_clean − 1) over windows, with a 95% paired bootstrap interval over windows.
-
-    Parameters
-    ----------
-    window_nll, clean_window_nll : summed NLL (nats) per window, (n,), same windows.
-    window_tokens : scored tokens per window, (n,).
-
-    Returns
-    -------
-    (delta_pct, low, high); the interval resamples windows (the same ones for both runs).
-    """
-    a = np.asarray(window_nll, dtype=np.float64)
-    b = np.asarray(clean_window_nll, dtype=np.float64)
-    t = np.asarray(window_tokens, dtype=np.float64)
-    if not a.shape == b.shape == t.shape or a.ndim != 1 or a.size == 0:
-        raise ValueError(f"need three equal 1-d arrays, got {a.shape}, {b.shape}, {t.shape}")
-
-    def delta(index: np.ndarray) -> np.ndarray:
-        return 100.0 * np.expm1((a - b)[index].sum(axis=-1) / t[index].sum(axis=-1))
-
-    draws = delta(np.random.default_rng(seed).integers(0, a.size, (n_boot, a.size)))
-    low, high = np.percentile(draws, [2.5, 97.5])
-    return float(delta(np.arange(a.size))), float(low), float(high)

@@ -23,9 +23,9 @@ from torch import Tensor
 
 from ..cache.quantized import QuantizeDequantizeCache
 from ..evaluation.capture import KVSample
-from ..evaluation.harness import delta_pct_gap_ci
 from ..evaluation.models import LoadedModel
 from ..evaluation.perplexity import perplexity
+from ..evaluation.stats import paired_gap_pp
 from .quantizers import Permuted, Quantizer, Quantizers, _per_layer, block_permutation
 
 __all__ = [
@@ -36,7 +36,6 @@ __all__ = [
     "QuantizedRun",
     "measure_quantized",
     "ordering_summary",
-    "pearson_ci",
 ]
 
 #: The orderings of the puzzle (RESEARCH.md §3).
@@ -240,17 +239,15 @@ def ordering_summary(
         mse = np.array([r["rel_mse"] for r in group], dtype=np.float64)
         worst = max(group, key=lambda r: r["delta_pct"])
         best = min(group, key=lambda r: r["delta_pct"])
-        gap = delta_pct_gap_ci(
-            worst["window_nll"], best["window_nll"], baseline_window_nll, tokens, n_boot=n_boot, seed=seed
+        gap = paired_gap_pp(
+            worst["window_nll"], best["window_nll"], baseline_window_nll, tokens, draws=n_boot, seed=seed
         )
         half = [(r["ci_high"] - r["ci_low"]) / 2 for r in (worst, best)]
         apart = worst["ci_low"] > best["ci_high"]
-        paired = gap["low"] > 0
+        paired = gap.low > 0
         mse_spread = 100.0 * (mse.max() / mse.min() - 1.0)
         label = "yes" if apart else "paired only" if paired else "no"
-        spread_ci = (
-            f"{label} (CIs ±{half[0]:.2f}, ±{half[1]:.2f} pp; paired gap CI {gap['low']:.2f} to {gap['high']:.2f} pp)"
-        )
+        spread_ci = f"{label} (CIs ±{half[0]:.2f}, ±{half[1]:.2f} pp; paired gap CI {gap.low:.2f} to {gap.high:.2f} pp)"
         names = f"{_name(worst)} worst, {_name(best)} best"
         random = [r["delta_pct"] for r in group if r["ordering"] == "random"]
         random_spread = max(random) - min(random) if len(random) > 1 else float("nan")
@@ -276,8 +273,8 @@ def ordering_summary(
                     "worst": _name(worst),
                     "best": _name(best),
                     "ratio": worst["delta_pct"] / best["delta_pct"],
-                    "gap_low": gap["low"],
-                    "gap_high": gap["high"],
+                    "gap_low": gap.low,
+                    "gap_high": gap.high,
                     "significant": paired,
                     "nearly_equal_mse": mse_spread <= mse_tolerance_pct,
                     "random_spread": random_spread,
@@ -290,31 +287,3 @@ def ordering_summary(
 def _name(row: dict) -> str:
     seed = row.get("seed", "")
     return row["ordering"] if seed in ("", None) else f"{row['ordering']} (seed {seed})"
-
-
-def pearson_ci(x, y, n_boot: int = 4000, seed: int = 0, level: float = 0.95) -> dict:
-    """Pearson correlation of paired samples with a percentile bootstrap interval over the pairs.
-
-    Parameters
-    ----------
-    x, y : shape (n,), n ≥ 3, e.g. log ratios per configuration.
-
-    Returns
-    -------
-    dict: ``r`` (all pairs), ``low``, ``high`` (resamples where x or y is constant are dropped;
-    NaN when none is left) and ``n``.
-    """
-    x, y = np.asarray(x, dtype=np.float64).reshape(-1), np.asarray(y, dtype=np.float64).reshape(-1)
-    if x.shape != y.shape or x.size < 3:
-        raise ValueError(f"need two samples of one length ≥ 3, got {x.size} and {y.size}")
-    if not 0 < level < 1:
-        raise ValueError(f"level must lie in (0, 1), got {level}")
-    index = np.random.default_rng(seed).integers(0, x.size, (n_boot, x.size))
-    xs, ys = x[index], y[index]
-    xc, yc = xs - xs.mean(axis=1, keepdims=True), ys - ys.mean(axis=1, keepdims=True)
-    norm = np.sqrt((xc**2).sum(axis=1) * (yc**2).sum(axis=1))
-    keep = norm > 0
-    draws = (xc * yc).sum(axis=1)[keep] / norm[keep]
-    draws = draws[np.isfinite(draws)]
-    low, high = np.percentile(draws, [50 * (1 - level), 50 * (1 + level)]) if draws.size else (np.nan, np.nan)
-    return {"r": float(np.corrcoef(x, y)[0, 1]), "low": float(low), "high": float(high), "n": int(x.size)}

@@ -39,7 +39,6 @@ __all__ = [
     "loss_change",
     "PredictorStudy",
     "predictor_study",
-    "spearman_bootstrap",
     "theorem_a_configurations",
 ]
 
@@ -415,48 +414,6 @@ def predictor_study(
         delta_loss_mirror=mirrored,
         sigma=sigma,
     )
-
-
-def _average_ranks(a: np.ndarray) -> np.ndarray:
-    """Ranks 1..n along the last axis, ties sharing their average rank (as scipy's ``rankdata``)."""
-    below = (a[..., :, None] > a[..., None, :]).sum(axis=-1)
-    equal = (a[..., :, None] == a[..., None, :]).sum(axis=-1)
-    return below + 0.5 * (equal - 1) + 1.0
-
-
-def _pearson_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    x, y = x - x.mean(axis=-1, keepdims=True), y - y.mean(axis=-1, keepdims=True)
-    denominator = np.sqrt((x * x).sum(axis=-1) * (y * y).sum(axis=-1))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(denominator > 0, (x * y).sum(axis=-1) / denominator, np.nan)
-
-
-def spearman_bootstrap(x, y, draws: int = 2000, level: float = 0.95, seed: int = 0) -> dict:
-    """Spearman ρ of paired samples with a percentile bootstrap interval over the pairs.
-
-    Parameters
-    ----------
-    x, y : (n,) paired values (e.g. one per quantizer configuration).
-    draws : bootstrap resamples of the n pairs (with replacement; ties get average ranks).
-    level : coverage of the interval.
-
-    Returns
-    -------
-    dict: ``rho``, ``ci_low``, ``ci_high`` (floats; draws with a constant side are dropped) and ``n``.
-    """
-    x, y = np.asarray(x, dtype=np.float64).ravel(), np.asarray(y, dtype=np.float64).ravel()
-    if x.shape != y.shape or x.size < 3:
-        raise ValueError(f"need two equally long samples of at least 3 values, got {x.size} and {y.size}")
-    if not 0 < level < 1:
-        raise ValueError(f"level must lie in (0, 1), got {level}")
-    if not (np.isfinite(x).all() and np.isfinite(y).all()):
-        raise ValueError("the samples must be finite")
-    rho = float(_pearson_rows(_average_ranks(x), _average_ranks(y)))
-    index = np.random.default_rng(seed).integers(0, x.size, (draws, x.size))
-    boot = _pearson_rows(_average_ranks(x[index]), _average_ranks(y[index]))
-    tail = 50.0 * (1.0 - level)
-    low, high = np.nanpercentile(boot, [tail, 100.0 - tail])
-    return {"rho": rho, "ci_low": float(low), "ci_high": float(high), "n": int(x.size)}
 
 
 def theorem_a_configurations(

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from ..cache.quantized import QuantizeDequantizeCache
 from ..evaluation.models import LoadedModel
+from ..evaluation.stats import percentile_interval, resample_counts
 from .gradients import KVGradients, _layers, _targets, _window_nll, kv_gradients
 from .quantizers import (
     Dithered,
@@ -402,11 +403,6 @@ def dithered_trials(
 
 
 # --------------------------------------------------------------------- sampling error
-def _bootstrap_counts(n: int, n_boot: int, rng: np.random.Generator) -> np.ndarray:
-    """Multiplicities (n_boot, n) of resampling n trials with replacement."""
-    return rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(np.float64)
-
-
 def _weighted_variance(counts: np.ndarray, x: np.ndarray) -> np.ndarray:
     """Sample variances (ddof 1) of x (S, P) under resampling multiplicities (B, S): (B, P)."""
     s = x.shape[0]
@@ -418,16 +414,6 @@ def _ratio(numerator: np.ndarray, denominator: np.ndarray | float) -> np.ndarray
     """numerator / denominator, NaN where a resample has no spread at all (possible for a handful of trials)."""
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(np.asarray(denominator) > 0, numerator / denominator, np.nan)
-
-
-def _interval(samples: np.ndarray, level: float) -> tuple[float, float]:
-    """Percentile interval of the bootstrap samples, ignoring NaN resamples (NaN if all are)."""
-    tail = 50.0 * (1.0 - level)
-    samples = samples[np.isfinite(samples)]
-    if samples.size == 0:
-        return float("nan"), float("nan")
-    low, high = np.percentile(samples, [tail, 100.0 - tail])
-    return float(low), float(high)
 
 
 def _check_bootstrap(n_boot: int, level: float) -> None:
@@ -471,11 +457,11 @@ def fixed_gradient_additivity(
     point = variance_additivity(
         np.ones((analytic_parts.size, 1)), contributions[..., None], np.sqrt(12.0 * analytic_parts)[:, None]
     )
-    counts = _bootstrap_counts(trials.n_trials, n_boot, np.random.default_rng(seed))
+    counts = resample_counts(trials.n_trials, n_boot, np.random.default_rng(seed))
     var_total = _weighted_variance(counts, contributions.sum(axis=1, keepdims=True))[:, 0]
     sum_var = _weighted_variance(counts, contributions).sum(axis=1)
-    pos_low, pos_high = _interval(_ratio(var_total, sum_var), level)
-    pred_low, pred_high = _interval(_ratio(var_total, point["analytic"]), level)
+    pos_low, pos_high = percentile_interval(_ratio(var_total, sum_var), level)
+    pred_low, pred_high = percentile_interval(_ratio(var_total, point["analytic"]), level)
     return {
         "n_trials": trials.n_trials,
         "n_parts": int(analytic_parts.size),
@@ -543,7 +529,7 @@ def real_pass_additivity(
     rng = np.random.default_rng(seed)
     delta, first = trials.delta_loss, trials.first_order
     var_total = float(delta.var(ddof=1))
-    counts = _bootstrap_counts(delta.size, n_boot, rng)
+    counts = resample_counts(delta.size, n_boot, rng)
     boot_total = _weighted_variance(counts, delta[:, None])[:, 0]
     boot_first = _weighted_variance(counts, first[:, None])[:, 0]
     paired = bool(groups) and all(g.seed == trials.seed for g in groups)
@@ -555,19 +541,19 @@ def real_pass_additivity(
         variances = runs.var(axis=0, ddof=1)
         sum_var = float(variances[1:].sum())
         pos_add = float(variances[0] / sum_var)
-        boot = _weighted_variance(_bootstrap_counts(n, n_boot, rng), runs)
-        pos_low, pos_high = _interval(_ratio(boot[:, 0], boot[:, 1:].sum(axis=1)), level)
+        boot = _weighted_variance(resample_counts(n, n_boot, rng), runs)
+        pos_low, pos_high = percentile_interval(_ratio(boot[:, 0], boot[:, 1:].sum(axis=1)), level)
         pos_trials = [n] * (1 + len(groups))
     elif groups:
         sum_var = float(sum(g.delta_loss.var(ddof=1) for g in groups))
         boot_sum = sum(
-            _weighted_variance(_bootstrap_counts(g.n_trials, n_boot, rng), g.delta_loss[:, None])[:, 0] for g in groups
+            _weighted_variance(resample_counts(g.n_trials, n_boot, rng), g.delta_loss[:, None])[:, 0] for g in groups
         )
         pos_add = var_total / sum_var
-        pos_low, pos_high = _interval(_ratio(boot_total, boot_sum), level)
+        pos_low, pos_high = percentile_interval(_ratio(boot_total, boot_sum), level)
         pos_trials = [trials.n_trials] + [g.n_trials for g in groups]
-    pred_low, pred_high = _interval(_ratio(boot_total, trials.analytic), level)
-    ratio_low, ratio_high = _interval(_ratio(boot_total, boot_first), level)
+    pred_low, pred_high = percentile_interval(_ratio(boot_total, trials.analytic), level)
+    ratio_low, ratio_high = percentile_interval(_ratio(boot_total, boot_first), level)
     remainder = delta - first
     return {
         "n_trials": trials.n_trials,

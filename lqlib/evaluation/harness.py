@@ -25,8 +25,10 @@ from .baselines import E8Entropy, KVMethod, standard_methods
 from .capture import KVSample
 from .models import LoadedModel
 from .perplexity import perplexity
+from .stats import RatioEstimate, paired_ratio
 
 __all__ = [
+    "method_ratio",
     "MethodSpec",
     "compare_methods",
     "tensor_nbytes",
@@ -36,9 +38,6 @@ __all__ = [
     "e8_bits_for_rate",
     "method_specs",
     "e8_spec",
-    "delta_ratio",
-    "delta_pct_ci",
-    "delta_pct_gap_ci",
 ]
 
 
@@ -133,97 +132,19 @@ def compare_methods(
     return rows
 
 
-def delta_ratio(rows: list[dict], method: str, baseline: str, n_boot: int = 4000, seed: int = 0) -> dict:
-    """ΔPPL of ``method`` over ΔPPL of ``baseline`` (rows of :func:`compare_methods`), with a 95%
-    paired bootstrap interval over windows (the same resampled windows for both and for fp)."""
+def method_ratio(rows: list[dict], method: str, baseline: str, draws: int = 4000, seed: int = 0) -> RatioEstimate:
+    """ΔPPL of ``method`` over ΔPPL of ``baseline`` (rows of :func:`compare_methods`, full precision
+    first), with a paired bootstrap interval over windows (:func:`lqlib.evaluation.stats.paired_ratio`)."""
     by_name = {r["method"]: r for r in rows}
-    fp = np.asarray(rows[0]["window_nll"])
-    tokens = np.asarray(rows[0]["window_tokens"], dtype=np.float64)
-    a, b = np.asarray(by_name[method]["window_nll"]), np.asarray(by_name[baseline]["window_nll"])
-
-    def ratio(index: np.ndarray) -> np.ndarray:
-        n = tokens[index].sum(axis=-1)
-        return np.expm1((a - fp)[index].sum(axis=-1) / n) / np.expm1((b - fp)[index].sum(axis=-1) / n)
-
-    draws = ratio(np.random.default_rng(seed).integers(0, fp.size, (n_boot, fp.size)))
-    lo, hi = np.percentile(draws, [2.5, 97.5])
-    return {
-        "method": method,
-        "baseline": baseline,
-        "ratio": float(ratio(np.arange(fp.size))),
-        "low": float(lo),
-        "high": float(hi),
-        "windows": int(fp.size),
-    }
-
-
-def _paired_windows(*arrays, tokens) -> tuple[list[np.ndarray], np.ndarray]:
-    nlls = [np.asarray(a, dtype=np.float64).reshape(-1) for a in arrays]
-    weights = np.asarray(tokens, dtype=np.float64).reshape(-1)
-    if any(a.shape != weights.shape for a in nlls) or weights.size == 0:
-        raise ValueError(
-            f"need per-window NLLs and token counts of one non-empty length, got "
-            f"{[a.size for a in nlls]} NLLs and {weights.size} token counts"
-        )
-    if not np.all(weights > 0):
-        raise ValueError("every window needs at least one scored token")
-    return nlls, weights
-
-
-def _bootstrap(statistic, windows: int, n_boot: int, seed: int, level: float) -> tuple[float, float, float]:
-    """(value, low, high): the statistic on all windows and its percentile interval over resampled windows."""
-    if not 0 < level < 1:
-        raise ValueError(f"level must lie in (0, 1), got {level}")
-    draws = statistic(np.random.default_rng(seed).integers(0, windows, (n_boot, windows)))
-    low, high = np.percentile(draws, [50 * (1 - level), 50 * (1 + level)])
-    return float(statistic(np.arange(windows))), float(low), float(high)
-
-
-def delta_pct_ci(
-    window_nll, baseline_window_nll, tokens, n_boot: int = 4000, seed: int = 0, level: float = 0.95
-) -> dict:
-    """PPL increase over a baseline in percent, 100·(PPL/PPL_base − 1), with a paired bootstrap
-    interval over windows.
-
-    Parameters
-    ----------
-    window_nll, baseline_window_nll : summed NLL (nats) of each window, shape (windows,), on the
-        same windows (e.g. ``PerplexityResult.window_nll``).
-    tokens : scored tokens per window, shape (windows,).
-    n_boot, seed, level : bootstrap draws, their seed (the same seed resamples the same windows,
-        so intervals from one seed are paired across configurations) and the coverage.
-
-    Returns
-    -------
-    dict: ``delta_pct`` (all windows), ``low``, ``high`` (percentile interval) and ``windows``.
-    """
-    (a, base), weights = _paired_windows(window_nll, baseline_window_nll, tokens=tokens)
-    excess = a - base
-
-    def pct(index: np.ndarray) -> np.ndarray:
-        return 100.0 * np.expm1(excess[index].sum(axis=-1) / weights[index].sum(axis=-1))
-
-    value, low, high = _bootstrap(pct, a.size, n_boot, seed, level)
-    return {"delta_pct": value, "low": low, "high": high, "windows": int(a.size)}
-
-
-def delta_pct_gap_ci(
-    window_nll_a, window_nll_b, baseline_window_nll, tokens, n_boot: int = 4000, seed: int = 0, level: float = 0.95
-) -> dict:
-    """ΔPPL(a) − ΔPPL(b) in percentage points (both over the same baseline), with a paired bootstrap
-    interval: a, b and the baseline are resampled with the same windows, so the window-to-window
-    variation they share cancels.
-
-    Parameters and returns as :func:`delta_pct_ci`, with ``gap_pp`` in place of ``delta_pct``.
-    """
-    (a, b, base), weights = _paired_windows(window_nll_a, window_nll_b, baseline_window_nll, tokens=tokens)
-
-    def gap(index: np.ndarray) -> np.ndarray:
-        n = weights[index].sum(axis=-1)
-        return 100.0 * (np.expm1((a - base)[index].sum(axis=-1) / n) - np.expm1((b - base)[index].sum(axis=-1) / n))
-
-    value, low, high = _bootstrap(gap, a.size, n_boot, seed, level)
-    return {"gap_pp": value, "low": low, "high": high, "windows": int(a.size)}
+    fp = rows[0]
+    return paired_ratio(
+        by_name[method]["window_nll"],
+        by_name[baseline]["window_nll"],
+        fp["window_nll"],
+        fp["window_tokens"],
+        draws=draws,
+        seed=seed,
+    )
 
 
 def tensor_nbytes(obj) -> int:
