@@ -44,7 +44,9 @@ def test_parameters_reach_the_notebook_and_runs_are_cached(tmp_path, monkeypatch
     assert (root / "book" / "part" / "smoke.txt").read_text() == "True1"  # progress bars off in the kernel
     executed = nbformat.read(root / "book" / "part" / "first.ipynb", as_version=4)
     injected = [c for c in executed.cells if "injected-parameters" in c.metadata.get("tags", [])]
-    assert len(injected) == 1 and "remove-cell" in injected[0].metadata["tags"]
+    assert len(injected) == 1 and "hide-input" in injected[0].metadata["tags"]  # shown collapsed
+    params = [c for c in executed.cells if "parameters" in c.metadata.get("tags", [])]
+    assert "remove-cell" in params[0].metadata["tags"]  # the defaults are not shown
     assert "TQDM_DISABLE" not in __import__("os").environ
     assert [str(run) for run in book.execute_notebooks(root, smoke=True, progress=False)] == [
         "book/part/second.ipynb: up to date",
@@ -99,3 +101,22 @@ def test_settings_reach_the_notebooks_that_declare_them(tmp_path):
     assert data["machine"]["cores"] >= 1
     with pytest.raises(book.InputError if hasattr(book, "InputError") else ValueError):
         book.BookSettings(dtype="int8")
+
+
+def test_smoke_sizes_are_injected_and_shown(tmp_path):
+    """A smoke build passes the notebook's SMOKE sizes as parameters, so the page shows the sizes it ran."""
+    root = make_root(tmp_path, {"first": "open('n.txt', 'w').write(str(n))", "second": "x = 1"})
+    path = root / "notebooks" / "part" / "first.ipynb"
+    nb = nbformat.read(path, as_version=4)
+    nb.cells[0].source += "\nn = 1_000_000"
+    sizes = nbformat.v4.new_code_cell("SMOKE = {'n': 20}\nif smoke:\n    globals().update(SMOKE)")
+    sizes.metadata["tags"] = ["smoke-sizes", "remove-cell"]
+    nb.cells.insert(1, sizes)
+    nbformat.write(nb, path)
+    assert book.effective_parameters(path, book.BookSettings(smoke=True))["n"] == 20
+    assert book.effective_parameters(path, book.BookSettings(smoke=False))["n"] == 1_000_000
+    book.execute_notebooks(root, smoke=True, progress=False)
+    assert (root / "book" / "part" / "n.txt").read_text() == "20"
+    executed = nbformat.read(root / "book" / "part" / "first.ipynb", as_version=4)
+    injected = next(c for c in executed.cells if "injected-parameters" in c.metadata.get("tags", []))
+    assert "n = 20" in injected.source and injected.source.startswith("# the parameters this page was built with")

@@ -18,6 +18,7 @@ never served from a stale cache. :func:`build_report` records what a build did a
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
@@ -44,6 +45,7 @@ __all__ = [
     "build_html",
     "build_report",
     "BuildReport",
+    "effective_parameters",
     "BookBuildError",
 ]
 
@@ -151,11 +153,38 @@ def _library_digest() -> str:
     return library_digest()
 
 
-def _declared_parameters(source: Path) -> set[str]:
-    """The names a notebook's ``parameters`` cell assigns."""
+def _literal(code: str) -> object:
+    """The value of a literal's source (``1_000_000``, ``[2, 4]``, ``"pydoc"``), or raise ValueError."""
+    import ast
+
+    return ast.literal_eval(code.strip())
+
+
+def effective_parameters(source: Path, settings: BookSettings) -> dict[str, object]:
+    """Every parameter a notebook runs with: the defaults of its ``parameters`` cell (those written as
+    literals), then — for a smoke build — the sizes of its ``smoke-sizes`` cell (``SMOKE = {...}``),
+    then the :class:`BookSettings` it declares (``smoke`` always). Injected in full, so the executed
+    page shows exactly what it was built with."""
+    import ast
+
+    import nbformat
     import papermill
 
-    return set(papermill.inspect_notebook(str(source)))
+    declared = papermill.inspect_notebook(str(source))
+    parameters: dict[str, object] = {}
+    for name, info in declared.items():
+        with contextlib.suppress(ValueError, SyntaxError, TypeError):  # an expression: the notebook's own
+            parameters[name] = _literal(info["default"])
+    if settings.smoke:
+        notebook = nbformat.read(source, as_version=4)
+        for cell in notebook.cells:
+            if "smoke-sizes" in cell.metadata.get("tags", []):
+                for node in ast.parse(cell.source).body:
+                    if isinstance(node, ast.Assign) and [getattr(t, "id", "") for t in node.targets] == ["SMOKE"]:
+                        parameters.update(ast.literal_eval(node.value))
+    parameters.update({k: v for k, v in settings.parameters().items() if k in declared or k == "smoke"})
+    parameters.pop("out_dir", None)
+    return parameters
 
 
 def _restore(name: str, value: str | None) -> None:
@@ -165,14 +194,18 @@ def _restore(name: str, value: str | None) -> None:
         os.environ[name] = value
 
 
-def _hide_injected_parameters(path: Path) -> None:
-    """Tag papermill's injected-parameters cell ``remove-cell`` so the book shows the defaults only once."""
+def _show_effective_parameters(path: Path) -> None:
+    """In the executed copy, hide the notebook's default ``parameters`` cell and show papermill's injected
+    cell in its place, collapsed (``hide-input``): the page shows the values it was built with."""
     import nbformat
 
     notebook = nbformat.read(path, as_version=4)
     for cell in notebook.cells:
-        tags = cell.metadata.get("tags", [])
-        if "injected-parameters" in tags and "remove-cell" not in tags:
+        tags = list(cell.metadata.get("tags", []))
+        if "injected-parameters" in tags:
+            cell.metadata["tags"] = [t for t in tags if t != "remove-cell"] + ["hide-input"]
+            cell.source = "# the parameters this page was built with\n" + cell.source.split("\n", 1)[-1]
+        elif "parameters" in tags and "remove-cell" not in tags:
             cell.metadata["tags"] = [*tags, "remove-cell"]
     nbformat.write(notebook, path)
 
@@ -213,8 +246,7 @@ def execute_notebooks(
         job.stamp.unlink(missing_ok=True)
         start = time.perf_counter()
         print(f"running {job.source.relative_to(root)} (smoke={settings.smoke})", flush=True)
-        declared = _declared_parameters(job.source)
-        parameters = {k: v for k, v in settings.parameters().items() if k in declared or k == "smoke"}
+        parameters = effective_parameters(job.source, settings)
         saved = {name: os.environ.get(name) for name in _QUIET_KERNEL}
         try:
             # the kernel inherits this environment: no progress bars in the book's pages; papermill's
@@ -238,7 +270,7 @@ def execute_notebooks(
         finally:
             for name, value in saved.items():
                 _restore(name, value)
-        _hide_injected_parameters(job.output)
+        _show_effective_parameters(job.output)
         job.stamp.write_text(key)
         runs.append(NotebookRun(relative, True, time.perf_counter() - start))
     return runs
