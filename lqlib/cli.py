@@ -10,6 +10,7 @@ evaluate : every KV method through the same perplexity windows (CSV + JSON).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -37,7 +38,7 @@ def _book(args: argparse.Namespace) -> int:
     settings = BookSettings(args.smoke, args.model, args.corpus, args.device, args.dtype)
     start = time.perf_counter()
     try:
-        runs = execute_notebooks(root, force=args.force, settings=settings)
+        runs = execute_notebooks(root, force=args.force, settings=settings, jobs=args.jobs)
         for run in runs:
             print(run, flush=True)
         executed = time.perf_counter()
@@ -114,6 +115,12 @@ def main(argv: list[str] | None = None) -> int:
         help="the embedded default, a local folder or .gguf file, or a Hugging Face id",
     )
     book.add_argument("--corpus", default="pydoc", choices=["pydoc", "wikitext2", "auto"])
+    book.add_argument(
+        "--jobs",
+        type=int,
+        default=min(os.cpu_count() or 1, 4),
+        help="parts of the book run side by side (default: the cores, at most 4)",
+    )
     book.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     book.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
     book.set_defaults(run=_book)

@@ -2,7 +2,8 @@
 
 A result is filed under the SHA-256 of everything it depends on: the name of the computation, its
 inputs (tensors and arrays by their bytes, dtype and shape; numbers, strings, sequences and mappings
-by value; objects by their ``cache_key()`` or, failing that, their ``repr``), and the *library
+by value; dataclass instances by their fields; other objects by their ``cache_key()``, and anything
+else is refused rather than guessed), and the *library
 digest* — a hash of every ``lqlib`` source file and of the torch, transformers and numpy versions.
 Any change to the code or the stack therefore misses the store and recomputes: a stale result is
 never served. Writes are atomic (a temporary file renamed into place), so concurrent notebooks can
@@ -19,6 +20,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import io
@@ -112,12 +114,18 @@ def _feed(digest: Any, value: object) -> None:
         for item in items:
             _feed(digest, item)
     elif hasattr(value, "cache_key"):
-        tag(f"obj {type(value).__qualname__}")
+        tag(f"obj {type(value).__module__}.{type(value).__qualname__}")
         _feed(digest, value.cache_key())
-    elif callable(value) and not hasattr(value, "__self__") and getattr(value, "__name__", "<lambda>") == "<lambda>":
-        raise InputError("a lambda cannot be part of a store key: name what it computes with a string")
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        tag(f"dataclass {type(value).__module__}.{type(value).__qualname__}")
+        for field in dataclasses.fields(value):
+            _feed(digest, field.name)
+            _feed(digest, getattr(value, field.name))
     else:
-        tag(f"repr {type(value).__qualname__}", repr(value).encode())
+        raise InputError(
+            f"cannot key a {type(value).__qualname__}: pass what determines the result (numbers, strings, "
+            "tensors, dataclasses), or give the object a cache_key() method"
+        )
 
 
 def fingerprint(*parts: object) -> str:

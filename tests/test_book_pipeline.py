@@ -120,3 +120,43 @@ def test_smoke_sizes_are_injected_and_shown(tmp_path):
     executed = nbformat.read(root / "book" / "part" / "first.ipynb", as_version=4)
     injected = next(c for c in executed.cells if "injected-parameters" in c.metadata.get("tags", []))
     assert "n = 20" in injected.source and injected.source.startswith("# the parameters this page was built with")
+
+
+def test_parts_run_side_by_side_and_a_failure_stops_the_rest(tmp_path):
+    """jobs=2: two parts run concurrently, each in order; the book-level notebook runs after both; a
+    failing notebook stops its part and nothing after it starts."""
+    root = tmp_path
+    (root / "book").mkdir()
+    (root / "book" / "intro.md").write_text("# Intro\n")
+    toc = "format: jb-book\nroot: book/intro\nparts:\n"
+    sources = {
+        "a/one": "import time; time.sleep(2); open('/'.join(['..', 'a_one.txt']), 'w').write('1')",
+        "a/two": "import os; assert os.path.exists('../a_one.txt'); open('../a_two.txt', 'w').write('2')",
+        "b/one": "import time; time.sleep(2); open('../b_one.txt', 'w').write('3')",
+        "last": "import os; assert all(os.path.exists(f) for f in ('a_one.txt', 'a_two.txt', 'b_one.txt'))",
+    }
+    for name, source in sources.items():
+        (root / "notebooks" / name).parent.mkdir(parents=True, exist_ok=True)
+        nb = nbformat.v4.new_notebook()
+        params = nbformat.v4.new_code_cell("smoke = False\nout_dir = '.'")
+        params.metadata["tags"] = ["parameters"]
+        nb.cells = [params, nbformat.v4.new_code_cell(source)]
+        nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+        nbformat.write(nb, root / "notebooks" / f"{name}.ipynb")
+    toc += "  - caption: A\n    chapters:\n      - file: book/a/one\n      - file: book/a/two\n"
+    toc += "  - caption: B\n    chapters:\n      - file: book/b/one\n"
+    toc += "  - caption: End\n    chapters:\n      - file: book/last\n"
+    (root / "_toc.yml").write_text(toc)
+    # the notebooks of a part run in book/<part>/: their '..' is book/, where 'last' looks
+    start = __import__("time").perf_counter()
+    runs = book.execute_notebooks(root, progress=False, jobs=2)
+    assert [r.path for r in runs] == ["book/a/one.ipynb", "book/a/two.ipynb", "book/b/one.ipynb", "book/last.ipynb"]
+    assert all(r.ran for r in runs)
+    assert __import__("time").perf_counter() - start < sum(r.seconds for r in runs)  # they overlapped
+    stamps = {p: p.read_text() for p in (root / "book" / "a" / ".two.stamp", root / "book" / ".last.stamp")}
+    nb = nbformat.read(root / "notebooks" / "a" / "one.ipynb", as_version=4)
+    nb.cells[1].source = "raise RuntimeError('planted')"
+    nbformat.write(nb, root / "notebooks" / "a" / "one.ipynb")
+    with pytest.raises(book.BookBuildError, match="planted"):
+        book.execute_notebooks(root, progress=False, jobs=2)
+    assert all(path.read_text() == old for path, old in stamps.items())  # neither ran again

@@ -62,8 +62,10 @@ def test_a_library_change_is_a_miss(tmp_store, monkeypatch):
 
 
 def test_switched_off_and_lambdas_refused(tmp_store, monkeypatch):
-    with pytest.raises(InputError, match="lambda"):
+    with pytest.raises(InputError, match="cache_key"):
         store.fingerprint(lambda x: x)
+    with pytest.raises(InputError, match="cache_key"):
+        store.fingerprint(object())
     monkeypatch.setenv("LQLIB_STORE", "off")
     store.memo("demo", 1, lambda: "a")
     assert store.memo("demo", 1, lambda: "b") == "b" and not list(tmp_store.glob("results/**/*.pt"))
@@ -75,3 +77,45 @@ def test_a_damaged_file_is_recomputed(tmp_store):
     path.write_bytes(b"not a pickle")
     assert store.memo("demo", 3, lambda: [4]) == [4]
     assert store.memo("demo", 3, lambda: [5]) == [4]
+
+
+def test_the_harness_stores_perplexities_by_what_they_compute(tmp_store):
+    """Two notebooks asking for the same method on the same windows share one evaluation; another codec,
+    other windows or another batch size are other results."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lqlib.cache.quantized import QuantizeDequantizeCache
+    from lqlib.evaluation.harness import stored_perplexity
+    from lqlib.evaluation.models import LoadedModel
+
+    config = LlamaConfig(
+        vocab_size=61,
+        hidden_size=64,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+    )
+    torch.manual_seed(0)
+    loaded = LoadedModel(LlamaForCausalLM(config).eval(), None, "tiny", "test:tiny")
+    ids = torch.randint(0, 61, (2, 24))
+    calls = []
+
+    def make(codec):
+        def factory():
+            calls.append(repr(codec))
+            return QuantizeDequantizeCache(codec.quantize, config)
+
+        return factory
+
+    codec = E8Codec(3.0)
+    first = stored_perplexity(loaded, ids, ids, codec, make(codec), progress=False)
+    again = stored_perplexity(loaded, ids, ids, E8Codec(3.0), make(codec), progress=False)
+    assert first == again and len(calls) == 1  # one batch of two windows: one cache, made once
+    other = stored_perplexity(loaded, ids, ids, E8Codec(4.0), make(E8Codec(4.0)), progress=False)
+    assert other != first and len(calls) == 2
+    stored_perplexity(loaded, ids, ids, codec, make(codec), batch_size=1, progress=False)
+    assert len(calls) == 4  # another batch size: computed again (two batches)
+    with pytest.raises(InputError, match="key"):
+        stored_perplexity(loaded, ids, ids, None, make(codec), progress=False)

@@ -210,70 +210,137 @@ def _show_effective_parameters(path: Path) -> None:
     nbformat.write(notebook, path)
 
 
+def _run_one(job: NotebookJob, root: Path, key: str, settings: BookSettings, progress: bool) -> NotebookRun:
+    """Execute one notebook with papermill into its output folder; stamp it when it succeeded."""
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    job.output.parent.mkdir(parents=True, exist_ok=True)
+    job.stamp.unlink(missing_ok=True)
+    start = time.perf_counter()
+    print(f"running {job.source.relative_to(root)} (smoke={settings.smoke})", flush=True)
+    try:
+        papermill.execute_notebook(
+            str(job.source),
+            str(job.output),
+            parameters={**effective_parameters(job.source, settings), "out_dir": "."},
+            cwd=str(job.output.parent),
+            kernel_name="python3",
+            request_save_on_cell_execute=False,
+            progress_bar={"disable": not progress, "unit": "cell", "desc": job.source.stem},
+        )
+    except PapermillExecutionError as exc:
+        first_line = exc.source.strip().splitlines()[0] if exc.source.strip() else ""
+        raise BookBuildError(
+            f"notebook {job.source.relative_to(root)} failed at In [{exc.exec_count}] ({exc.ename}: {exc.evalue}); "
+            f"the cell starts with {first_line!r}; the executed copy with the traceback is {job.output}"
+        ) from exc
+    _show_effective_parameters(job.output)
+    job.stamp.write_text(key)
+    return NotebookRun(str(job.output.relative_to(root)), True, time.perf_counter() - start)
+
+
+def _previous_seconds(root: Path) -> dict[str, float]:
+    """Seconds per notebook in the last build report of this root (for scheduling), empty if none."""
+    for path in (root / "_build" / "book_build.json", root / "results" / "book_build.json"):
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            report = json.loads(path.read_text())
+            return {n["path"]: float(n["seconds"]) for n in report["notebooks"] if n.get("ran")}
+    return {}
+
+
+def _chains(jobs: list[NotebookJob], root: Path) -> tuple[list[list[int]], list[int]]:
+    """Indices of the notebooks of each part (``book/<part>/``, run in order, one part after another
+    or side by side) and of the book-level notebooks (``book/*.ipynb``, e.g. the scorecard, run last)."""
+    parts: dict[str, list[int]] = {}
+    last = []
+    for i, job in enumerate(jobs):
+        relative = job.output.relative_to(root / "book")
+        if len(relative.parts) == 1:
+            last.append(i)
+        else:
+            parts.setdefault(relative.parts[0], []).append(i)
+    return list(parts.values()), last
+
+
 def execute_notebooks(
     root: Path,
     smoke: bool = False,
     force: bool = False,
     progress: bool = True,
     settings: BookSettings | None = None,
+    jobs: int = 1,
 ) -> list[NotebookRun]:
-    """Run every notebook with papermill (skipping up-to-date ones); return one :class:`NotebookRun` each.
+    """Run every notebook with papermill (skipping up-to-date ones); return one :class:`NotebookRun` each,
+    in book order.
 
     ``settings`` (default: :class:`BookSettings` with ``smoke``) reach every notebook that declares
-    them in its ``parameters`` cell; ``smoke`` and ``out_dir`` reach every notebook.
+    them in its ``parameters`` cell; ``smoke`` and ``out_dir`` reach every notebook. With ``jobs`` > 1
+    the parts of the book run side by side (each part's notebooks in order, since a section may read
+    what an earlier one of its part wrote), each kernel with ``cores // jobs`` threads; the book-level
+    notebooks (the scorecard) run after all parts.
 
     Raises
     ------
     BookBuildError
-        naming the notebook, the failing cell and the error, when a notebook fails.
+        naming the notebook, the failing cell and the error, when a notebook fails (notebooks not yet
+        started do not run).
     """
-    import papermill
-    from papermill.exceptions import PapermillExecutionError
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
 
     settings = settings or BookSettings(smoke=smoke)
+    if jobs < 1:
+        raise InputError(f"jobs must be at least 1, got {jobs}")
     library = _library_digest()
     chain = hashlib.sha256(json.dumps(settings.parameters(), sort_keys=True).encode())
-    runs = []
-    for job in notebook_jobs(root):
+    plan = notebook_jobs(root)
+    keys, runs = [], [None] * len(plan)
+    for i, job in enumerate(plan):
         chain.update(job.source.read_bytes())
         chain.update(library.encode())
-        key = chain.hexdigest()
-        relative = str(job.output.relative_to(root))
-        if not force and job.output.is_file() and job.stamp.is_file() and job.stamp.read_text() == key:
-            runs.append(NotebookRun(relative, False, 0.0))
-            continue
-        job.output.parent.mkdir(parents=True, exist_ok=True)
-        job.stamp.unlink(missing_ok=True)
-        start = time.perf_counter()
-        print(f"running {job.source.relative_to(root)} (smoke={settings.smoke})", flush=True)
-        parameters = effective_parameters(job.source, settings)
-        saved = {name: os.environ.get(name) for name in _QUIET_KERNEL}
-        try:
-            # the kernel inherits this environment: no progress bars in the book's pages; papermill's
-            # own bar (this process) is switched on explicitly, which outranks the variable
-            os.environ.update(_QUIET_KERNEL)
-            papermill.execute_notebook(
-                str(job.source),
-                str(job.output),
-                parameters={**parameters, "out_dir": "."},
-                cwd=str(job.output.parent),
-                kernel_name="python3",
-                request_save_on_cell_execute=False,
-                progress_bar={"disable": not progress, "unit": "cell", "desc": job.source.stem},
-            )
-        except PapermillExecutionError as exc:
-            first_line = exc.source.strip().splitlines()[0] if exc.source.strip() else ""
-            raise BookBuildError(
-                f"notebook {job.source.relative_to(root)} failed at In [{exc.exec_count}] ({exc.ename}: {exc.evalue}); "
-                f"the cell starts with {first_line!r}; the executed copy with the traceback is {job.output}"
-            ) from exc
-        finally:
-            for name, value in saved.items():
-                _restore(name, value)
-        _show_effective_parameters(job.output)
-        job.stamp.write_text(key)
-        runs.append(NotebookRun(relative, True, time.perf_counter() - start))
-    return runs
+        keys.append(chain.hexdigest())
+        if not force and job.output.is_file() and job.stamp.is_file() and job.stamp.read_text() == keys[-1]:
+            runs[i] = NotebookRun(str(job.output.relative_to(root)), False, 0.0)
+    stop = threading.Event()
+
+    def run_chain(indices: list[int]) -> None:
+        for i in indices:
+            if runs[i] is not None:
+                continue
+            if stop.is_set():
+                return
+            try:
+                runs[i] = _run_one(plan[i], root, keys[i], settings, progress)
+            except BaseException:
+                stop.set()
+                raise
+
+    environment = dict(_QUIET_KERNEL)
+    if jobs > 1:
+        threads = str(max(1, (os.cpu_count() or 1) // jobs))
+        environment.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+    saved = {name: os.environ.get(name) for name in environment}
+    parts, last = _chains(plan, root)
+    seconds = _previous_seconds(root)
+    parts.sort(key=lambda part: -sum(seconds.get(str(plan[i].output.relative_to(root)), 60.0) for i in part))
+    try:
+        # the kernels inherit this environment: no progress bars in the book's pages; papermill's own bar
+        # (this process) is switched on explicitly, which outranks the variable
+        os.environ.update(environment)
+        if jobs == 1:
+            run_chain(list(range(len(plan))))
+        else:
+            with ThreadPoolExecutor(max_workers=jobs) as pool:
+                futures = [pool.submit(run_chain, part) for part in parts]  # the longest part first
+                errors = [f.exception() for f in futures if f.exception() is not None]
+            if errors:
+                raise errors[0]
+            run_chain(last)
+    finally:
+        for name, value in saved.items():
+            _restore(name, value)
+    return [run for run in runs if run is not None]
 
 
 def build_html(root: Path, strict: bool = True) -> Path:

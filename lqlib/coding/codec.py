@@ -131,6 +131,10 @@ class E8Codec:
     def __repr__(self) -> str:
         return f"E8Codec(bits={self.bits}, rotation={self.rotation!r}, scale={self.scale!r}, seed={self.seed})"
 
+    def cache_key(self) -> str:
+        """What determines this codec's output (for :func:`lqlib.store.memo`): its settings."""
+        return repr(self)
+
     # ----------------------------------------------------------------- core (no host syncs)
     def _rht(self, dim: int) -> RandomizedHadamard:
         if dim not in self._rhts:

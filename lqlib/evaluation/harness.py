@@ -21,14 +21,16 @@ from ..cache.compressed import CompressedKVLayer, schedule_codecs
 from ..cache.quantized import QuantizeDequantizeCache
 from ..coding.codec import MAX_BITS, MIN_BITS
 from ..errors import InputError
+from ..store import memo
 from .baselines import E8Entropy, KVMethod, standard_methods
 from .capture import KVSample
 from .models import LoadedModel
-from .perplexity import perplexity
+from .perplexity import PerplexityResult, perplexity
 from .stats import RatioEstimate, paired_ratio
 
 __all__ = [
     "method_ratio",
+    "stored_perplexity",
     "MethodSpec",
     "compare_methods",
     "tensor_nbytes",
@@ -52,6 +54,8 @@ class MethodSpec:
     make_cache : builds a transformers cache for the model config (for HF's own caches).
     bits_per_dim : measures the total rate on a captured cache (for ``make_cache`` methods).
     chunk_size : feed windows in chunks of this many tokens (None: one forward pass).
+    identity : what ``make_cache`` and ``bits_per_dim`` compute, as plain values (e.g. ``("quanto", 4, 32,
+        64)``), so that results can be stored (:mod:`lqlib.store`); empty: results are not stored.
     """
 
     label: str
@@ -61,6 +65,13 @@ class MethodSpec:
     bits_per_dim: Callable[[KVSample], float] | None = None
     chunk_size: int | None = None
     family: str = ""
+    identity: tuple = ()
+
+    def cache_key(self) -> tuple | None:
+        """What determines this method's results; None when a callable is not described by ``identity``."""
+        if (self.make_cache is not None or self.bits_per_dim is not None) and not self.identity:
+            return None
+        return (self.key, self.value, self.chunk_size, self.identity)
 
     def rate(self, kv: KVSample) -> float:
         if self.bits_per_dim is not None:
@@ -71,6 +82,38 @@ class MethodSpec:
         if self.make_cache is not None:
             return lambda: self.make_cache(config)
         return lambda: QuantizeDequantizeCache(self.key.quantize, config, value_quantizer=self.value.quantize)
+
+
+def stored_perplexity(
+    loaded: LoadedModel,
+    input_ids: Tensor,
+    labels: Tensor,
+    key: object,
+    make_cache: Callable[[], object] | None = None,
+    batch_size: int = 2,
+    chunk_size: int | None = None,
+    progress: bool = True,
+    desc: str = "perplexity",
+) -> PerplexityResult:
+    """:func:`~lqlib.evaluation.perplexity.perplexity` through the result store: computed once per model,
+    windows, ``key`` (what ``make_cache`` does — a codec, a quantizer, a spec, a string — or None for
+    full precision), batch and chunk sizes, and library version, then shared by every notebook and run.
+    ``key=None`` with a ``make_cache`` is refused (the result would be filed as full precision)."""
+    if key is None and make_cache is not None:
+        raise InputError("name what make_cache does (key=...) so that its result is stored under that name")
+    inputs = {
+        "model": loaded.fingerprint,
+        "ids": input_ids,
+        "labels": labels,
+        "method": key,
+        "batch": batch_size,
+        "chunk": chunk_size,
+    }
+    return memo(
+        "perplexity",
+        inputs,
+        lambda: perplexity(loaded.model, input_ids, labels, make_cache, batch_size, chunk_size, progress, desc),
+    )
 
 
 def _relative_mse(method: KVMethod, x: Tensor) -> float:
@@ -87,8 +130,10 @@ def compare_methods(
     progress: bool = True,
 ) -> list[dict]:
     """Full precision first, then every method on the same windows; one row per method."""
-    model, config = loaded.model, loaded.config
-    fp = perplexity(model, input_ids, labels, batch_size=batch_size, progress=progress, desc="full precision")
+    config = loaded.config
+    fp = stored_perplexity(
+        loaded, input_ids, labels, None, batch_size=batch_size, progress=progress, desc="full precision"
+    )
     rows = [
         {
             "method": "full precision",
@@ -105,21 +150,29 @@ def compare_methods(
     ]
     for spec in specs:
         start = time.perf_counter()
-        result = perplexity(
-            model,
+        key = spec.cache_key()
+        run = stored_perplexity if key is not None else _unstored_perplexity
+        result = run(
+            loaded,
             input_ids,
             labels,
+            key,
             spec.cache_factory(config),
             batch_size=batch_size,
             chunk_size=spec.chunk_size,
             progress=progress,
             desc=spec.label,
         )
+        rate = (
+            spec.rate(kv)
+            if key is None
+            else memo("method_rate", {"spec": key, "kv": kv}, lambda spec=spec: spec.rate(kv))
+        )
         rows.append(
             {
                 "method": spec.label,
                 "family": spec.family or spec.label,
-                "bits_per_dim": spec.rate(kv),
+                "bits_per_dim": rate,
                 "ppl": result.ppl,
                 "delta_pct": 100.0 * (result.ppl / fp.ppl - 1.0),
                 "mse_k": _relative_mse(spec.key, kv.keys) if spec.key else float("nan"),
@@ -130,6 +183,10 @@ def compare_methods(
             }
         )
     return rows
+
+
+def _unstored_perplexity(loaded, input_ids, labels, key, make_cache, **kwargs) -> PerplexityResult:
+    return perplexity(loaded.model, input_ids, labels, make_cache, **kwargs)
 
 
 def method_ratio(rows: list[dict], method: str, baseline: str, draws: int = 4000, seed: int = 0) -> RatioEstimate:
@@ -188,6 +245,7 @@ def hf_quantized_cache(
         bits_per_dim=rate,
         chunk_size=chunk_size,
         family="HF QuantizedCache",
+        identity=("HF QuantizedCache", "quanto", nbits, residual_length, q_group_size),
     )
 
 
@@ -197,7 +255,13 @@ def compressed_cache_rate(
     """Total bits/dim :class:`lqlib.CompressedKVCache` holds for a captured cache: every byte of its
     pages (headers, step codes, payload, CRCs), of its full-precision tail and of its key scales,
     × 8 / (2 · numel). ``bits`` is one rate or a (layers, 2) schedule of key and value rates;
-    ``key_scales`` (layers, kv_heads, head_dim) are optional per-channel key scales."""
+    ``key_scales`` (layers, kv_heads, head_dim) are optional per-channel key scales. Stored
+    (:func:`lqlib.store.memo`)."""
+    inputs = {"kv": kv, "bits": bits, "rotation": rotation, "page": page_size, "key_scales": key_scales}
+    return memo("compressed_cache_rate", inputs, lambda: _cache_rate(kv, bits, rotation, page_size, key_scales))
+
+
+def _cache_rate(kv: KVSample, bits, rotation: str, page_size: int, key_scales: Tensor | None) -> float:
     total = 0
     for layer, (key_codec, value_codec) in enumerate(schedule_codecs(bits, kv.keys.shape[0], rotation)):
         held = CompressedKVLayer(
@@ -217,7 +281,23 @@ def e8_bits_for_rate(
     key_scales: Tensor | None = None,
 ) -> float:
     """The codec rate b whose real cache stores ``total_bits`` bits/dim on ``kv`` (to ``tolerance``),
-    by bisection: the stored rate grows with b. ``key_scales`` count as the cache holds them."""
+    by bisection: the stored rate grows with b. ``key_scales`` count as the cache holds them. Stored."""
+    inputs = {
+        "total": total_bits,
+        "kv": kv,
+        "rotation": rotation,
+        "page": page_size,
+        "tol": tolerance,
+        "key_scales": key_scales,
+    }
+    return memo(
+        "e8_bits_for_rate", inputs, lambda: _bisect_rate(total_bits, kv, rotation, page_size, tolerance, key_scales)
+    )
+
+
+def _bisect_rate(
+    total_bits: float, kv: KVSample, rotation: str, page_size: int, tolerance: float, key_scales: Tensor | None
+) -> float:
     lo, hi = MIN_BITS, MAX_BITS
     for _ in range(40):
         mid = 0.5 * (lo + hi)
@@ -238,6 +318,7 @@ def e8_spec(bits: float, rotation: str = "rht", label: str | None = None, page_s
         method,
         family="E8 + EC" + (", no RHT" if rotation == "none" else ""),
         bits_per_dim=lambda kv: compressed_cache_rate(kv, bits, rotation, page_size),
+        identity=("E8 real cache rate", bits, rotation, page_size),
     )
 
 
