@@ -115,3 +115,23 @@ def test_the_claims_registry():
         "I.table3.rate.2",
         "I.table3.rate.2.5",
     ]
+
+
+def test_criteria_and_protocol_tables(tmp_path):
+    from lqlib.book.claims import claims_of_page
+    from lqlib.book.protocol import protocol_rows, show_protocol
+    from lqlib.book.verdicts import show_criteria
+
+    claims = claims_of_page("paper1/03_e8_entropy_coding")
+    shown = show_criteria(claims, "paper1/03_e8_entropy_coding", tmp_path)
+    assert "fixed before the data" in shown.data and "Table 3: coded rate at b = 2" in shown.data
+    assert (tmp_path / "criteria_paper1_03_e8_entropy_coding.csv").is_file()
+    rows = protocol_rows(
+        [{"setting": "windows", "paper": "all", "ours": 16}, {"setting": "tokens", "paper": "?", "ours": 8192}]
+    )
+    assert rows[1]["ours"] == "8,192"
+    assert "this build" in show_protocol(rows, "paper1/06", "caption", tmp_path).data
+    with pytest.raises(InputError):
+        protocol_rows([{"setting": "x", "paper": "y"}])
+    with pytest.raises(InputError):
+        protocol_rows([{"setting": "x", "paper": "y", "ours": 1}] * 2)

@@ -41,6 +41,7 @@ __all__ = [
     "not_run_here",
     "verdict_rows",
     "show_verdicts",
+    "show_criteria",
     "collect_verdicts",
     "VERDICT_COLUMNS",
 ]
@@ -249,6 +250,21 @@ def show_verdicts(verdicts: Sequence[Verdict], page: str, caption: str, out_dir:
 
     name = "verdicts_" + page.replace("/", "_")
     return show_table(verdict_rows(verdicts), name, VERDICT_COLUMNS, caption, out_dir)
+
+
+#: Column specification of criteria tables (what is claimed and how it is decided, before the data).
+CRITERIA_COLUMNS = {"item": "claim", "paper_value": "paper", "criterion": "how we decide (fixed before the data)"}
+
+
+def show_criteria(claims: Sequence[Claim], page: str, out_dir: str | Path = "tables", caption: str = ""):
+    """Write ``criteria_<page>.csv`` and return a MyST table of the claims' criteria, shown before the
+    results so that the rule is stated before the data."""
+    from .tables import show_table
+
+    rows = [{"claim": c.id, "item": c.item, "paper_value": c.paper_value, "criterion": c.criterion} for c in claims]
+    name = "criteria_" + page.replace("/", "_")
+    caption = caption or "What the papers claim here, and the rule that decides each claim (fixed before the data)."
+    return show_table(rows, name, CRITERIA_COLUMNS, caption, out_dir)
 
 
 def collect_verdicts(book_dir: str | Path) -> list[dict[str, str]]:
