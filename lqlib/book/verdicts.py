@@ -228,6 +228,7 @@ def not_run_here(claim: Claim, command: str, ours: str = "—") -> Verdict:
 
 #: Column specification of verdict tables (chapters and scorecard).
 VERDICT_COLUMNS = {
+    "claim": "id",
     "item": "claim",
     "paper_value": "paper",
     "ours": "ours",
@@ -253,7 +254,12 @@ def show_verdicts(verdicts: Sequence[Verdict], page: str, caption: str, out_dir:
 
 
 #: Column specification of criteria tables (what is claimed and how it is decided, before the data).
-CRITERIA_COLUMNS = {"item": "claim", "paper_value": "paper", "criterion": "how we decide (fixed before the data)"}
+CRITERIA_COLUMNS = {
+    "claim": "id",
+    "item": "claim",
+    "paper_value": "paper",
+    "criterion": "how we decide (fixed before the data)",
+}
 
 
 def show_criteria(claims: Sequence[Claim], page: str, out_dir: str | Path = "tables", caption: str = ""):
