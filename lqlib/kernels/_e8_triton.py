@@ -71,7 +71,7 @@ def _fwht(v, LOG2C: tl.constexpr):
         w = tl.permute(tl.reshape(v, (C, B, 4 >> i, 2, 1 << i)), (0, 1, 2, 4, 3))
         a, b = tl.split(w)
         v = tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 1, 2, 4, 3)), (C, B, 8))
-    for _ in tl.static_range(LOG2C):  # h = 8·2^i
+    for i in tl.static_range(LOG2C):  # h = 8·2^i
         w = tl.permute(tl.reshape(v, (C >> (i + 1), 2, 1 << i, B, 8)), (0, 2, 3, 4, 1))
         a, b = tl.split(w)
         v = tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 4, 1, 2, 3)), (C, B, 8))
