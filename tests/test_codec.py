@@ -200,8 +200,8 @@ def test_bad_inputs_rejected():
             E8Codec(**{"bits": 4.0, **kwargs})
     with pytest.raises(lqlib.InputError, match="out of range"):
         E8Codec(0.5, rotation="none", scale="tensor").encode(torch.full((1, 8), 1e40, dtype=torch.float64))
-    # float32 near its maximum needs a step above 2^100: refused (it used to be coded with a clamped
-    # step, at about 8x the rate), with the supported range in the message
+    # float32 near its maximum needs a step above 2^100: refused, with the supported range in the message
+    # (wire version 2 coded it with a clamped step: 48 payload bits/dim at a 4-bit target, measured)
     huge = torch.full((1, 8), 3e38)
     with pytest.raises(lqlib.InputError, match="out of range.*supported at 4.0 bits/dim"):
         E8Codec(4.0, rotation="none").quantize(huge)
