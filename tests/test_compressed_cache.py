@@ -246,3 +246,128 @@ def test_per_channel_key_scales():
         CompressedKVLayer(E8Codec(4.0), key_scales=-scales)
     with pytest.raises(lqlib.InputError, match="key_scales"):
         CompressedKVLayer(E8Codec(4.0), key_scales=torch.ones(3, 64)).update(k, v)
+
+
+# ------------------------------------------------------------------ transactional updates, clear errors
+
+
+def _layer_state(layer: CompressedKVLayer) -> tuple:
+    tails = (layer.key_tail.clone(), layer.value_tail.clone()) if layer.key_tail is not None else (None, None)
+    return layer.n_tokens, [tuple(p) for p in layer.pages], tails, layer.is_initialized
+
+
+def _same_state(a: tuple, b: tuple) -> bool:
+    (na, pa, (ka, va), ia), (nb, pb, (kb, vb), ib) = a, b
+    tails = (ka is None and kb is None) or (torch.equal(ka, kb) and torch.equal(va, vb))
+    return na == nb and pa == pb and ia == ib and tails
+
+
+@pytest.mark.parametrize("recent_window", [0, 3])
+@pytest.mark.parametrize("scaled", [False, True])
+def test_a_failed_update_leaves_no_trace(recent_window, scaled):
+    """A NaN token, an out-of-range token and a wrong shape, each between valid updates: the failing update
+    raises and changes nothing; afterwards the layer holds the same bytes and state, and returns the same
+    keys and values, as a layer that never saw the bad token (before, the count and tail had advanced and
+    every later update raised again)."""
+    gen = torch.Generator().manual_seed(0)
+    scales = torch.rand(2, 64, generator=gen) + 0.5 if scaled else None
+    steps = [torch.randn(2, 1, 2, n, 64, generator=gen) for n in (5, 1, 3, 1, 4, 1)]
+    nan = torch.randn(2, 1, 2, 1, 64, generator=gen)
+    nan[0, 0, 1, 0, 7] = float("nan")
+    huge = torch.full((2, 1, 2, 2, 64), 1e35)
+    bad_inputs = [nan, huge, torch.randn(2, 1, 3, 1, 64)]
+
+    def make():
+        return CompressedKVLayer(E8Codec(4.0), page_size=4, recent_window=recent_window, key_scales=scales)
+
+    clean, dirty = make(), make()
+    with pytest.raises(lqlib.InputError):  # a bad first update: the layer stays uninitialised
+        dirty.update(*nan)
+    assert not dirty.is_initialized and dirty.n_tokens == 0
+    for i, (k, v) in enumerate(steps):
+        expected = clean.update(k, v)
+        got = dirty.update(k, v)
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+        assert _same_state(_layer_state(dirty), _layer_state(clean))
+        before = _layer_state(dirty)
+        with pytest.raises(lqlib.InputError):
+            dirty.update(*bad_inputs[i % len(bad_inputs)])
+        assert _same_state(_layer_state(dirty), before)
+    assert dirty.nbytes() == clean.nbytes() and len(dirty.pages) >= 2
+
+
+def test_float16_keys_at_the_top_come_back_finite():
+    """float16 keys of 65000 (the issue's case): the cache returns finite keys; with key scales the product
+    after decoding saturates too, and keys that their scales would push past float16 are refused clearly."""
+    k = torch.full((1, 2, 5, 64), 65000.0, dtype=torch.float16)
+    k[..., 1::2] = -65000.0
+    v = torch.randn(1, 2, 5, 64).half()
+    keys, values = CompressedKVLayer(E8Codec(4.0), page_size=4).update(k, v)
+    assert bool(torch.isfinite(keys).all()) and bool(torch.isfinite(values).all())
+    scaled = CompressedKVLayer(E8Codec(4.0), page_size=4, key_scales=torch.full((2, 64), 2.0))
+    keys, _ = scaled.update(k, v)
+    assert bool(torch.isfinite(keys).all()) and bool((keys.abs() == 65504).any())
+    shrinking = CompressedKVLayer(E8Codec(4.0), page_size=4, key_scales=torch.full((2, 64), 0.5))
+    with pytest.raises(lqlib.InputError, match="key_scales exceed"):
+        shrinking.update(k, v)
+    assert shrinking.n_tokens == 0
+
+
+def test_key_scales_are_checked_as_float16():
+    """1e-8 and 1e6 pass a float check but become 0 and Inf as float16: refused at construction, saying why."""
+    for bad in (1e-8, 1e-6, 1e6, float("nan"), float("inf"), -1.0, 0.0):
+        scales = torch.ones(2, 64)
+        scales[1, 3] = bad
+        with pytest.raises(lqlib.InputError, match="float16|key_scales"):
+            CompressedKVLayer(E8Codec(4.0), key_scales=scales)
+    for bad in ([[1.0] * 64] * 2, torch.ones(2, 64, dtype=torch.complex64), torch.ones(2, 64, device="meta")):
+        with pytest.raises(lqlib.InputError, match="key_scales"):
+            CompressedKVLayer(E8Codec(4.0), key_scales=bad)
+    CompressedKVLayer(E8Codec(4.0), key_scales=torch.full((2, 64), 6.2e-5))  # float16's smallest normal: fine
+
+
+def test_misuse_of_the_cache_gets_lqlib_errors():
+    config, _ = _random_gqa_model(layers=2)
+    for kwargs in ({"page_size": 2.5}, {"page_size": 0}, {"recent_window": 1.5}, {"page_size": True}):
+        with pytest.raises(lqlib.InputError, match="page_size"):
+            CompressedKVCache(config, **kwargs)
+    with pytest.raises(lqlib.InputError, match="bits"):
+        CompressedKVCache(config, bits="four")
+    with pytest.raises(lqlib.InputError, match="config"):
+        CompressedKVCache({"num_hidden_layers": 2})
+    with pytest.raises(lqlib.InputError, match="E8Codec"):
+        CompressedKVLayer("codec")
+    cache = CompressedKVCache(config, 4.0, page_size=4)
+    k = torch.randn(1, 2, 3, 32)
+    with pytest.raises(lqlib.InputError, match=r"layer_idx must be an integer in \[0, 2\)"):
+        cache.update(k, k, 5)
+    with pytest.raises(lqlib.InputError, match="layer_idx"):
+        cache.update(k, k, -1)
+    cache.update(k, k, 1)
+    meta = torch.empty(1, 2, 1, 32, device="meta")
+    with pytest.raises(lqlib.InputError):
+        cache.update(meta, meta, 1)
+    assert cache.layers[1].n_tokens == 3
+
+
+def test_sampling_with_several_return_sequences_works():
+    """generate repeats the prompt before the cache fills, so num_return_sequences > 1 works (the old
+    NotImplementedError text said otherwise); only a filled cache cannot repeat its rows."""
+    config, model = _random_gqa_model(layers=2)
+    ids = torch.randint(0, 97, (1, 6), generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(0)
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        do_sample=True,
+        num_return_sequences=3,
+        max_new_tokens=5,
+        cache=CompressedKVCache(config, 4.0, page_size=4),
+        pad_token_id=0,
+    )
+    assert out.shape == (3, 11)
+    layer = CompressedKVLayer(E8Codec(4.0))
+    with pytest.raises(NotImplementedError) as refused:
+        layer.batch_repeat_interleave(2)
+    message = str(refused.value)
+    assert "num_return_sequences > 1" not in message and "filled cache" in message

@@ -16,6 +16,7 @@ tl = pytest.importorskip("triton.language")
 
 from lqlib import E8Codec, Encoded, InputError
 from lqlib import kernels as K
+from lqlib.coding.codec import saturate, supported_rms
 from lqlib.core.symbols import points_to_symbols
 from lqlib.kernels._e8_triton import _nearest_e8_codes
 
@@ -42,6 +43,19 @@ def check(codec: E8Codec, x: torch.Tensor, **launch) -> tuple[torch.Tensor, torc
     assert y.dtype == x.dtype and y.shape == x.shape
     assert torch.equal(bits_of(y.cpu()), bits_of(codec.quantize(x.cpu())))
     return codes, steps
+
+
+def check_unsupported(codec: E8Codec, x: torch.Tensor) -> None:
+    """Input outside the codec's supported range: the codec refuses it; the kernels (which check
+    nothing that needs a host synchronisation) give the codec's unchecked analysis, step codes
+    clamped at ±800, and its saturated reconstruction, bit for bit."""
+    with pytest.raises(InputError, match="out of range"):
+        codec.quantize(x)
+    codes, steps = K.quantize(codec, x.to(DEVICE))
+    ref_codes, ref_steps = K.reference_quantize(codec, x.cpu(), codes_dtype=codes.dtype)
+    assert torch.equal(steps.cpu(), ref_steps) and torch.equal(codes.cpu(), ref_codes)
+    y = K.dequantize(codec, codes, steps, x.dtype)
+    assert torch.equal(bits_of(y.cpu()), bits_of(K.reference_dequantize(codec, ref_codes, ref_steps, x.dtype)))
 
 
 def sample(n: int, d: int, seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -108,7 +122,23 @@ def test_edge_cases():
         (torch.float16, (6e-8, 1e-5, 65504 / 4)),
     ):
         for s in scales:
-            check(codec, (base * s).to(dtype))
+            x = (base * s).to(dtype)
+            low, high = supported_rms(codec.bits)
+            rms = x.double().square().mean(-1).sqrt()
+            if bool(((rms > 0) & ((rms < low) | (rms >= high))).any()):
+                check_unsupported(codec, x)  # the codec refuses, the kernels code with saturated steps
+            else:
+                check(codec, x)
+    # float16 at its maximum: reconstructions past 65504 saturate (the codec's and the kernels' alike)
+    signs = torch.randint(0, 2, (16, d), generator=gen).float() * 2 - 1
+    for rotation in ("rht", "none"):
+        spread = signs * torch.rand(16, d, generator=gen) * 65504
+        top = torch.cat([torch.full((2, d), 65504.0), signs * 65504.0, spread]).to(torch.float16)
+        for bits in (2.0,):
+            sat_codec = E8Codec(bits, rotation=rotation, seed=3)
+            check(sat_codec, top)
+            unsaturated = sat_codec._synthesise(*sat_codec._analyse(sat_codec._validate(top)))
+            assert bool((unsaturated.abs() > 65504).any())  # the reconstruction does pass the maximum
     # float16 subnormals only, and an all-zero vector beside them
     tiny = (torch.randint(-3, 4, (8, d), generator=gen).float() * 2.0**-24).to(torch.float16)
     check(codec, tiny)
@@ -259,3 +289,34 @@ def test_nearest_e8_adversarial():
     got = out.cpu().to(torch.int16)  # the codes are defined modulo 2^16 (stored as int8 or int16)
     ref = (nearest_e8(x) * 2).to(torch.int16)
     assert torch.equal(got, ref), (got != ref).any(-1).sum()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_dequantize_saturates_like_the_codec(dtype):
+    """Codes and step codes whose values pass the dtype's range (forged, or near its maximum): the kernel
+    saturates to ± the largest finite value, bit for bit the codec's reconstruction; never ±Inf. Step
+    codes over the whole stored range [-800, 800] (tiny values round to subnormals or zero alike).
+    float16 saturates from step codes of about 80; bfloat16 and float32 cannot be reached by int16
+    codes (|2·p| < 2^15, steps at most 2^100): their largest values are checked against the codec."""
+    gen = torch.Generator().manual_seed(21)
+    d, n = 64, 192
+    limit = torch.finfo(dtype).max
+    wide = dtype != torch.float16
+    for rotation in ("rht", "none"):
+        codec = E8Codec(4.0, rotation=rotation, seed=4)
+        top = 2**15 - 1 if wide else 127
+        codes = torch.randint(-top, top + 1, (n, d), generator=gen, dtype=torch.int16 if wide else torch.int8)
+        codes[: n // 4] = top  # every coordinate at its largest: the transform's largest outputs
+        steps = torch.randint(-800, 801, (n,), generator=gen, dtype=torch.int16)
+        near = (760, 800) if wide else (40, 120)
+        steps[: n // 2] = torch.randint(near[0], near[1] + 1, (n // 2,), generator=gen).to(torch.int16)
+        steps[0], steps[1] = 800, -800
+        y = K.dequantize(codec, codes.to(DEVICE), steps.to(DEVICE), dtype).cpu()
+        ref = K.reference_dequantize(codec, codes, steps, dtype)
+        assert torch.equal(bits_of(y), bits_of(ref))
+        assert bool(torch.isfinite(y).all()) and bool((y.abs() < limit).any())
+        assert bool((y.abs() == limit).any()) != wide  # float16: both sides of the limit
+        # the same as rounding the unsaturated float32 reconstruction after clamping it
+        unsaturated = codec._synthesise(codes.float() * 0.5, steps.to(torch.int32)[:, None])
+        assert torch.equal(bits_of(ref), bits_of(saturate(unsaturated, dtype)))
+        assert bool(torch.isinf(unsaturated.to(dtype)).any()) != wide  # what saturation prevents

@@ -15,7 +15,7 @@ from lqlib.coding import rans_lanes as RL
 from lqlib.coding.entropy_model import gaussian_symbol_model
 from lqlib.coding.rans import encode_symbols
 from lqlib.core.lattices import nearest_e8
-from lqlib.errors import CorruptStreamError, InputError
+from lqlib.errors import CorruptStreamError, FormatError, InputError
 
 
 def gaussian_codes(n_pages: int, page_shape: tuple, bits: float, seed: int) -> np.ndarray:
@@ -128,6 +128,33 @@ def test_cpu_decoder_rejects_corrupted_pages():
         with pytest.raises(CorruptStreamError):
             RL.decode_pages(bad)
         assert np.array_equal(RL.decode_pages(bad[:1])[0], symbols[0]), what  # the sound page alone still decodes
+
+
+def test_pages_that_declare_more_than_they_hold():
+    """Memory bombs of the page format (no CRC here): 65535 lanes of 2 words each may declare 104 M blocks in
+    393 KB; the max_numel guard refuses that at once, and a raised block count within it is refused by the
+    lanes' end states (the decoder stops early once every lane has read past its words)."""
+    import time
+
+    symbols = RL.codes_to_symbols(gaussian_codes(1, (16, 64), 4.0, seed=4)).reshape(1, -1, 9)
+    page = RL.encode_pages(symbols, 4.0, n_lanes=8)[0]
+    lanes = 0xFFFF
+    blocks = (0xFFFF - 2) // 41 * lanes
+    bomb = RL.page_header(lanes, blocks, 4.0) + np.full(lanes, 2, "<u2").tobytes() + bytes(4 * lanes)
+    start = time.perf_counter()
+    with pytest.raises(FormatError, match="max_numel"):
+        RL.decode_pages([bomb])
+    assert time.perf_counter() - start < 0.5
+    raised = RL.page_header(8, 128 * 100, 4.0) + page[RL.HEADER_BYTES :]
+    start = time.perf_counter()
+    with pytest.raises(CorruptStreamError):
+        RL.decode_pages([raised])
+    assert time.perf_counter() - start < 2.0
+    with pytest.raises(FormatError, match="max_numel"):
+        RL.decode_pages([page], max_numel=128 * 8 - 1)
+    assert np.array_equal(RL.decode_pages([page], max_numel=None), symbols)
+    with pytest.raises(InputError, match="sequence of pages"):
+        RL.decode_pages(page)
 
 
 def test_bad_input():

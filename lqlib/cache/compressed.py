@@ -18,12 +18,18 @@ in-loop path (:class:`lqlib.quantized_cache.QuantizeDequantizeCache`) gives.
 Decoding budget: pages are decoded inside ``update`` for that call only; nothing decoded
 is kept between calls (no dequantized copy of the history stays resident).
 Per-channel key scales (calibrated per layer and KV head, held as float16 and counted in
-:meth:`CompressedKVCache.nbytes`) divide the keys before coding and multiply them after.
+:meth:`CompressedKVCache.nbytes`) divide the keys before coding and multiply them after (the
+product saturated to the dtype's finite range, like the codec's reconstruction).
 Beam search, ``crop`` and batch reshaping raise :class:`NotImplementedError`.
+
+Updates are transactional: the new tokens are checked, pages sealed and the history read before
+any state changes, so an update that raises (NaN, a value out of the codec's range, a wrong
+shape) leaves the layer exactly as it was, and later valid updates proceed as if it never came.
 """
 
 from __future__ import annotations
 
+import numbers
 from abc import abstractmethod
 
 import numpy as np
@@ -31,7 +37,7 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from ..coding.codec import E8Codec, Encoded
+from ..coding.codec import E8Codec, Encoded, saturate
 from ..errors import InputError
 
 __all__ = [
@@ -49,7 +55,10 @@ def schedule_codecs(
 ) -> list[tuple[E8Codec, E8Codec]]:
     """(key codec, value codec) of every layer for one rate or a (layers, 2) bit schedule;
     layers at the same rate share one codec (and so its cached RHT and tables)."""
-    schedule = np.asarray(bits, dtype=np.float64)
+    try:
+        schedule = np.asarray(bits, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise InputError(f"bits must be a rate or a (layers, 2) array of rates, got {bits!r}") from err
     if schedule.ndim == 0:
         schedule = np.full((n_layers, 2), float(schedule))
     if schedule.shape != (n_layers, 2):
@@ -58,12 +67,26 @@ def schedule_codecs(
     return [(codecs[float(kb)], codecs[float(vb)]) for kb, vb in schedule]
 
 
+_SCALE_RANGE = (float(torch.finfo(torch.float16).tiny), float(torch.finfo(torch.float16).max))
+
+
 def check_key_scales(key_scales: Tensor | None) -> None:
-    """Raise unless ``key_scales`` is None or a (kv_heads, head_dim) tensor of finite positive scales."""
-    if key_scales is not None and (
-        key_scales.dim() != 2 or not bool((key_scales > 0).all()) or not bool(torch.isfinite(key_scales).all())
-    ):
+    """Raise unless ``key_scales`` is None or a (kv_heads, head_dim) real tensor whose float16 values
+    (how the caches hold them) are normal positive numbers, in [6.1e-05, 65504]: checked after the
+    cast, since 1e-8 or 1e6 would become 0 or Inf there."""
+    if key_scales is None:
+        return
+    if not isinstance(key_scales, Tensor) or key_scales.device.type == "meta" or key_scales.dim() != 2:
         raise InputError("key_scales must be a (kv_heads, head_dim) tensor of finite positive scales")
+    if key_scales.is_complex() or key_scales.dtype == torch.bool:
+        raise InputError(f"key_scales must be real numbers, got dtype {key_scales.dtype}")
+    held = key_scales.detach().to(torch.float16)
+    low, high = _SCALE_RANGE
+    if not bool(((held >= low) & (held <= high)).all()):
+        raise InputError(
+            f"key_scales are held as float16 and must lie in [{low:.3g}, {high:g}] after that cast "
+            "(positive, finite, not subnormal); rescale them"
+        )
 
 
 def layer_codecs(
@@ -71,6 +94,8 @@ def layer_codecs(
 ) -> list[tuple[E8Codec, E8Codec]]:
     """The (key, value) codecs of every layer of ``config`` (full attention only), with the
     (layers, kv_heads, head_dim) shape of ``key_scales`` checked; ``name`` is the cache's, for errors."""
+    if not hasattr(config, "get_text_config"):
+        raise InputError(f"{name} needs the model's transformers config (model.config), got {type(config).__name__}")
     text = config.get_text_config(decoder=True)
     kinds = set(getattr(text, "layer_types", None) or ["full_attention"])
     if kinds != {"full_attention"}:
@@ -119,7 +144,7 @@ class CodedHistoryLayer(CacheLayerMixin):
         self._unsupported("crop (assisted or speculative decoding)")
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        self._unsupported("batch_repeat_interleave (num_return_sequences > 1 or beam search)")
+        self._unsupported("batch_repeat_interleave (repeating the rows of a filled cache)")
 
     def batch_select_indices(self, indices) -> None:
         self._unsupported("batch_select_indices")
@@ -144,7 +169,7 @@ class CompressedKVLayer(CodedHistoryLayer):
     """
 
     _cache_name = "CompressedKVCache"
-    _why = ": its pages are immutable bitstreams; use greedy or sampling decoding with one sequence per prompt"
+    _why = ": its pages are immutable bitstreams; use greedy or sampling decoding (num_return_sequences works)"
 
     def __init__(
         self,
@@ -155,15 +180,20 @@ class CompressedKVLayer(CodedHistoryLayer):
         key_scales: Tensor | None = None,
     ) -> None:
         super().__init__()
+        if not all(isinstance(n, numbers.Integral) and not isinstance(n, bool) for n in (page_size, recent_window)):
+            raise InputError(f"page_size and recent_window must be integers, got {page_size!r}, {recent_window!r}")
         if page_size < 1 or recent_window < 0:
             raise InputError(f"need page_size >= 1 and recent_window >= 0, got {page_size}, {recent_window}")
+        for c in (codec, value_codec or codec):
+            if not isinstance(c, E8Codec):
+                raise InputError(f"codec and value_codec must be lqlib.E8Codec instances, got {type(c).__name__}")
         check_key_scales(key_scales)
         self.codec = codec
         self.value_codec = value_codec or codec
         self.joint = repr(self.codec) == repr(self.value_codec)
         self.key_scales = None if key_scales is None else key_scales.to(torch.float16)
-        self.page_size = page_size
-        self.recent_window = recent_window
+        self.page_size = int(page_size)
+        self.recent_window = int(recent_window)
         self._reset_storage()
 
     def _reset_storage(self) -> None:
@@ -190,26 +220,65 @@ class CompressedKVLayer(CodedHistoryLayer):
         self.is_initialized = True
 
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
-        """Append new tokens, seal full pages, and return the keys and values attention reads."""
-        if not self.is_initialized:
+        """Append new tokens, seal full pages, and return the keys and values attention reads.
+
+        Transactional: the new tokens are checked, full pages sealed and the history read first; the
+        layer's state changes only after all of that succeeded (see the module docstring)."""
+        fresh = not self.is_initialized
+        if fresh:
             self.lazy_initialization(key_states, value_states)
+        try:
+            self._check_new_tokens(key_states, value_states)
+            key_tail = torch.cat([self.key_tail, key_states], dim=-2)
+            value_tail = torch.cat([self.value_tail, value_states], dim=-2)
+            sealed = []
+            while key_tail.shape[-2] - self.recent_window >= self.page_size:
+                sealed.append(self._seal(key_tail[..., : self.page_size, :], value_tail[..., : self.page_size, :]))
+                key_tail = key_tail[..., self.page_size :, :].clone()
+                value_tail = value_tail[..., self.page_size :, :].clone()
+            read = self._read(self.pages + sealed, key_tail, value_tail)
+        except BaseException:
+            if fresh:
+                self.reset()
+            raise
+        # commit: nothing below can fail
+        self.pages.extend(sealed)
+        self.key_tail, self.value_tail = key_tail, value_tail
+        self.n_tokens += key_states.shape[-2]
+        return read
+
+    def _check_new_tokens(self, key_states: Tensor, value_states: Tensor) -> None:
+        """Raise :class:`InputError` unless the new tokens continue the cached layout and every one of them
+        can be coded (finite, within the codecs' range, keys still finite once divided by their scales):
+        a bad token is refused when it comes, not when its page is sealed later."""
+        if not isinstance(key_states, Tensor) or not isinstance(value_states, Tensor):
+            raise InputError(f"keys and values must be tensors, got {type(key_states).__name__}")
         if key_states.dtype != self.dtype or value_states.dtype != self.dtype:
             raise InputError(f"this cache holds {self.dtype}, got keys {key_states.dtype}, values {value_states.dtype}")
-        if key_states.shape[:2] != self.key_tail.shape[:2] or key_states.shape[-1] != self.key_tail.shape[-1]:
+        if (
+            key_states.shape != value_states.shape
+            or key_states.dim() != 4
+            or key_states.shape[:2] != self.key_tail.shape[:2]
+            or key_states.shape[-1] != self.key_tail.shape[-1]
+        ):
             raise InputError(
-                f"new keys {tuple(key_states.shape)} do not continue the cached "
-                f"{tuple(self.key_tail.shape[:2])} × {self.key_tail.shape[-1]} layout"
+                f"new keys {tuple(key_states.shape)} / values {tuple(value_states.shape)} do not continue the "
+                f"cached {tuple(self.key_tail.shape[:2])} × {self.key_tail.shape[-1]} layout"
             )
-        self.n_tokens += key_states.shape[-2]
-        self.key_tail = torch.cat([self.key_tail, key_states], dim=-2)
-        self.value_tail = torch.cat([self.value_tail, value_states], dim=-2)
-        while self.key_tail.shape[-2] - self.recent_window >= self.page_size:
-            self.pages.append(
-                self._seal(self.key_tail[..., : self.page_size, :], self.value_tail[..., : self.page_size, :])
-            )
-            self.key_tail = self.key_tail[..., self.page_size :, :].clone()
-            self.value_tail = self.value_tail[..., self.page_size :, :].clone()
-        return self._read()
+        if key_states.device != self.device or value_states.device != self.device:
+            raise InputError(f"this cache lives on {self.device}, got tensors on {key_states.device}")
+        keys = key_states
+        if self.key_scales is not None:
+            if not bool(torch.isfinite(keys).all()):
+                raise InputError("keys contain NaN or Inf")
+            keys = keys / self._scales(keys.dtype)
+            if not bool(torch.isfinite(keys).all()):
+                raise InputError(
+                    f"keys divided by their key_scales exceed {self.dtype}'s range; use larger key_scales "
+                    "or a wider dtype"
+                )
+        self.codec.check(keys)
+        self.value_codec.check(value_states)
 
     def _scales(self, dtype: torch.dtype) -> Tensor:
         return self.key_scales.to(device=self.device, dtype=dtype)[:, None, :]  # (kv_heads, 1, head_dim)
@@ -232,13 +301,13 @@ class CompressedKVLayer(CodedHistoryLayer):
             ]
         )
 
-    def _read(self) -> tuple[Tensor, Tensor]:
-        """Decode every page and append the tail: the (keys, values) attention reads."""
-        pending = self.key_tail.shape[-2] - min(self.recent_window, self.key_tail.shape[-2])
-        keys, values = self.key_tail[..., :pending, :], self.value_tail[..., :pending, :]
+    def _read(self, pages: list[tuple[bytes, ...]], key_tail: Tensor, value_tail: Tensor) -> tuple[Tensor, Tensor]:
+        """Decode ``pages`` and append the tail: the (keys, values) attention reads."""
+        pending = key_tail.shape[-2] - min(self.recent_window, key_tail.shape[-2])
+        keys, values = key_tail[..., :pending, :], value_tail[..., :pending, :]
         if self.key_scales is not None:
             keys = keys / self._scales(keys.dtype)
-        parts = [self._open(page) for page in self.pages]
+        parts = [self._open(page) for page in pages]
         if pending:
             parts.append(
                 self.codec.quantize(torch.stack([keys, values]))
@@ -247,8 +316,8 @@ class CompressedKVLayer(CodedHistoryLayer):
             )
         coded = torch.cat(parts, dim=-2) if parts else None
         if coded is not None and self.key_scales is not None:
-            coded = torch.stack([coded[0] * self._scales(coded.dtype), coded[1]])
-        recent = torch.stack([self.key_tail[..., pending:, :], self.value_tail[..., pending:, :]])
+            coded = torch.stack([saturate(coded[0] * self._scales(coded.dtype), coded.dtype), coded[1]])
+        recent = torch.stack([key_tail[..., pending:, :], value_tail[..., pending:, :]])
         history = recent if coded is None else torch.cat([coded, recent], dim=-2)
         return history[0], history[1]
 
@@ -294,6 +363,18 @@ class CompressedKVCache(Cache):
             for i, (key_codec, value_codec) in enumerate(codecs)
         ]
         super().__init__(layers=layers)
+
+    def update(
+        self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs
+    ) -> tuple[Tensor, Tensor]:
+        """transformers' ``Cache.update``, with ``layer_idx`` checked against the config's layer count."""
+        n = len(self.layers)
+        if isinstance(layer_idx, bool) or not isinstance(layer_idx, numbers.Integral) or not 0 <= layer_idx < n:
+            raise InputError(
+                f"layer_idx must be an integer in [0, {n}) (this cache was made for a config of {n} layers), "
+                f"got {layer_idx!r}; build the cache from the config of the model that uses it"
+            )
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     def nbytes(self) -> int:
         """Real bytes held by all layers: page bitstreams (headers, step codes, payload, CRC) and tails."""

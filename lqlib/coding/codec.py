@@ -22,11 +22,27 @@ library reduction, so the CUDA tensors' result, the CPU's and that of the Triton
 
 Invariant: ``decode(encode(x))`` equals ``quantize(x)`` bit for bit on the
 device ``x`` lives on.
+
+Supported range (what is refused, what is saturated):
+
+* **Refused** (:class:`lqlib.InputError`, nothing coded): NaN or ±Inf anywhere, and any nonzero
+  vector (per-vector steps) or tensor (one step) whose step ``sqrt(2πe)·RMS·2^(-b)`` would leave
+  ``[2^-100, 2^100]``: a clamped step would zero a tiny vector (relative error 1) or code a huge one
+  at many times the rate. :func:`supported_rms` gives the bounds at rate ``b``, about
+  ``[2^(b-102.1), 2^(b+98))``; at every rate in [0.5, 10] and in both modes, every RMS in
+  ``[2^-92, 2^98]`` (about 2e-28 to 3e29) is coded. All-zero vectors are coded exactly. float16's
+  whole finite range lies inside; bfloat16, float32 and float64 values beyond it are refused.
+* **Saturated**: the reconstruction is rounded to the output dtype with values beyond its finite
+  range set to ± its largest finite value (:func:`saturate`), on the CPU and in the Triton kernels
+  alike, so that ``quantize`` and ``decode`` never return ±Inf for a finite input or for any stream.
+  Near float16's maximum (65504) a reconstruction can exceed it; saturating it moves it towards the
+  input (which lies within the range), so the error never grows.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,23 +55,49 @@ from ..core.steps import (
     CODE_MAX,
     CODE_MIN,
     exact_step_code,
+    exact_step_out_of_range,
     exact_step_value,
     inverse_step_values,
     step_codes_of_sum,
+    step_codes_out_of_range,
     step_values,
     valid_exact_code,
 )
 from ..core.symbols import points_to_symbols, symbols_to_points
-from ..errors import CodecMismatchError, CorruptStreamError, InputError
+from ..errors import CodecMismatchError, CorruptStreamError, FormatError, InputError
 from .entropy_model import gaussian_symbol_model
 from .rans import decode_symbols, encode_symbols
 from .wire import DTYPES, ROTATIONS, SCALES, WireHeader, pack, packed_size, unpack
 
-__all__ = ["E8Codec", "Encoded", "MIN_BITS", "MAX_BITS"]
+__all__ = ["E8Codec", "Encoded", "MIN_BITS", "MAX_BITS", "DEFAULT_MAX_NUMEL", "saturate", "supported_rms"]
 
 MIN_BITS = 0.5
 MAX_BITS = 10.0
+DEFAULT_MAX_NUMEL = 1 << 27  # decode refuses larger tensors unless told otherwise (512 MiB as float32)
 _MAX_POINT = 2.0**30  # symbols must fit int32 with room to spare
+_LOG2_ROOT_TWO_PI_E = 0.5 * math.log2(2.0 * math.pi * math.e)
+_EXACT_CLAMPS = tuple(int(c) for c in np.array([2.0**-100, 2.0**100], dtype=np.float32).view(np.int32))
+
+
+def saturate(y: Tensor, dtype: torch.dtype) -> Tensor:
+    """``y`` (any float dtype) in ``dtype``, values beyond ``dtype``'s finite range (±Inf included) set to
+    ± its largest finite value: one comparison each way, then one rounding, the same bits on every
+    device and in the kernels. NaN stays NaN (the codec never makes one)."""
+    limit = torch.finfo(dtype).max
+    return y.clamp(-limit, limit).to(dtype)
+
+
+def supported_rms(bits: float, scale: str = "vector") -> tuple[float, float]:
+    """(lowest, highest) RMS of a nonzero vector (``scale="vector"``) or tensor (``"tensor"``) that
+    :class:`E8Codec` codes at rate ``bits``: its step ``sqrt(2πe)·RMS·2^(-bits)`` lies within
+    ``[2^-100, 2^100]`` (per vector, to the log grid's half step of 1/16 octave). Outside, ``encode``
+    and ``quantize`` raise :class:`lqlib.InputError`. Bounds in float64, exact to a rounding."""
+    if scale not in SCALES:
+        raise InputError(f"scale must be one of {SCALES}, got {scale!r}")
+    half = 0.5 / 8 if scale == "vector" else 0.0
+    low = float(bits) - 100.0 - half - _LOG2_ROOT_TWO_PI_E
+    high = float(bits) + 100.0 + half - _LOG2_ROOT_TWO_PI_E
+    return 2.0**low, 2.0**high
 
 
 @dataclass(frozen=True)
@@ -88,7 +130,9 @@ class Encoded:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Encoded:
-        """Parse and check bytes made by :meth:`to_bytes`; raises :class:`lqlib.FormatError`."""
+        """Parse and check bytes made by :meth:`to_bytes` (versions 2 and 3); raises :class:`lqlib.FormatError`.
+
+        The CRC-32 catches accidental corruption, not tampering: see the README for a keyed MAC."""
         header, codes, words = unpack(data)
         return cls(header, codes, words)
 
@@ -108,19 +152,23 @@ class E8Codec:
         quantizing, seeded by ``seed``) or ``"none"``.
     scale : ``"vector"`` (one step per vector, about 3–4 bits of side
         information per vector) or ``"tensor"`` (one step per call).
-    seed : seed of the RHT signs.
+    seed : seed of the RHT signs, an integer in [0, 2^32).
+
+    The supported range of the inputs (what is refused, what is saturated) is in the module docstring.
     """
 
     def __init__(self, bits: float = 4.0, rotation: str = "rht", scale: str = "vector", seed: int = 0) -> None:
+        if isinstance(bits, bool) or not isinstance(bits, numbers.Real):
+            raise InputError(f"bits must be a real number in [{MIN_BITS}, {MAX_BITS}], got {bits!r}")
         bits = float(np.float32(bits))
         if not MIN_BITS <= bits <= MAX_BITS:
             raise InputError(f"bits must lie in [{MIN_BITS}, {MAX_BITS}], got {bits}")
-        if rotation not in ROTATIONS:
+        if not isinstance(rotation, str) or rotation not in ROTATIONS:
             raise InputError(f"rotation must be one of {ROTATIONS}, got {rotation!r}")
-        if scale not in SCALES:
+        if not isinstance(scale, str) or scale not in SCALES:
             raise InputError(f"scale must be one of {SCALES}, got {scale!r}")
-        if not 0 <= seed < 2**32:
-            raise InputError(f"seed must fit in uint32, got {seed}")
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**32:
+            raise InputError(f"seed must be an integer in [0, 2^32), got {seed!r}")
         self.bits = bits
         self.rotation = rotation
         self.scale = scale
@@ -199,6 +247,10 @@ class E8Codec:
         """Check the input and return it in the work dtype (float64 stays float64, else float32)."""
         if not isinstance(x, Tensor):
             raise InputError(f"expected a torch.Tensor, got {type(x).__name__}")
+        if x.device.type == "meta":
+            raise InputError("a meta tensor holds no values to code; pass a tensor on a real device")
+        if x.layout != torch.strided:
+            raise InputError(f"expected a dense tensor, got layout {x.layout}; call .to_dense() first")
         if x.dtype not in DTYPES:
             raise InputError(f"dtype {x.dtype} is not supported; use one of {DTYPES}")
         if x.dim() == 0:
@@ -216,21 +268,54 @@ class E8Codec:
             raise InputError("input contains NaN or Inf")
         return x
 
+    def _out_of_range(self, x: Tensor, codes: Tensor) -> bool:
+        """Whether a nonzero vector (or the tensor) needs a step outside [2^-100, 2^100]: exactly where
+        a step code sits at a clamp, checked from the sums of squares (rare: one comparison otherwise)."""
+        if self.scale == "vector":
+            if not bool(((codes == CODE_MIN) | (codes == CODE_MAX)).any()):
+                return False
+            sums = pairwise_sum(x.to(torch.float64).square())
+            return bool(step_codes_out_of_range(sums, x.shape[-1], self.bits).any())
+        if not bool(((codes == _EXACT_CLAMPS[0]) | (codes == _EXACT_CLAMPS[1])).any()):
+            return False
+        mean_square = x.to(torch.float64).square().sum() / max(x.numel(), 1)
+        return bool(exact_step_out_of_range(mean_square, self.bits))
+
+    def _range_error(self) -> InputError:
+        low, high = supported_rms(self.bits, self.scale)
+        what = "a vector" if self.scale == "vector" else "the tensor"
+        return InputError(
+            f"input magnitude is out of range: {what} has an RMS outside [{low:.3g}, {high:.3g}], "
+            f"the range supported at {self.bits} bits/dim (its step would leave [2^-100, 2^100]); "
+            "multiply the input by a power of two and divide the result by it, or zero such vectors"
+        )
+
     def _checked_analysis(self, x: Tensor) -> tuple[Tensor, Tensor]:
         points, codes = self._analyse(x)
+        if x.numel() and self._out_of_range(x, codes):
+            raise self._range_error()
         if points.numel() and not bool(points.abs().amax() < _MAX_POINT):
-            raise InputError(
-                "input magnitude is out of range: its lattice points exceed 2^30 "
-                "(use scale='vector', or values below 2^100)"
-            )
+            advice = "use scale='vector'" if self.scale == "tensor" else "rescale the input"
+            raise InputError(f"input magnitude is out of range: its lattice points exceed 2^30 ({advice})")
         return points, codes
 
     # ----------------------------------------------------------------- public API
+    def check(self, x: Tensor) -> None:
+        """Raise :class:`lqlib.InputError` where :meth:`encode` and :meth:`quantize` would refuse ``x``
+        (type, dtype, shape, NaN/Inf, the supported range), without quantizing it (per-vector steps:
+        the step codes only)."""
+        work = self._validate(x)
+        if self.scale == "tensor":
+            self._checked_analysis(work)
+        elif work.numel() and self._out_of_range(work, self._step_codes(work)):
+            raise self._range_error()
+
     def quantize(self, x: Tensor) -> Tensor:
-        """Quantize-dequantize without entropy coding; same shape, dtype and device as ``x``."""
+        """Quantize-dequantize without entropy coding; same shape, dtype and device as ``x``
+        (saturated to the dtype's finite range, see :func:`saturate`)."""
         work = self._validate(x)
         points, codes = self._checked_analysis(work)
-        return self._synthesise(points, codes).to(x.dtype)
+        return saturate(self._synthesise(points, codes), x.dtype)
 
     def encode(self, x: Tensor) -> Encoded:
         """Quantize ``x`` (..., d) and entropy-code it."""
@@ -241,8 +326,29 @@ class E8Codec:
         words = encode_symbols(symbols, gaussian_symbol_model(self.bits))
         return Encoded(header, codes.reshape(-1).cpu().numpy(), words)
 
-    def decode(self, encoded: Encoded, device: torch.device | str = "cpu") -> Tensor:
-        """Reconstruct the tensor; equals ``quantize(x)`` bit for bit on the same device."""
+    def decode(
+        self, encoded: Encoded, device: torch.device | str = "cpu", max_numel: int | None = DEFAULT_MAX_NUMEL
+    ) -> Tensor:
+        """Reconstruct the tensor; equals ``quantize(x)`` bit for bit on the same device.
+
+        ``max_numel``: the largest tensor (in elements) this call may allocate, a guard against
+        streams that declare a huge shape over a small payload (memory bombs); ``None`` for no limit.
+        Raises :class:`lqlib.FormatError` (:class:`lqlib.CorruptStreamError` where the payload does
+        not decode to exactly the declared tensor, e.g. a shape raised past what the payload holds)
+        and :class:`lqlib.CodecMismatchError` for streams of other settings."""
+        if not isinstance(encoded, Encoded):
+            raise InputError(
+                f"decode takes an lqlib.Encoded, got {type(encoded).__name__}; for bytes, pass "
+                "lqlib.Encoded.from_bytes(data)"
+            )
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError) as err:
+            raise InputError(f"device must name a torch device, got {device!r}") from err
+        if max_numel is not None and (
+            isinstance(max_numel, bool) or not isinstance(max_numel, numbers.Integral) or max_numel < 0
+        ):
+            raise InputError(f"max_numel must be a non-negative integer or None, got {max_numel!r}")
         h = encoded.header
         mine = (self.rotation, self.scale, self.bits, self.seed)
         if (h.rotation, h.scale, h.bits, h.seed) != mine:
@@ -259,8 +365,14 @@ class E8Codec:
             raise CorruptStreamError(f"bitstream declares an impossible shape {h.shape}")
         model = gaussian_symbol_model(h.bits)
         n_blocks = h.numel // 8
-        if 0.5 * n_blocks * model.min_bits_per_block > 32 * (encoded.words.size + 2):
+        sentinel = h.version >= 3
+        if 0.5 * n_blocks * model.min_bits_per_block + (32 if sentinel else 0) > 32 * (encoded.words.size + 2):
             raise CorruptStreamError(f"{encoded.words.size} payload words cannot hold {n_blocks} blocks")
+        if max_numel is not None and h.numel > max_numel:
+            raise FormatError(
+                f"bitstream declares {h.numel} elements, more than max_numel={max_numel}; if you trust it, "
+                "pass a larger max_numel (or None)"
+            )
         codes = np.asarray(encoded.step_codes)
         in_range = (
             valid_exact_code(codes)
@@ -271,12 +383,12 @@ class E8Codec:
             raise CorruptStreamError(
                 f"bitstream holds {codes.size} step codes for {h.n_scales} steps, or step codes out of range"
             )
-        symbols = decode_symbols(encoded.words, n_blocks, model)
+        symbols = decode_symbols(encoded.words, n_blocks, model, sentinel=sentinel)
         work_dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
         points = symbols_to_points(torch.from_numpy(symbols).to(device), work_dtype).reshape(h.shape)
         steps_shape = [1] * len(h.shape) if h.scale == "tensor" else [*h.shape[:-1], 1]
         codes = torch.from_numpy(codes.astype(np.int32)).to(device).reshape(steps_shape)
-        return self._synthesise(points, codes).to(h.dtype)
+        return saturate(self._synthesise(points, codes), h.dtype)
 
     def bits_per_dim(self, encoded: Encoded) -> float:
         """Coded rate: every stored byte (header, step codes, payload, CRC) × 8 / number of elements."""

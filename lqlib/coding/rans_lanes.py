@@ -62,7 +62,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import CorruptStreamError, InputError
+from ..errors import CorruptStreamError, FormatError, InputError
+from .codec import DEFAULT_MAX_NUMEL
 from .entropy_model import gaussian_symbol_model
 
 __all__ = [
@@ -401,12 +402,15 @@ def page_info(page: bytes) -> tuple[int, int, float]:
     return n_lanes, n_blocks, bits
 
 
-def decode_pages(pages: Sequence[bytes]) -> np.ndarray:
+def decode_pages(pages: Sequence[bytes], max_numel: int | None = DEFAULT_MAX_NUMEL) -> np.ndarray:
     """Decode pages made by :func:`encode_pages` (or the GPU encoder), all lanes of all pages at once.
 
     Parameters
     ----------
     pages : page bytes, all with the same lane count, block count and rate.
+    max_numel : the most coordinates (8 per block, all pages) this call may decode: a guard against
+        headers that declare huge pages over few bytes (a lane's word count does not bound its
+        blocks: frequent symbols cost no word); ``None`` for no limit.
 
     Returns
     -------
@@ -417,13 +421,22 @@ def decode_pages(pages: Sequence[bytes]) -> np.ndarray:
     CorruptStreamError
         on a bad header or length, or when a lane does not end in the state 2^16 having read
         exactly its words (what corruption of the words causes, short of a 2^-16 chance per lane).
+    FormatError
+        when the pages hold more than ``max_numel`` coordinates.
     """
+    if isinstance(pages, (bytes, bytearray, memoryview)):
+        raise InputError("decode_pages takes a sequence of pages; for one page, pass [page]")
     if len(pages) == 0:
         raise InputError("no pages to decode")
     infos = {page_info(p) for p in pages}
     if len(infos) != 1:
         raise InputError(f"pages of different layouts cannot be decoded together: {sorted(infos)}")
     n_lanes, n_blocks, bits = infos.pop()
+    if max_numel is not None and 8 * n_blocks * len(pages) > max_numel:
+        raise FormatError(
+            f"{len(pages)} page(s) of {n_blocks} blocks hold {8 * n_blocks * len(pages)} coordinates, more than "
+            f"max_numel={max_numel}; if you trust them, pass a larger max_numel (or None)"
+        )
     tables = lane_tables(bits)
     n_pages = len(pages)
     counts = np.concatenate([np.frombuffer(p, dtype="<u2", count=n_lanes, offset=HEADER_BYTES) for p in pages])
@@ -481,6 +494,8 @@ def decode_pages(pages: Sequence[bytes]) -> np.ndarray:
                     renorm(esc)
                 values[s] = np.where(esc, raw - _ESCAPE_OFFSET, values[s])
         out[:, j] = np.stack(values, axis=1)
+        if bad.all():  # every lane already read past its words (a forged header): nothing left to learn
+            break
     bad |= (x != _LOWER) | (ptr != ends)
     if bad.any():
         lanes = np.flatnonzero(bad)
@@ -492,6 +507,6 @@ def decode_pages(pages: Sequence[bytes]) -> np.ndarray:
     return np.ascontiguousarray(blocks[:, :n_blocks]).astype(np.int32)
 
 
-def decode_codes(pages: Sequence[bytes], dtype=np.int8) -> np.ndarray:
+def decode_codes(pages: Sequence[bytes], dtype=np.int8, max_numel: int | None = DEFAULT_MAX_NUMEL) -> np.ndarray:
     """Decode pages to codes ``2·p``: shape (n_pages, n_blocks·8) in ``dtype`` (reshape to your page shape)."""
-    return symbols_to_codes(decode_pages(pages), dtype)
+    return symbols_to_codes(decode_pages(pages, max_numel), dtype)

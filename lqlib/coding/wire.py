@@ -1,10 +1,10 @@
 """The versioned wire format of an E8-coded tensor.
 
-All integers little-endian. Layout (version 2)::
+All integers little-endian. Layout (version 3)::
 
     offset       size        field
     0            4           magic b"LQE8"
-    4            1           version (2)
+    4            1           version (3; 2 is read too)
     5            1           rotation code (0 none, 1 RHT)
     6            1           scale code (0 one per tensor, 1 one per vector)
     7            1           dtype code of the decoded tensor (0 f32, 1 f16, 2 bf16, 3 f64)
@@ -19,7 +19,18 @@ All integers little-endian. Layout (version 2)::
     ...          4·n_words   ANS payload, uint32 words
     end−4        4           CRC-32 of every byte before it
 
+Version 3 differs from version 2 in the payload only: its ANS stack ends with a 32-bit sentinel
+(:data:`lqlib.coding.rans.SENTINEL`) that lets the decoder refuse a payload that does not hold
+exactly the declared shape, whatever the scale mode (version 2 could decode past its payload when
+a forged shape kept the step-code count, e.g. with one step per tensor). Version-2 streams still
+decode, without that check; an :class:`~lqlib.Encoded` keeps its version when written again.
+
 Every byte counts towards :meth:`lqlib.codec.E8Codec.bits_per_dim`.
+
+The CRC-32 detects accidental corruption (storage, transit, truncation); it is no protection
+against deliberate tampering, since anyone can recompute it. Streams kept where others can
+write should carry a keyed MAC (e.g. HMAC-SHA256 of these bytes, checked before decoding; the
+README shows how).
 """
 
 from __future__ import annotations
@@ -38,6 +49,7 @@ from ..errors import ChecksumError, FormatError
 __all__ = [
     "MAGIC",
     "VERSION",
+    "READABLE_VERSIONS",
     "ROTATIONS",
     "SCALES",
     "DTYPES",
@@ -49,7 +61,8 @@ __all__ = [
 ]
 
 MAGIC = b"LQE8"
-VERSION = 2
+VERSION = 3
+READABLE_VERSIONS = (2, 3)
 ROTATIONS = ("none", "rht")
 SCALES = ("tensor", "vector")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -63,7 +76,8 @@ _CRC = struct.Struct("<I")
 
 @dataclass(frozen=True)
 class WireHeader:
-    """Everything but the data: codec settings, decoded dtype and shape."""
+    """Everything but the data: codec settings, decoded dtype and shape, and the format version
+    (3 for new streams: the payload ends with the sentinel; 2: it does not)."""
 
     rotation: str
     scale: str
@@ -71,6 +85,7 @@ class WireHeader:
     bits: float
     seed: int
     shape: tuple[int, ...]
+    version: int = VERSION
 
     @property
     def numel(self) -> int:
@@ -95,9 +110,11 @@ def packed_size(header: WireHeader, step_codes: np.ndarray, n_words: int) -> int
 
 def pack(header: WireHeader, step_codes: np.ndarray, words: np.ndarray) -> bytes:
     """Serialise a header, integer step codes and uint32 ANS words into bytes."""
+    if header.version not in READABLE_VERSIONS:
+        raise FormatError(f"cannot write wire version {header.version}; versions {READABLE_VERSIONS} exist")
     fixed = _FIXED.pack(
         MAGIC,
-        VERSION,
+        header.version,
         ROTATIONS.index(header.rotation),
         SCALES.index(header.scale),
         DTYPES.index(header.dtype),
@@ -152,8 +169,10 @@ def unpack(data: bytes) -> tuple[WireHeader, np.ndarray, np.ndarray]:
     if zlib.crc32(data[:-4]) != stored_crc:
         raise ChecksumError("lqlib bitstream checksum mismatch: the data is corrupted or truncated")
     _, version, rot, scale, dtype, bits, seed, ndim = _FIXED.unpack(_take(data, 0, _FIXED.size, "header"))
-    if version != VERSION:
-        raise FormatError(f"lqlib bitstream version {version} is not supported (this lqlib reads {VERSION})")
+    if version not in READABLE_VERSIONS:
+        raise FormatError(
+            f"lqlib bitstream version {version} is not supported (this lqlib reads versions {READABLE_VERSIONS})"
+        )
     if rot >= len(ROTATIONS) or scale >= len(SCALES) or dtype >= len(DTYPES):
         raise FormatError(f"lqlib bitstream has an unknown code (rotation {rot}, scale {scale}, dtype {dtype})")
     if not 1 <= ndim <= MAX_NDIM:
@@ -161,7 +180,7 @@ def unpack(data: bytes) -> tuple[WireHeader, np.ndarray, np.ndarray]:
     offset = _FIXED.size
     shape = struct.unpack(f"<{ndim}I", _take(data, offset, 4 * ndim, "shape"))
     offset += 4 * ndim
-    header = WireHeader(ROTATIONS[rot], SCALES[scale], DTYPES[dtype], bits, seed, tuple(shape))
+    header = WireHeader(ROTATIONS[rot], SCALES[scale], DTYPES[dtype], bits, seed, tuple(shape), version)
     if header.numel > MAX_NUMEL:
         raise FormatError(f"lqlib bitstream declares {header.numel} elements (at most {MAX_NUMEL})")
     (n_words,) = _WORDS.unpack(_take(data, offset, 4, "word count"))

@@ -48,6 +48,8 @@ __all__ = [
     "GROUP",
     "step_codes",
     "step_codes_of_sum",
+    "step_codes_out_of_range",
+    "exact_step_out_of_range",
     "step_values",
     "inverse_step_values",
     "code_constants",
@@ -95,14 +97,30 @@ def step_codes_of_sum(sum_squares: Tensor, count: int, bits: float) -> Tensor:
     sum gets ``CODE_MIN``, codes are clamped to [CODE_MIN, CODE_MAX]. No host synchronisation.
     """
     s = sum_squares.to(torch.float64)
+    codes = torch.where(s > 0, _unclamped_codes(s, count, bits), CODE_MIN)
+    codes = torch.where(torch.isinf(s), CODE_MAX, codes)
+    return codes.clamp(CODE_MIN, CODE_MAX).to(torch.int32)
+
+
+def _unclamped_codes(s: Tensor, count: int, bits: float) -> Tensor:
+    """int64 codes of positive finite float64 sums of squares ``s``, before any clamping."""
     n0, taus = code_constants(bits, count)
     mantissa, exponent = torch.frexp(s)
     codes = 4 * exponent.to(torch.int64) + (n0 - 4)
     for tau in taus:
         codes = codes + (mantissa >= tau).to(torch.int64)
-    codes = torch.where(s > 0, codes, CODE_MIN)
-    codes = torch.where(torch.isinf(s), CODE_MAX, codes)
-    return codes.clamp(CODE_MIN, CODE_MAX).to(torch.int32)
+    return codes
+
+
+def step_codes_out_of_range(sum_squares: Tensor, count: int, bits: float) -> Tensor:
+    """bool, same shape: where a nonzero sum of squares needs a step outside ``[2^-100, 2^100]``
+    (to the grid's half step: its code would leave [CODE_MIN, CODE_MAX] and be clamped), or is infinite.
+
+    The codec refuses such vectors (:class:`lqlib.InputError`): a clamped step would zero a tiny vector
+    or code a huge one at many times the rate."""
+    s = sum_squares.to(torch.float64)
+    codes = _unclamped_codes(torch.where(s > 0, s, 1.0), count, bits)
+    return (s > 0) & (torch.isinf(s) | (codes < CODE_MIN) | (codes > CODE_MAX))
 
 
 def step_codes(mean_square: Tensor, bits: float) -> Tensor:
@@ -155,6 +173,14 @@ def exact_step_code(mean_square: Tensor, bits: float) -> Tensor:
     step = (torch.sqrt(_TWO_PI_E * mean_square) * 2.0 ** (-bits)).to(torch.float32)
     pattern = step.clamp(2.0**-100, 2.0**100).view(torch.int32)
     return (pattern + (1 << 12)) & ~_LOW_MANTISSA
+
+
+def exact_step_out_of_range(mean_square: Tensor, bits: float) -> Tensor:
+    """bool, same shape: where a nonzero mean square needs a one-per-tensor step outside
+    ``[2^-100, 2^100]`` (:func:`exact_step_code` would clamp it), or is infinite."""
+    ms = mean_square.to(torch.float64)
+    step = torch.sqrt(_TWO_PI_E * ms) * 2.0 ** (-bits)
+    return (ms > 0) & ((step < 2.0**-100) | (step > 2.0**100) | torch.isinf(ms))
 
 
 def exact_step_value(codes: Tensor, dtype: torch.dtype) -> Tensor:

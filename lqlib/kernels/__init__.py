@@ -7,7 +7,13 @@ codes, and dequantize them, with Triton kernels whose results are bit for bit th
 * ``codes`` (..., d), int8 or int16: ``2·p`` with ``p`` the E8 points in lattice units
   (``codec._analyse``'s points; :func:`codes_to_symbols` gives the entropy coder's symbols);
 * ``step_codes`` (...,), int16: the codes ``k`` of the steps (``Encoded.step_codes``);
-* ``dequantize(codec, codes, step_codes, dtype)`` equals ``codec.quantize(x)``.
+* ``dequantize(codec, codes, step_codes, dtype)`` equals ``codec.quantize(x)`` (saturated to the
+  dtype's finite range like the codec's reconstruction: never ±Inf).
+
+Unlike the codec, :func:`quantize` checks nothing it would need a host synchronisation for: NaN/Inf
+and values outside the codec's supported range (:func:`lqlib.coding.codec.supported_rms`) are not
+refused; their step codes saturate at ±800 as in the codec's unchecked analysis
+(:func:`reference_quantize`).
 
 Triton is optional (``pip install lqlib[gpu]``): this module imports without it, and the
 kernels' module is imported on first use. The kernels run on CUDA tensors, or on CPU tensors
@@ -25,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..coding.codec import E8Codec
+from ..coding.codec import E8Codec, saturate
 from ..core.steps import FRACTIONS, INVERSE_FRACTIONS, code_constants
 from ..core.symbols import points_to_symbols
 from ..errors import InputError
@@ -259,7 +265,7 @@ def reference_dequantize(
     """What :func:`dequantize` returns, computed by the codec with torch operations."""
     _check_codec(codec, codes.shape[-1])
     points = codes.to(torch.float32) * 0.5
-    return codec._synthesise(points, step_codes.to(torch.int32)[..., None]).to(dtype)
+    return saturate(codec._synthesise(points, step_codes.to(torch.int32)[..., None]), dtype)
 
 
 def codes_to_symbols(codes: Tensor) -> Tensor:

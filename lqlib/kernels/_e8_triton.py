@@ -18,7 +18,8 @@ the same order and with the same IEEE operations, and is compiled without fused 
   (exact for |x| < 2^21, i.e. wherever the codes fit int16), the first index of the largest and
   smallest error by tournaments; the codes come from the rounded sums' bits (no float-to-integer
   conversions);
-* decoding is ``((H·p) · 2^(g/8)) · signs``, then one rounding to the output dtype.
+* decoding is ``((H·p) · 2^(g/8)) · signs``, saturated to the output dtype's finite range (one
+  comparison each way, :func:`lqlib.coding.codec.saturate`), then one rounding to that dtype.
 
 A tile holds ``BLOCK_V`` vectors as a (d/8, BLOCK_V, 8) tensor: the last axis is one E8
 block, the first the d/8 blocks of a vector. ``CHUNK_MAJOR`` only changes how the tile is
@@ -71,7 +72,7 @@ def _fwht(v, LOG2C: tl.constexpr):
         w = tl.permute(tl.reshape(v, (C, B, 4 >> i, 2, 1 << i)), (0, 1, 2, 4, 3))
         a, b = tl.split(w)
         v = tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 1, 2, 4, 3)), (C, B, 8))
-    for _ in tl.static_range(LOG2C):  # h = 8·2^i
+    for i in tl.static_range(LOG2C):  # h = 8·2^i
         w = tl.permute(tl.reshape(v, (C >> (i + 1), 2, 1 << i, B, 8)), (0, 2, 3, 4, 1))
         a, b = tl.split(w)
         v = tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 4, 1, 2, 3)), (C, B, 8))
@@ -249,6 +250,19 @@ def _round_to(y, dtype: tl.constexpr):
 
 
 @triton.jit
+def _saturate(y, dtype: tl.constexpr):
+    """float32 ``y`` clamped to ± the largest finite value of ``dtype`` (±Inf included), as the codec's
+    :func:`lqlib.coding.codec.saturate` does before its rounding."""
+    if dtype == tl.float16:
+        limit = 65504.0
+    elif dtype == tl.bfloat16:
+        limit = 3.3895313892515355e38
+    else:
+        limit = 3.4028234663852886e38
+    return tl.minimum(tl.maximum(y, -limit), limit)
+
+
+@triton.jit
 def e8_quantize_kernel(
     x_ptr,
     codes_ptr,
@@ -331,4 +345,5 @@ def e8_dequantize_kernel(
         y = (_fwht(p, LOG2C) * step) * signs
     else:
         y = p * step
+    y = _saturate(y, out_ptr.dtype.element_ty)
     tl.store(out_ptr + offs, _round_to(_from_tile(y, CHUNK_MAJOR), out_ptr.dtype.element_ty), mask=mask)
