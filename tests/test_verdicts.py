@@ -135,3 +135,17 @@ def test_criteria_and_protocol_tables(tmp_path):
         protocol_rows([{"setting": "x", "paper": "y"}])
     with pytest.raises(InputError):
         protocol_rows([{"setting": "x", "paper": "y", "ours": 1}] * 2)
+
+
+def test_judge_here_dispatches_on_the_model_and_the_estimate():
+    from lqlib.book.claims import CLAIMS, command_for
+    from lqlib.book.verdicts import judge_here
+
+    llama = CLAIMS["II.ppl_increase_4b"]
+    v = judge_here(llama, "smollm2-135m-instruct", est(1.8, 2.0), command_for(llama))
+    assert v.outcome == "not run here" and "meta-llama/Llama-3.1-8B" in v.why
+    v = judge_here(llama, "meta-llama/Llama-3.1-8B", est(1.8, 2.0), command_for(llama))
+    assert v.outcome == "reproduced"
+    mine = CLAIMS["II.compression.3"]
+    v = judge_here(mine, "smollm2-135m-instruct", None, "", missing="3 bits is not in a smoke build")
+    assert v.outcome == "inconclusive" and "smoke" in v.why

@@ -39,6 +39,8 @@ __all__ = [
     "Verdict",
     "judge",
     "not_run_here",
+    "unmeasured",
+    "judge_here",
     "verdict_rows",
     "show_verdicts",
     "show_criteria",
@@ -224,6 +226,33 @@ def not_run_here(claim: Claim, command: str, ours: str = "—") -> Verdict:
     """The verdict of a claim this build cannot test (another model or setting), with the command that
     tests it on a reader's own weights."""
     return Verdict(claim, "not run here", ours, f"needs {claim.model or 'another setting'}: run `{command}`")
+
+
+def unmeasured(claim: Claim, why: str) -> Verdict:
+    """An inconclusive verdict for a claim this build did not measure (e.g. a rate left out of a smoke
+    build), with the reason."""
+    return Verdict(claim, "inconclusive", "—", f"not measured in this build: {why}")
+
+
+def judge_here(
+    claim: Claim,
+    model_name: str,
+    estimate: Estimate | None,
+    command: str,
+    ours: str | None = None,
+    note: str = "",
+    missing: str = "",
+) -> Verdict:
+    """The verdict of a claim in this build: "not run here" (with ``command``) when the claim is about a
+    model other than ``model_name``; inconclusive when ``estimate`` is None (``missing`` says why); else
+    :func:`judge`."""
+    from .claims import runs_here
+
+    if not runs_here(claim, model_name):
+        return not_run_here(claim, command)
+    if estimate is None:
+        return unmeasured(claim, missing or "no estimate")
+    return judge(claim, estimate, ours, note)
 
 
 #: Column specification of verdict tables (chapters and scorecard).
