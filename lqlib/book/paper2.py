@@ -48,6 +48,16 @@ __all__ = [
     "mse_ratio_estimate",
     "bits_saved_estimate",
     "MSE_COLUMNS",
+    "ALL_METHODS_COLUMNS",
+    "EQUAL_RATE_COLUMNS",
+    "equal_rate_rows",
+    "plot_all_methods",
+    "equal_rate_sentence",
+    "greedy",
+    "generate_rows",
+    "fork_candidates",
+    "cache_growth",
+    "plot_cache_growth",
 ]
 
 #: The parts of a page's bits, in the order they are drawn.
@@ -347,3 +357,179 @@ MSE_COLUMNS = {
     "mse_ratio": "ratio [95% interval]",
     "bits_saved": "bits saved at equal MSE [95%]",
 }
+
+
+ALL_METHODS_COLUMNS = {
+    "method": "method",
+    "bits_per_dim": ("bits/dim (measured)", 3),
+    "ppl": ("PPL", 3),
+    "delta_pct": ("Δ%", 2),
+    "mse_k": ("MSE K / σ²", 5),
+    "mse_v": ("MSE V / σ²", 5),
+}
+EQUAL_RATE_COLUMNS = {
+    "method": "method",
+    "bits_per_dim": ("bits/dim (measured)", 3),
+    "ppl": ("PPL", 3),
+    "delta_pct": "Δ% [95% interval]",
+    "ratio": "Δ / TurboQuant-style Δ [95%]",
+}
+
+
+def equal_rate_rows(rows: Sequence[dict], baseline: str, draws: int = 4000) -> tuple[list[dict], dict]:
+    """The equal-rate comparison's rows (:func:`~lqlib.evaluation.harness.compare_methods` output, full
+    precision first) with each method's ΔPPL interval and its ratio to ``baseline``'s (paired over windows),
+    and {method: RatioEstimate}."""
+    from ..evaluation.harness import method_ratio
+    from ..evaluation.stats import paired_delta_pct
+
+    fp = rows[0]
+    out, ratios = [], {}
+    for r in rows[1:]:
+        delta = paired_delta_pct(r["window_nll"], fp["window_nll"], fp["window_tokens"], draws=draws)
+        ratio = method_ratio(list(rows), r["method"], baseline, draws=draws) if r["method"] != baseline else None
+        if ratio is not None:
+            ratios[r["method"]] = ratio
+        out.append(
+            {
+                "method": r["method"],
+                "bits_per_dim": r["bits_per_dim"],
+                "ppl": r["ppl"],
+                "delta_pct": delta.format(2, "%"),
+                "ratio": ratio.format(2) if ratio else "1 (the baseline)",
+            }
+        )
+    return out, ratios
+
+
+def plot_all_methods(rows: Sequence[dict]):
+    """ΔPPL (log) against measured bits/dim, one line per family (E8 rows drawn solid)."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for family in sorted({r["family"] for r in rows[1:]}):
+        points = sorted((r["bits_per_dim"], max(r["delta_pct"], 1e-3)) for r in rows[1:] if r["family"] == family)
+        ax.plot(*zip(*points), "o-" if "E8 + EC" in family else "s--", label=family, ms=5)
+    ax.set(
+        xlabel="measured total bits/dim",
+        ylabel="PPL increase (%)",
+        yscale="log",
+        title="Perplexity cost against stored bits",
+    )
+    ax.legend(fontsize=7, ncol=2)
+    return fig
+
+
+def equal_rate_sentence(
+    e8_bits: float, e8_delta: Estimate, tq_bits: float, tq_delta: Estimate, ratio: Estimate, windows: int, target: float
+) -> str:
+    """The equal-rate result in words, with the interval deciding "at most" / "more than" the target."""
+    if not math.isfinite(ratio.high):
+        judged = "the ratio is not defined: the baseline's own increase is not distinguishable from zero"
+    elif ratio.high <= target:
+        judged = f"its whole interval lies at or below {target:g}"
+    elif ratio.low > target:
+        judged = f"its whole interval lies above {target:g}"
+    else:
+        judged = f"its interval contains {target:g}, so these {_plural(windows, 'window')} do not decide"
+    return (
+        f"At the same measured rate, E8 with entropy coding ({e8_bits:.3f} bits/dim) raises the perplexity by "
+        f"{e8_delta.format(2, '%')}, the TurboQuant-style baseline ({tq_bits:.3f} bits/dim) by "
+        f"{tq_delta.format(2, '%')} over {_plural(windows, 'window')}: a ratio of {ratio.format(2)}; {judged}."
+    )
+
+
+@torch.no_grad()
+def greedy(loaded: LoadedModel, prompt: dict, new_tokens: int, make_cache=None) -> tuple[list[int], float, object]:
+    """Greedy generation of exactly ``new_tokens`` tokens: (token ids, tokens/s, the cache used or None)."""
+    import time
+
+    kwargs = {"cache": make_cache()} if make_cache else {}
+    start = time.perf_counter()
+    out = loaded.model.generate(
+        **prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, **kwargs
+    )
+    new = out[0, prompt["input_ids"].shape[1] :]
+    return new.tolist(), new.numel() / (time.perf_counter() - start), kwargs.get("cache")
+
+
+def generate_rows(
+    loaded: LoadedModel, prompt: dict, new_tokens: int, bits_list: Sequence[float], page_size: int = 64
+) -> list[dict]:
+    """Full precision, then the compressed cache at each rate: how many tokens each keeps equal to full
+    precision, its speed, the bytes it holds at the end and the text (rows of :data:`GENERATE_COLUMNS`)."""
+    from ..cache.compressed import CompressedKVCache
+
+    reference, speed, _ = greedy(loaded, prompt, new_tokens)
+    decode = loaded.tokenizer.decode
+    rows = [
+        {
+            "kv": "full precision",
+            "bits": math.nan,
+            "same_prefix": len(reference),
+            "tokens_per_s": speed,
+            "kv_bytes": math.nan,
+            "text": decode(reference, skip_special_tokens=True),
+            "ids": reference,
+        }
+    ]
+    for b in bits_list:
+        ids, speed, cache = greedy(
+            loaded, prompt, new_tokens, lambda b=b: CompressedKVCache(loaded.config, b, page_size=page_size)
+        )
+        rows.append(
+            {
+                "kv": f"E8 + EC, b = {b:g}",
+                "bits": float(b),
+                "same_prefix": same_prefix(ids, reference),
+                "tokens_per_s": speed,
+                "kv_bytes": cache.nbytes(),
+                "text": decode(ids, skip_special_tokens=True),
+                "ids": ids,
+            }
+        )
+    return rows
+
+
+@torch.no_grad()
+def fork_candidates(loaded: LoadedModel, prompt: dict, reference: Sequence[int], fork: int) -> list[tuple[str, float]]:
+    """The full-precision model's two most likely next tokens (text, probability) after ``fork`` tokens of
+    its own greedy text; empty when ``fork`` is past the end."""
+    if fork >= len(reference):
+        return []
+    context = torch.cat([prompt["input_ids"][0], torch.tensor(reference[:fork], dtype=torch.long)])[None]
+    probs = loaded.model(context.to(loaded.model.device)).logits[0, -1].float().softmax(-1)
+    top = probs.topk(2)
+    return [(loaded.tokenizer.decode([int(i)]), float(p)) for i, p in zip(top.indices, top.values)]
+
+
+@torch.no_grad()
+def cache_growth(loaded: LoadedModel, ids: Tensor, bits_list: Sequence[float], page_size: int = 64) -> dict:
+    """Bytes a compressed cache holds after each page of ``ids`` (shape (1, tokens)) is fed: {bits: [bytes]}
+    and the token counts under ``"tokens"``."""
+    from ..cache.compressed import CompressedKVCache
+
+    steps = list(range(page_size, ids.shape[1] + 1, page_size))
+    held = {"tokens": steps}
+    for b in bits_list:
+        cache = CompressedKVCache(loaded.config, b, page_size=page_size)
+        held[b] = []
+        for start in range(0, steps[-1], page_size):
+            loaded.model(ids[:, start : start + page_size].to(loaded.model.device), cache=cache, use_cache=True)
+            held[b].append(cache.nbytes())
+    return held
+
+
+def plot_cache_growth(held: dict, fp16_bytes_per_token: float):
+    """KiB held against tokens: fp16 (dashed) and the compressed cache at each rate."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    tokens = held["tokens"]
+    ax.plot(tokens, [fp16_bytes_per_token * t / 1024 for t in tokens], "k--", label="fp16")
+    for b, values in held.items():
+        if b != "tokens":
+            ax.plot(tokens, [v / 1024 for v in values], "o-", label=f"E8 + EC, b = {b:g}")
+    ax.set(xlabel="tokens in the cache", ylabel="KiB held", title="Bytes held as the context grows")
+    ax.legend()
+    return fig
