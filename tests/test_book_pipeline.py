@@ -130,9 +130,9 @@ def test_parts_run_side_by_side_and_a_failure_stops_the_rest(tmp_path):
     (root / "book" / "intro.md").write_text("# Intro\n")
     toc = "format: jb-book\nroot: book/intro\nparts:\n"
     sources = {
-        "a/one": "import time; time.sleep(2); open('/'.join(['..', 'a_one.txt']), 'w').write('1')",
+        "a/one": "import time; time.sleep(2); open('/'.join(['..', 'a_one.txt']), 'w').write('1'); open('mine', 'w')",
         "a/two": "import os; assert os.path.exists('../a_one.txt'); open('../a_two.txt', 'w').write('2')",
-        "b/one": "import time; time.sleep(2); open('../b_one.txt', 'w').write('3')",
+        "b/one": "open('mine_b', 'w'); import time; time.sleep(2); open('../b_one.txt', 'w').write('3')",
         "last": "import os; assert all(os.path.exists(f) for f in ('a_one.txt', 'a_two.txt', 'b_one.txt'))",
     }
     for name, source in sources.items():
@@ -152,6 +152,8 @@ def test_parts_run_side_by_side_and_a_failure_stops_the_rest(tmp_path):
     runs = book.execute_notebooks(root, progress=False, jobs=2)
     assert [r.path for r in runs] == ["book/a/one.ipynb", "book/a/two.ipynb", "book/b/one.ipynb", "book/last.ipynb"]
     assert all(r.ran for r in runs)
+    # each kernel ran in its own part's folder, even while the other part's kernel started
+    assert (root / "book" / "a" / "mine").is_file() and (root / "book" / "b" / "mine_b").is_file()
     assert __import__("time").perf_counter() - start < sum(r.seconds for r in runs)  # they overlapped
     stamps = {p: p.read_text() for p in (root / "book" / "a" / ".two.stamp", root / "book" / ".last.stamp")}
     nb = nbformat.read(root / "notebooks" / "a" / "one.ipynb", as_version=4)

@@ -224,7 +224,9 @@ def _run_one(job: NotebookJob, root: Path, key: str, settings: BookSettings, pro
             str(job.source),
             str(job.output),
             parameters={**effective_parameters(job.source, settings), "out_dir": "."},
-            cwd=str(job.output.parent),
+            # the kernel starts in the notebook's folder (nbclient's resources path), not through papermill's
+            # cwd=, which changes the whole process's directory and races when parts run side by side
+            resources={"metadata": {"path": str(job.output.parent)}},
             kernel_name="python3",
             request_save_on_cell_execute=False,
             progress_bar={"disable": not progress, "unit": "cell", "desc": job.source.stem},
