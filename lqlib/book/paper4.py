@@ -238,10 +238,11 @@ def _schedule(
 
 
 def allocation_specs(
-    kv: KVSample, weights: np.ndarray, budgets: Sequence[float], grid: float, scales: Tensor
+    kv: KVSample, weights: np.ndarray, budgets: Sequence[float], grid: float, scales: Tensor, extra: bool = True
 ) -> tuple[list[MethodSpec], dict]:
-    """Harness specs of every schedule at every budget (:data:`VARIANTS`), and {(variant, budget): schedule}.
-    Each schedule's *measured* rate on ``kv`` meets its budget without exceeding it."""
+    """Harness specs of every schedule at every budget (:data:`VARIANTS`; ``extra=False`` keeps uniform and
+    optimal only), and {(variant, budget): schedule}. Each schedule's *measured* rate on ``kv`` meets its
+    budget without exceeding it."""
     split = np.broadcast_to(weights.mean(axis=0), weights.shape)
     top = max(budgets)
     specs, schedules = [], {}
