@@ -50,13 +50,15 @@ def compact_png(fig, dpi: int = 80, colours: int = 64) -> bytes:
 
 
 def _factor_label(lower: str, upper: str) -> str:
+    short = {"bound": "bound", "scalar + EC": "scalar+EC", "Lloyd–Max": "Lloyd–Max"}
+    name = f"{short.get(upper, upper.split()[0])} / {short.get(lower, lower.split()[0])}"
     if (lower, upper) == ("bound", "scalar + EC"):
-        return "cell shape: bound → scalar + EC"
+        return f"cell shape = {name}"
     if (lower, upper) == ("bound", "Lloyd–Max"):
-        return "total: bound → Lloyd–Max"
+        return f"total = {name}"
     if (lower, upper) == ("scalar + EC", "Lloyd–Max"):
-        return "fixed rate: scalar + EC → Lloyd–Max"
-    return f"{lower} → {upper}"
+        return f"fixed rate = {name}"
+    return name
 
 
 def _text(x: float, y: float, text: str, size: int = 11, anchor: str = "start", **style: str) -> str:
@@ -74,8 +76,10 @@ def _svg_panel(x0: float, width: float, top: float, rows: list[tuple], xmax: flo
 
     bottom = top + row_h * len(rows)
     out = []
-    for t in (0.8, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0):
-        if t < xmax:
+    placed: list[float] = []
+    for t in (1.0, 2.0, 0.8, 1.5, 3.0, 4.0, 1.25, 2.5, 5.0):  # the most telling first; none closer than 18 px
+        if t < xmax and all(abs(x(t) - x(u)) >= 18 for u in placed):
+            placed.append(t)
             out.append(f'<line x1="{x(t):.1f}" y1="{top - 4:.1f}" x2="{x(t):.1f}" y2="{bottom:.1f}" stroke="#e3e3e3"/>')
             out.append(_text(x(t), bottom + 13, f"{t:g}", 10, "middle", fill="#444"))
     for i, (label, estimate, limit, colour) in enumerate(rows):
@@ -108,25 +112,26 @@ def ladder_svg(ladder: Ladder, label: str) -> str:
     factors = list(ladder.factors)
     ordered = factors[:5][::-1] + factors[5:]
     top_value = max([r.gap.high for r in rungs] + [f.value.high for f in factors] + [r.limit for r in rungs])
-    xmax = max(3.3, 1.3 * top_value)
-    width, row_h = 860, 24
-    parts = _svg_panel(108, 230, 62, [(r.rung, r.gap, r.limit, RUNG_COLOURS[r.rung]) for r in rungs], xmax)
+    xmax = max(3.3, 1.25 * top_value)
+    width, row_h, top = 760, 24, 66
+    parts = _svg_panel(84, 160, top, [(r.rung, r.gap, r.limit, RUNG_COLOURS[r.rung]) for r in rungs], xmax)
     colours = [RUNG_COLOURS[f.upper] for f in factors[:5]][::-1] + ["#9a9a9a", "#555555"]
     rows = [(_factor_label(f.lower, f.upper), f.value, f.limit, c) for f, c in zip(ordered, colours)]
-    parts += _svg_panel(612, 200, 62, rows, xmax)
-    sep = 62 + row_h * 5
+    parts += _svg_panel(524, 176, top, rows, xmax)
+    sep = top + row_h * 5
     parts.append(
-        f'<line x1="400" y1="{sep:.1f}" x2="{width - 10}" y2="{sep:.1f}" stroke="#888" stroke-dasharray="3,3"/>'
+        f'<line x1="300" y1="{sep:.1f}" x2="{width - 4}" y2="{sep:.1f}" stroke="#888" stroke-dasharray="3,3"/>'
     )
     fixed = ladder.rung("Lloyd–Max")
     cell, total, penalty = ladder.factor("bound", "scalar + EC"), ladder.factor("bound", "Lloyd–Max"), factors[4]
-    parts.append(_text(10, 20, f"{label}, b = {ladder.bits:g} bits/dim", 14, font_weight="bold"))
-    parts.append(_text(10, 40, f"Lloyd–Max: {fixed.levels} levels, {fixed.rate:.3f} bits/dim", 11, fill="#444"))
-    parts.append(_text(223, 56, "gap D / D*(R), log scale (1: Shannon's bound)", 11, "middle"))
+    rate = "bit/dim" if ladder.bits == 1 else "bits/dim"
+    parts.append(_text(6, 18, f"{label}, b = {ladder.bits:g} {rate}", 14, font_weight="bold"))
+    parts.append(_text(6, 36, f"Lloyd–Max: {fixed.levels} levels, {fixed.rate:.3f} bits/dim", 11, fill="#444"))
+    parts.append(_text(164, top - 10, "gap D / D*(R), log scale", 11, "middle"))
     parts.append(
         _text(
-            width - 10,
-            20,
+            width - 6,
+            18,
             f"total {total.value.value:.2f} = cell shape {cell.value.value:.2f} × fixed rate {penalty.value.value:.2f}",
             13,
             "end",
@@ -135,26 +140,19 @@ def ladder_svg(ladder: Ladder, label: str) -> str:
     )
     parts.append(
         _text(
-            width - 10,
-            40,
+            width - 6,
+            36,
             f"high-rate limits: {total.limit:.2f} = {cell.limit:.2f} × {penalty.limit:.2f}",
             11,
             "end",
             fill="#444",
         )
     )
-    parts.append(_text(712, 56, "factor between rungs, log scale", 11, "middle"))
-    height = 62 + row_h * 7 + 44
-    limits = "the high-rate limits" + (" of a Gaussian, for reference" if ladder.limits == "gaussian reference" else "")
+    parts.append(_text(612, top - 10, "ratio of two rungs' gaps, log scale", 11, "middle"))
+    height = top + row_h * 7 + 40
+    limits = "high-rate limits" + (" of a Gaussian, for reference" if ladder.limits == "gaussian reference" else "")
     parts.append(
-        _text(
-            width - 10,
-            height - 6,
-            f"bars: measured, with 95% Monte Carlo intervals; black ticks: {limits}",
-            10,
-            "end",
-            fill="#444",
-        )
+        _text(6, height - 6, f"bars: measured, 95% Monte Carlo intervals; black ticks: {limits}", 10, fill="#444")
     )
     body = "".join(parts)
     return (

@@ -6,8 +6,9 @@ browser (``jslink``) to the ``selected_index`` of the stacks of its level. No
 kernel is needed to move a control, so the embedded widget state of the
 executed notebook is enough for the book, and nothing is requested from a server.
 
-A picture is PNG bytes, an HTML string (a table, a sentence), or a sequence of
-them shown one under the other (e.g. a figure and the sentence that reads it).
+A picture is PNG bytes, an SVG document (a string starting with ``<svg``, shown as an image), an HTML
+string (a table, a sentence), or a sequence of them shown one under the other (e.g. a figure and the
+sentence that reads it).
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ def _widget(picture):
 
     if isinstance(picture, bytes):
         return widgets.Image(value=picture, format="png")
+    if isinstance(picture, str) and picture.lstrip().startswith("<svg"):
+        return widgets.Image(value=picture.encode(), format="svg+xml")
     if isinstance(picture, str):
         return widgets.HTML(value=picture)
     if isinstance(picture, Sequence) and picture:
@@ -73,8 +76,8 @@ def picture_grid(
     ----------
     axes : one (label, option labels, kind) per control, outermost first; kind is ``"slider"``,
         ``"buttons"`` or ``"dropdown"`` (True / False still mean slider / buttons).
-    render : called with one option label per axis (in order); returns PNG bytes, an HTML string, or a
-        sequence of them (shown one under the other).
+    render : called with one option label per axis (in order); returns PNG bytes, an SVG document, an HTML
+        string, or a sequence of them (shown one under the other).
     progress : ignored (kept for callers of the first version; the book shows no progress bars).
 
     Returns
