@@ -23,6 +23,10 @@ __all__ = [
     "barrier_figure",
     "lattice_cloud_figure",
     "e8_trace_html",
+    "table3_rate_figure",
+    "rht_figure",
+    "real_kv_figure",
+    "perplexity_figure",
 ]
 
 #: One colour per rung (lattices in blues, entropy-coded scalar in orange, fixed rate in red).
@@ -267,3 +271,70 @@ def e8_trace_html(trace, caption: str) -> str:
         f"<tr><th></th>{head}</tr>{''.join(body)}</table>"
         f'<p style="font-size:13px;max-width:46em">{html.escape(caption)}</p>'
     )
+
+
+def table3_rate_figure(rows: list[dict]):
+    """Coded rate over the target rate, ours with 95% intervals and the paper's (Table 3 rows)."""
+    fig, ax = plt.subplots(figsize=(6.2, 3.2))
+    targets = np.array([r["target_bits"] for r in rows])
+    ours = np.array([[r["coded_bits"], r["coded_bits_low"], r["coded_bits_high"]] for r in rows]) / targets[:, None]
+    ax.errorbar(targets, ours[:, 0], yerr=[ours[:, 0] - ours[:, 1], ours[:, 2] - ours[:, 0]], fmt="o-", label="ours")
+    ax.plot(targets, [r["paper_coded_bits"] / r["target_bits"] for r in rows], "x--", label="paper")
+    ax.set(xlabel="target b (bits/dim)", ylabel="coded rate / b", title="Coded rate relative to the target")
+    ax.legend()
+    return fig
+
+
+def rht_figure(curves: dict, sources: list[str]):
+    """Rate–distortion curves (MSE/σ² against measured bits/dim) with and without the RHT, one panel per
+    source; ``curves`` maps (source, "none" | "rht") to ChunkedPoints over the bit widths."""
+    fig, axes = plt.subplots(1, len(sources), figsize=(2.6 * len(sources), 3.0))
+    for ax, name in zip(np.atleast_1d(axes), sources):
+        for rot, style in (("none", "o--"), ("rht", "s-")):
+            pts = curves[(name, rot)]
+            sigma2 = [p.power.sum() / p.count.sum() for p in pts]
+            ax.semilogy([p.rate() for p in pts], [p.mse() / s for p, s in zip(pts, sigma2)], style, ms=4, label=rot)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("measured bits/dim")
+    np.atleast_1d(axes)[0].set_ylabel("MSE / σ²")
+    np.atleast_1d(axes)[0].legend()
+    fig.tight_layout()
+    return fig
+
+
+def real_kv_figure(rows: list[dict], paper_range: tuple[float, float]):
+    """Table 4 rows: the gap at the target with 95% intervals (the paper's range shaded) and the cosine
+    dissimilarity, keys and values."""
+    fig, axes = plt.subplots(1, 2, figsize=(8.5, 3.2))
+    for kind, marker in (("K", "o-"), ("V", "s-")):
+        sel = [r for r in rows if r["kind"] == kind]
+        bits, gap = [r["bits"] for r in sel], np.array([r["gap_at_target"] for r in sel])
+        err = [gap - [r["gap_low"] for r in sel], [r["gap_high"] for r in sel] - gap]
+        axes[0].errorbar(bits, gap, yerr=err, fmt=marker, label=kind, capsize=2)
+        axes[1].plot(bits, [1 - r["cosine"] for r in sel], marker, label=kind)
+    axes[0].axhspan(*paper_range, color="gray", alpha=0.2, label="paper (Llama-3.2-1B)")
+    axes[0].set(xlabel="target b", ylabel="D / D*(b)", title="gap on real KV")
+    axes[1].set(xlabel="target b", ylabel="1 − cosine similarity", yscale="log", title="direction error")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def perplexity_figure(rows: list[dict], label: str, paper: dict[str, dict[str, float]], models: list[str]):
+    """PPL increase (%) against bits: ours with 95% intervals (Table 5 rows) and the paper's ``models``."""
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    ours = [r for r in rows if r["bits"] == r["bits"]]
+    delta = np.array([r["delta_pct"] for r in ours])
+    err = [delta - [r["delta_low"] for r in ours], [r["delta_high"] for r in ours] - delta]
+    ax.errorbar([r["bits"] for r in ours], delta, yerr=err, fmt="o-", capsize=2, label=f"{label} (ours)")
+    for name in models:
+        points = sorted((float(b), 100 * (p / paper[name]["fp16"] - 1)) for b, p in paper[name].items() if b != "fp16")
+        ax.plot(*zip(*points), "x--", label=f"{name} (paper)")
+    ax.set(
+        xlabel="target b (bits/dim)",
+        ylabel="PPL increase (%)",
+        yscale="symlog",
+        title="Perplexity cost of the KV codec",
+    )
+    ax.legend(fontsize=8)
+    return fig
