@@ -19,6 +19,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -31,6 +32,9 @@ __all__ = [
     "nearest_e8",
     "normalized_second_moment",
     "pairwise_sum",
+    "CosetTrace",
+    "E8Trace",
+    "trace_e8",
 ]
 
 _SQRT3 = math.sqrt(3.0)
@@ -132,6 +136,71 @@ def nearest_e8(x: Tensor) -> Tensor:
     odd = g.scatter_add(-1, v, up * odd_g) + 0.5
     gap = ((pairwise_sum(size) - 2.0) + odd_f * (1.0 - 2.0 * err_w.abs())) - odd_g * (2.0 * size.gather(-1, v))
     return torch.where(gap > 0, odd, even)
+
+
+@dataclass(frozen=True)
+class CosetTrace:
+    """The nearest point of one coset of E8 (D8, or D8 + ½·1) to a block, step by step.
+
+    Attributes
+    ----------
+    rounded : each coordinate rounded to the coset's grid (integers, or integers + ½), shape (8,).
+    error : x − rounded, shape (8,).
+    parity : parity of the sum of the integer parts of ``rounded`` (0 even, 1 odd).
+    fixed : the coordinate re-rounded the other way when the parity is odd (the largest |error|), or None.
+    point : the coset's nearest point (even sum of integer parts), shape (8,).
+    distance2 : squared distance from x to ``point``.
+    """
+
+    rounded: np.ndarray
+    error: np.ndarray
+    parity: int
+    fixed: int | None
+    point: np.ndarray
+    distance2: float
+
+
+@dataclass(frozen=True)
+class E8Trace:
+    """Conway & Sloane's nearest-point search in E8 = D8 ∪ (D8 + ½·1) on one block: both cosets and the choice.
+
+    Attributes
+    ----------
+    x : the block, shape (8,) (already divided by the step).
+    even, odd : the searches in D8 and in D8 + ½·1.
+    coset : 0 when the even coset's point is chosen (ties included), 1 for the odd one.
+    point : the nearest E8 point, shape (8,).
+    """
+
+    x: np.ndarray
+    even: CosetTrace
+    odd: CosetTrace
+    coset: int
+    point: np.ndarray
+
+
+def _coset_trace(x: np.ndarray, shift: float) -> CosetTrace:
+    rounded = np.round(x - shift) + shift
+    error = x - rounded
+    parity = int(np.round(np.sum(rounded - shift))) % 2
+    point, fixed = rounded.copy(), None
+    if parity:
+        fixed = int(np.argmax(np.abs(error)))  # the first largest error
+        point[fixed] += 1.0 if error[fixed] >= 0 else -1.0
+    return CosetTrace(rounded, error, parity, fixed, point, float(np.sum((x - point) ** 2)))
+
+
+def trace_e8(block: np.ndarray | Tensor) -> E8Trace:
+    """The steps of the nearest E8 point to one block of 8 coordinates (the textbook algorithm, kept for
+    reading; :func:`nearest_e8` computes the same point vectorised): in each coset round every
+    coordinate, and where the sum of the integer parts is odd re-round the coordinate with the largest
+    rounding error the other way; keep the closer of the two points (the even one at a tie)."""
+    x = np.asarray(block.detach().cpu() if isinstance(block, Tensor) else block, dtype=np.float64).reshape(-1)
+    if x.shape != (8,) or not np.all(np.isfinite(x)):
+        raise ValueError(f"need one block of 8 finite coordinates, got shape {x.shape}")
+    even, odd = _coset_trace(x, 0.0), _coset_trace(x, 0.5)
+    coset = int(odd.distance2 < even.distance2)
+    return E8Trace(x, even, odd, coset, (odd if coset else even).point.copy())
 
 
 def nearest_a2(x: Tensor) -> Tensor:

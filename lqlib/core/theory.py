@@ -17,6 +17,10 @@ __all__ = [
     "gaussian_distortion_bound",
     "entropy_coded_gap",
     "kv_cache_bytes",
+    "ENTROPY_POWER_RATIO",
+    "PANTER_DITE_CONSTANT",
+    "high_rate_gaps",
+    "FIXED_LENGTH_WASTE_BITS",
 ]
 
 #: Fixed-rate optimal scalar quantizer on a Gaussian at high rate (Panter–Dite): D / D*(b) = √3·π/2.
@@ -42,3 +46,32 @@ def entropy_coded_gap(lattice: str) -> float:
 def kv_cache_bytes(layers: int, kv_heads: int, head_dim: int, tokens: int, bits: float) -> float:
     """Bytes of a KV cache: 2 (K and V) · layers · kv_heads · head_dim · tokens · b / 8."""
     return 2.0 * layers * kv_heads * head_dim * tokens * bits / 8.0
+
+
+#: Entropy power over variance, 2^(2h) / (2πe·σ²), of the unit-variance sources with closed forms: 1 for a
+#: Gaussian (the largest), e/π for a Laplace. An entropy-coded quantizer's high-rate gap against the
+#: Gaussian bound σ²·4^(−R) is 2πe·G(Λ) times this.
+ENTROPY_POWER_RATIO = {"gaussian": 1.0, "laplace": math.e / math.pi}
+#: Panter–Dite constant (∫p^(1/3))³/12 / σ² of the same sources: the high-rate D·4^b/σ² of the optimal
+#: fixed-rate scalar quantizer (√3·π/2 for a Gaussian, 9/2 for a Laplace).
+PANTER_DITE_CONSTANT = {"gaussian": PANTER_DITE_GAP, "laplace": 4.5}
+
+
+def high_rate_gaps(source: str) -> dict[str, float]:
+    """High-rate limits of D / (σ²·4^(−R)) for ``"gaussian"`` or ``"laplace"``: entropy-coded ``"E8"``,
+    ``"D4"``, ``"A2"``, ``"Z"`` (2πe·G(Λ) times the entropy power ratio) and ``"fixed"`` (Panter–Dite)."""
+    if source not in ENTROPY_POWER_RATIO:
+        raise ValueError(f"high-rate limits are known here for {sorted(ENTROPY_POWER_RATIO)}, got {source!r}")
+    limits = {name: entropy_coded_gap(name) * ENTROPY_POWER_RATIO[source] for name in ("E8", "D4", "A2", "Z")}
+    limits["fixed"] = PANTER_DITE_CONSTANT[source]
+    return limits
+
+
+#: Bits/dim a fixed-length code of the Lloyd–Max index spends over the index's entropy at high rate: the
+#: relative entropy D(p ‖ λ) of the source from the Panter–Dite point density λ ∝ p^(1/3) (a Gaussian of
+#: three times the variance, a Laplace of three times the scale): (ln 3 + 1/3 − 1)/2 nats for a Gaussian,
+#: ln 3 + 1/3 − 1 nats for a Laplace. 4 to this power is the share of the fixed-rate penalty it explains.
+FIXED_LENGTH_WASTE_BITS = {
+    "gaussian": 0.5 * (math.log(3.0) + 1.0 / 3.0 - 1.0) / math.log(2.0),
+    "laplace": (math.log(3.0) + 1.0 / 3.0 - 1.0) / math.log(2.0),
+}
