@@ -110,10 +110,35 @@ def test_every_page_is_built_with_its_figures_tables_and_glue(built):
     ):
         assert (root / "book" / "paper2" / "tables" / f"{table}.csv").is_file()
     paper3 = root / "book" / "paper3"
-    for figure in ("theorem_a_rho", "theorem_a_scatter", "taylor_check", "theorem_c_range"):
+    for figure in (
+        "permutation_puzzle",
+        "permutation_risk",
+        "theorem_a_rho",
+        "theorem_a_scatter",
+        "taylor_check",
+        "theorem_b_ratios",
+        "theorem_b_first_order",
+        "theorem_c_range",
+    ):
         assert (paper3 / "figures" / f"{figure}.png").stat().st_size > 1000
-    for table in ("theorem_a_rho", "taylor_check", "k_path_share", "bias_drift", "theorem_c", "theorem_c_end_to_end"):
+    for table in (
+        "permutation_puzzle",
+        "permutation_summary",
+        "pinned_mse",
+        "theorem_a_rho",
+        "taylor_check",
+        "k_path_share",
+        "theorem_a_paper_values",
+        "theorem_b",
+        "theorem_b_detail",
+        "theorem_c",
+        "theorem_c_anisotropy",
+        "theorem_c_end_to_end",
+    ):
         assert (paper3 / "tables" / f"{table}.csv").is_file()
+    for page in ("01_permutation_puzzle", "02_theorem_a", "03_theorem_b", "04_theorem_c"):
+        for kind in ("criteria", "protocol", "verdicts"):
+            assert (paper3 / "tables" / f"{kind}_paper3_{page}.csv").is_file()
     for figure in ("sensitivity_profile", "slot_check", "allocation", "schedule"):
         assert (root / "book" / "paper4" / "figures" / f"{figure}.png").stat().st_size > 1000
     for table in ("sensitivity", "sensitivity_per_layer", "am_gm", "slot_check", "allocation", "water_filling"):

@@ -268,8 +268,10 @@ def test_real_passes_add_up_for_small_steps(tiny):
     np.testing.assert_allclose(prefix.parts[:, 0], everything.parts[:200, 0], rtol=1e-12)  # paired: layer 0 alike
     result = real_pass_additivity(everything, [prefix], draws=1000, unit="trials")
     assert result.n_groups == 2 and result.increment_trials == 200 and result.n_windows == 2
-    assert result.pos_add.contains(1) and result.pred_direct.contains(1)
-    assert result.pos_add.high - result.pos_add.low < 0.6
+    assert result.pos_add_direct.contains(1) and result.pred_direct.contains(1)
+    assert result.pos_add_direct.high - result.pos_add_direct.low < 0.6
+    assert result.pos_add.value == pytest.approx(1, abs=0.01)
+    assert result.pos_add.high - result.pos_add.low < 0.1 * (result.pos_add_direct.high - result.pos_add_direct.low)
     # the control variate sees the tiny second-order departure that the plain estimate cannot
     assert result.pred.value == pytest.approx(1, abs=0.005) and result.pred_direct.contains(result.pred.value)
     assert result.pred.high - result.pred.low < 0.05 * (result.pred_direct.high - result.pred_direct.low)

@@ -53,9 +53,14 @@ from .permutation import (
     QuantizedRun,
     cache_orderings,
     measure_quantized,
+    ordering_change,
     ordering_ratio,
+    ordering_risk,
     ordering_summary,
+    permutation_configurations,
     permuted_quantizers,
+    run_ordering,
+    within_block_permutation,
 )
 from .quantizers import SCALAR_STEP_FACTOR, Dithered, Permuted, ScalarBlockQuantizer, block_permutation
 from .theorem_a import (
@@ -67,6 +72,7 @@ from .theorem_a import (
     master_identity,
     predictor_study,
     theorem_a_configurations,
+    theorem_a_family,
 )
 from .theorem_b import (
     UNITS,
@@ -113,6 +119,7 @@ __all__ = [
     "PredictorStudy",
     "predictor_study",
     "theorem_a_configurations",
+    "theorem_a_family",
     "log_log_slope",
     "Additivity",
     "variance_additivity",
@@ -159,7 +166,12 @@ __all__ = [
     "ErrorMeter",
     "QuantizedRun",
     "measure_quantized",
+    "within_block_permutation",
+    "ordering_change",
+    "permutation_configurations",
     "OrderingRun",
+    "run_ordering",
+    "ordering_risk",
     "SPREAD_KINDS",
     "OrderingSpread",
     "ordering_ratio",

@@ -86,9 +86,11 @@ def _targets(ids: Tensor, labels: Tensor | None) -> Tensor:
 
 def _window_nll(logits: Tensor, targets: Tensor) -> Tensor:
     """Summed NLL (nats) of each window's scored targets, shape (B,); logits (B, T, V), targets (B, T−1)
-    with −100 = unscored. Computed in float32 at least."""
+    with −100 = unscored. Computed in float32 at least, with the vocabulary as the contiguous last axis (about
+    five times faster on the CPU than a (B, V, T) layout)."""
     work = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))
-    return F.cross_entropy(work.transpose(1, 2), targets, ignore_index=-100, reduction="none").sum(-1)
+    flat = F.cross_entropy(work.reshape(-1, work.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="none")
+    return flat.view(targets.shape).sum(-1)
 
 
 def _windows(loaded: LoadedModel, input_ids: Tensor, labels: Tensor | None, batch_size: int, desc: str, progress: bool):

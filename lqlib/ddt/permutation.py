@@ -26,8 +26,16 @@ from ..errors import InputError
 from ..evaluation.capture import KVSample
 from ..evaluation.models import LoadedModel
 from ..evaluation.perplexity import perplexity
-from ..evaluation.stats import Estimate, RatioEstimate, paired_gap_pp, percentile_interval, resample
+from ..evaluation.stats import (
+    Estimate,
+    RatioEstimate,
+    paired_delta_pct,
+    paired_gap_pp,
+    percentile_interval,
+    resample,
+)
 from .gradients import _stored
+from .moments import directional_risk, error_moments_for_cache
 from .quantizers import Permuted, Quantizer, Quantizers, _per_layer, block_permutation
 
 __all__ = [
@@ -37,7 +45,12 @@ __all__ = [
     "ErrorMeter",
     "QuantizedRun",
     "measure_quantized",
+    "within_block_permutation",
+    "ordering_change",
+    "permutation_configurations",
     "OrderingRun",
+    "run_ordering",
+    "ordering_risk",
     "SPREAD_KINDS",
     "OrderingSpread",
     "ordering_ratio",
@@ -219,6 +232,36 @@ def _measure_quantized(loaded, input_ids, labels, key_quantizers, value_quantize
     )
 
 
+def within_block_permutation(d: int, block: int = 8, seed: int = 0) -> Tensor:
+    """A seeded permutation of d dims that shuffles dims only inside each block of ``block``: int64 (d,)."""
+    if d % block:
+        raise InputError(f"block {block} does not divide the dim {d}")
+    generator = torch.Generator().manual_seed(seed)
+    return torch.cat([torch.randperm(block, generator=generator) + block * k for k in range(d // block)])
+
+
+def ordering_change(quantizer, x: Tensor, permutation) -> float:
+    """‖q_p(x) − q(x)‖ / ‖q(x) − x‖: how far the ordering ``permutation`` moves a quantizer's output, in units
+    of its quantization error (``q_p`` = :class:`~lqlib.ddt.Permuted`; 0 for an ordering inside the blocks)."""
+    plain = Permuted(quantizer, torch.arange(x.shape[-1]))(x)
+    return float((Permuted(quantizer, permutation)(x) - plain).norm() / (plain - x).norm())
+
+
+def permutation_configurations(
+    quantizers: Sequence[str], bit_widths: Sequence[float], random_seeds: int, rht: str = "", rht_bits=(), rht_seeds=1
+) -> list[tuple[str, float, str, int | None]]:
+    """The puzzle's configurations as (quantizer, bits, ordering, seed): every quantizer of ``quantizers`` at
+    every bit width with the identity, sorted and ``random_seeds`` random orderings; the quantizer ``rht`` only
+    at ``rht_bits``, with ``rht_seeds`` random orderings."""
+    out = []
+    for bits in bit_widths:
+        for name in [*quantizers, *([rht] if rht and bits in rht_bits else [])]:
+            seeds = rht_seeds if name == rht else random_seeds
+            orders = [("identity", None), ("sorted", None)] + [("random", s) for s in range(seeds)]
+            out += [(name, float(bits), ordering, seed) for ordering, seed in orders]
+    return out
+
+
 @dataclass(frozen=True)
 class OrderingRun:
     """One configuration of the puzzle: a quantizer at a bit width under one ordering, scored.
@@ -241,6 +284,40 @@ class OrderingRun:
     def name(self) -> str:
         """The ordering's name, with the seed of a random one (``"random (seed 1)"``)."""
         return self.ordering if self.seed is None else f"{self.ordering} (seed {self.seed})"
+
+
+def run_ordering(
+    loaded: LoadedModel,
+    input_ids: Tensor,
+    labels: Tensor,
+    quantizer,
+    orderings: tuple[Sequence[Tensor], Sequence[Tensor]],
+    baseline,
+    *,
+    name: str,
+    bits: float,
+    ordering: str,
+    seed: int | None = None,
+    batch_size: int = 2,
+    draws: int = 4000,
+) -> OrderingRun:
+    """Score ``quantizer`` under per-layer key and value ``orderings`` (:func:`cache_orderings`) in the loop
+    (:func:`measure_quantized`), with ΔPPL against ``baseline`` (the full-precision
+    :class:`~lqlib.evaluation.perplexity.PerplexityResult` of the same windows) and its paired interval."""
+    keys, values = (permuted_quantizers(quantizer, o) for o in orderings)
+    run = measure_quantized(loaded, input_ids, labels, keys, values, batch_size)
+    delta = paired_delta_pct(run.window_nll, baseline.window_nll, baseline.window_tokens, draws=draws)
+    return OrderingRun(name, float(bits), ordering, seed, run, delta)
+
+
+def ordering_risk(
+    M: np.ndarray, kv: KVSample, quantizer, orderings: tuple[Sequence[Tensor], Sequence[Tensor]]
+) -> float:
+    """Σ over layers, paths and heads of the directional risk tr(MΣ), with Σ the error moments of ``quantizer``
+    under ``orderings`` on the captured cache ``kv`` (:func:`~lqlib.ddt.error_moments_for_cache`) and M of
+    shape (layers, 2, kv_heads, d, d)."""
+    keys, values = (permuted_quantizers(quantizer, o) for o in orderings)
+    return float(directional_risk(M, error_moments_for_cache(kv, keys, values).sigma).sum())
 
 
 #: How an :class:`OrderingSpread` classifies the orderings' effect on ΔPPL (see :func:`ordering_summary`).

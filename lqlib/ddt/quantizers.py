@@ -203,6 +203,10 @@ class Dithered:
         generator = torch.Generator(device=x.device).manual_seed(self.seed)
         return torch.rand(x.shape, generator=generator, device=x.device, dtype=_work(x).dtype) - 0.5
 
-    def __call__(self, x: Tensor) -> Tensor:
+    def quantize_with_steps(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(x̂, the steps Δ it used), computing the steps once."""
         work, step, u = _work(x), self.steps(x), self.dither(x)
-        return ((torch.round(work / step + u) - u) * step).to(x.dtype)
+        return ((torch.round(work / step + u) - u) * step).to(x.dtype), step
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.quantize_with_steps(x)[0]

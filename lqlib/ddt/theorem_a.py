@@ -43,6 +43,7 @@ __all__ = [
     "PredictorStudy",
     "predictor_study",
     "theorem_a_configurations",
+    "theorem_a_family",
     "log_log_slope",
 ]
 
@@ -562,6 +563,20 @@ def theorem_a_configurations(
                 f"mix {seed}", "per-layer mix", tuple([menu[pick[p, l]][p][l] for l in range(layers)] for p in (0, 1))
             )
         )
+    return out
+
+
+def theorem_a_family(bit_widths: Sequence[float], sample: KVSample, stride: int = 1) -> list[dict]:
+    """:func:`theorem_a_configurations` at every bit width (every ``stride``-th member), each entry with its
+    ``bits`` and a ``mirror`` flag set for the first member of each family (the configurations that also run
+    the mirror pass)."""
+    if stride < 1:
+        raise ValueError(f"stride must be positive, got {stride}")
+    out = []
+    for bits in bit_widths:
+        members = theorem_a_configurations(float(bits), sample)[::stride]
+        firsts = {m["family"]: i for i, m in reversed(list(enumerate(members)))}
+        out += [dict(m, bits=float(bits), mirror=i in firsts.values()) for i, m in enumerate(members)]
     return out
 
 

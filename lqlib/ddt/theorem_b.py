@@ -347,8 +347,8 @@ def _recording_steps(quantizer: Dithered, store: dict, key: tuple[int, int]) -> 
     """``quantizer`` that also records (error injected, steps used) under ``key``."""
 
     def write(x: Tensor) -> Tensor:
-        out = quantizer(x)
-        store[key] = ((out - x).detach(), quantizer.steps(x))
+        out, steps = quantizer.quantize_with_steps(x)
+        store[key] = ((out - x).detach(), steps)
         return out
 
     return write
@@ -631,7 +631,8 @@ class RealPassAdditivity:
     var_total : Σ_w Var(ΔL_w). var_first_order : Σ_w Var(X_w), X the fixed-gradient first-order sum of
         the same trials. sum_var_increments : Σ_w Σ_g Var(D_g,w) over the increments (NaN without).
     analytic : Σ ‖g‖²Δ²/12 (realised steps) = Var X exactly; analytic_clean : with the clean steps.
-    pos_add : var_total / sum_var_increments (NaN estimate without nested runs).
+    pos_add : Var(ΔL) / Σ_g Var(D_g), with the first-order sums as control variates (see the function;
+        NaN estimate without nested runs). pos_add_direct : Σ_w Var(ΔL_w) / Σ_w Σ_g Var(D_g,w), plain.
     pred : Var(ΔL) / analytic, estimated with X as a control variate (see the function).
     pred_direct : Σ_w Var(ΔL_w) / analytic, the plain estimate (wider).
     var_ratio : Var(ΔL) / Var(X) over the same trials.
@@ -650,6 +651,7 @@ class RealPassAdditivity:
     analytic: float
     analytic_clean: float
     pos_add: Estimate
+    pos_add_direct: Estimate
     pred: Estimate
     pred_direct: Estimate
     var_ratio: Estimate
@@ -695,11 +697,16 @@ def real_pass_additivity(
     Theorem B says they are martingale differences: pos_add = Var(ΔL) / Σ_g Var(D_g) = 1. Computed over
     the first n trials of every run, n the fewest; G − 1 extra passes per trial.
 
-    **pred** = Var(ΔL) / A with A = Σ ‖g‖²Δ²/12 (realised steps). The fixed-gradient sum X of the same
-    trials has Var X = A exactly (independent subtractive dither makes it a martingale-difference sum
-    with those conditional variances), so X is a control variate: Var(ΔL) is estimated as
-    A + Σ_w [Var(ΔL_w) − Var(X_w)], unbiased like the plain Σ_w Var(ΔL_w) but far less noisy when ΔL
-    follows X (the plain estimate is ``pred_direct``).
+    **Control variates.** The fixed-gradient sum X of a trial has Var X = A = Σ ‖g‖²Δ²/12 (realised
+    steps) exactly: independent subtractive dither makes it a martingale-difference sum with those
+    conditional variances. So is the sum X_g over each group's slots, with its own A_g (in a paired
+    nested run the first groups inject exactly the all-slot run's errors). Each variance of a real loss
+    change is therefore estimated as its first-order part's known variance plus the sample difference,
+    e.g. Var(ΔL) ≈ A + Σ_w [Var(ΔL_w) − Var(X_w)]: unbiased like the plain Σ_w Var(ΔL_w), and far less
+    noisy when ΔL follows X, since the noise of the sample variance of X cancels.
+
+    **pred** = Var(ΔL) / A, and **pos_add** = Var(ΔL) / Σ_g Var(D_g), both with these estimates
+    (``pred_direct`` and ``pos_add_direct`` are the plain ratios of sample variances).
 
     Intervals: percentile bootstrap over windows (``unit="windows"``: each window's per-window
     variances are fixed) or over the trials of every window (``"trials"``); A held fixed.
@@ -720,16 +727,29 @@ def real_pass_additivity(
         return _variances(delta, counts), _variances(first, counts)
 
     nan = float("nan")
-    pos_add, sum_increments, n = Estimate(nan, nan, nan, level, 0), nan, 0
+    pos_add = pos_add_direct = Estimate(nan, nan, nan, level, 0)
+    sum_increments, n = nan, 0
     if nested:
         n = min(min(run.n_trials for run in nested), trials.n_trials)
         levels = np.stack([run.window_delta_loss[:n] for run in nested] + [delta[:n]], axis=-1)  # (n, W, G)
         increments = np.diff(levels, axis=-1, prepend=0.0)
+        # the first-order sums and analytic variances of the groups (slots each nested run adds)
+        masks = [run.slots for run in nested] + [trials.slots]
+        groups = [m & ~p for m, p in zip(masks, [np.zeros_like(trials.slots)] + masks[:-1])]
+        x_groups = np.stack([trials.parts[:n, g].sum(axis=(1, 3)) for g in groups], axis=-1)  # (n, W, G)
+        a_groups = np.stack([trials.analytic_parts[g].sum(axis=(0, 2)) for g in groups], axis=-1)  # (W, G)
+        total, x_total = levels[..., -1], x_groups.sum(axis=-1)
 
-        def pos(counts):
-            return _variances(levels[..., -1], counts), _variances(increments, counts).sum(axis=-1)
+        def pos_cv(counts):
+            numerator = analytic_w + _variances(total, counts) - _variances(x_total, counts)
+            parts = a_groups + _variances(increments, counts) - _variances(x_groups, counts)
+            return numerator, parts.sum(axis=-1)
 
-        pos_add = _pooled_ratio(pos, trials.n_windows, n, unit, draws, level, seed)
+        def pos_plain(counts):
+            return _variances(total, counts), _variances(increments, counts).sum(axis=-1)
+
+        pos_add = _pooled_ratio(pos_cv, trials.n_windows, n, unit, draws, level, seed)
+        pos_add_direct = _pooled_ratio(pos_plain, trials.n_windows, n, unit, draws, level, seed)
         sum_increments = float(_variances(increments, None).sum())
     mean, se = _mean_and_se(delta)
     bias, bias_se = _mean_and_se(delta - first)
@@ -745,6 +765,7 @@ def real_pass_additivity(
         analytic=trials.analytic,
         analytic_clean=trials.analytic_clean,
         pos_add=pos_add,
+        pos_add_direct=pos_add_direct,
         pred=_pooled_ratio(pred, *common),
         pred_direct=_pooled_ratio(pred_direct, *common),
         var_ratio=_pooled_ratio(var_ratio, *common),
