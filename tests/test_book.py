@@ -131,8 +131,7 @@ def test_every_page_is_built_with_its_figures_tables_and_glue(built):
         "theorem_a_paper_values",
         "theorem_b",
         "theorem_b_detail",
-        "theorem_c",
-        "theorem_c_anisotropy",
+        "theorem_c_range",
         "theorem_c_end_to_end",
     ):
         assert (paper3 / "tables" / f"{table}.csv").is_file()

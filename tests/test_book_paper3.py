@@ -299,16 +299,18 @@ def test_theorem_c_rows_readings_and_verdicts():
     d = 8
     M = np.stack([np.stack([_psd(d, 10 * l + p) for p in range(2)]) for l in range(3)])[:, :, None]  # (3, 2, 1, d, d)
     sigmas = {"codec": np.broadcast_to(0.01 * np.eye(d) + 0.001 * _psd(d, 99), M.shape).copy()}
-    sigmas["noise"] = np.broadcast_to(0.01 * np.eye(d), M.shape).copy()
+    sigmas["noise"] = np.broadcast_to(0.01 * np.eye(d) + 1e-5 * _psd(d, 98), M.shape).copy()
+    sigmas["exact"] = np.broadcast_to(0.01 * np.eye(d), M.shape).copy()
     study = rotation_study(M, sigmas, eps=0.05, n_rotations=200, seed=1)
-    rows = p3.theorem_c_rows(study, ["codec", "noise"])
-    assert [r["sigma_source"] for r in rows] == ["codec"] * 3 + ["noise"] * 3
-    assert rows[0]["heads"] == 6 and rows[2]["paper"] == "0.01" and rows[0]["paper"] == "0.16–0.25"
-    assert rows[3]["range_iso_median"] == pytest.approx(0.0, abs=1e-12)  # Σ = s²I: no rotation moves the risk
+    rows = p3.theorem_c_rows(study, sigmas, "noise", ("actual", "rank-1", "near-isotropic"))
+    assert [r["source"] for r in rows] == ["paper (Llama-3.1-8B, one head)", "codec", "noise", "exact"]
+    assert rows[0]["actual"] == "0.16–0.25" and rows[0]["near-isotropic"] == "0.01" and math.isnan(rows[0]["exact"])
+    assert rows[1]["heads"] == 6 and rows[1]["actual"].startswith(f"{rows[1]['actual_median']:.3f} (")
+    assert rows[1]["near_isotropic_median"] == pytest.approx(0.05 * rows[1]["actual_median"], rel=1e-9)
+    assert rows[3]["actual_median"] == pytest.approx(0.0, abs=1e-12)  # Σ = s²I: no rotation moves the risk
+    assert rows[2]["anisotropy"] == pytest.approx(1.0) and rows[1]["anisotropy"] > 10 and rows[3]["anisotropy"] == 0
     text = p3.theorem_c_reading(study, "codec", 0.05)
     assert text.startswith("The near-isotropic row is 0.0500 times the actual one") and "200 draws" in text
-    aniso = p3.anisotropy_rows(sigmas, "noise")
-    assert aniso[1]["median"] == pytest.approx(0.0, abs=1e-12) and aniso[0]["median"] > 0
     assert p3.median_anisotropy_head(M[:, 0]) in {(layer, 0) for layer in range(3)}
     with pytest.raises(InputError):
         p3.median_anisotropy_head(M[0, 0, 0])

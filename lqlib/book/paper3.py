@@ -75,8 +75,6 @@ __all__ = [
     "theorem_c_rows",
     "END_TO_END_COLUMNS",
     "end_to_end_rows",
-    "ANISOTROPY_COLUMNS",
-    "anisotropy_rows",
     "theorem_c_reading",
     "end_to_end_reading",
     "median_anisotropy_head",
@@ -120,8 +118,7 @@ def fmt(estimate: Estimate, digits: int = 2, unit: str = "") -> str:
     return estimate.format(digits, unit)
 
 
-def _num(x: float, digits: int = 2) -> str:
-    return f"{x:.{digits}f}" if math.isfinite(x) else "—"
+NAN_ = float("nan")
 
 
 # --------------------------------------------------------------------------------------------- windows
@@ -927,14 +924,14 @@ def theorem_b_finding(results: Mapping[str, tuple], verdicts: Sequence[Verdict],
 
 
 # --------------------------------------------------------------------------------------------- Theorem C
-#: Columns of the Theorem C range table.
+#: Columns of the Theorem C table: one row per Σ source, range/iso per M type (median over heads, 5–95%).
 THEOREM_C_COLUMNS = {
-    "m_type": "M",
-    "sigma_source": "Σ from",
-    "range_iso_median": ("range/iso, median", 3),
-    "band": "5–95% over heads",
-    "exact_range_iso_median": ("exact range/iso, median", 3),
-    "paper": "paper (Llama, one head)",
+    "source": "Σ from",
+    "actual": "actual M",
+    "rank-1": "rank-1 M",
+    "near-isotropic": "near-isotropic M",
+    "exact": ("exact, actual M", 3),
+    "anisotropy": ("anisotropy of Σ / floor", 2),
 }
 
 
@@ -944,29 +941,37 @@ def _paper_c(m_type: str) -> str:
     return f"{lo:g}" if lo == hi else f"{lo:g}–{hi:g}"
 
 
-def theorem_c_rows(study: Mapping[tuple[str, str], object], sources: Sequence[str]) -> list[dict]:
-    """One row per (M type, Σ source) of :func:`~lqlib.ddt.rotation_study`, in the given source order:
-    median, 5% and 95% of range/iso over heads, the median exact range/iso, and the paper's value."""
-    rows = []
-    for (m_type, source), r in study.items():
-        if source not in sources:
-            continue
-        p05, p95 = np.percentile(r.range_iso, [5, 95])
-        rows.append(
-            {
-                "m_type": m_type,
-                "sigma_source": source,
-                "heads": int(r.iso.size),
-                "range_iso_median": float(np.median(r.range_iso)),
-                "range_iso_p05": float(p05),
-                "range_iso_p95": float(p95),
-                "band": f"{p05:.3f}–{p95:.3f}",
-                "exact_range_iso_median": float(np.median(r.exact_range_iso)),
-                "paper": _paper_c(m_type),
-            }
-        )
-    order = {s: i for i, s in enumerate(sources)}
-    return sorted(rows, key=lambda r: order[r["sigma_source"]])
+def theorem_c_rows(
+    study: Mapping[tuple[str, str], object], sigmas: Mapping[str, np.ndarray], floor: str, m_types: Sequence[str]
+) -> list[dict]:
+    """The paper's row (Llama-3.1-8B, one head), then one row per Σ source (``sigmas``' order) of
+    :func:`~lqlib.ddt.rotation_study`: range/iso per M type as "median (5%–95%)" over heads (and the numbers),
+    the median exact range/iso of the actual M, and the median over heads of the anisotropy of Σ
+    (:func:`~lqlib.ddt.anisotropy`) relative to the sample floor (isotropic noise from as many vectors,
+    source ``floor``)."""
+    from ..ddt.isotropy import anisotropy
+
+    rows = [
+        {
+            "source": "paper (Llama-3.1-8B, one head)",
+            **{m: _paper_c(m) for m in m_types},
+            "exact": NAN_,
+            "anisotropy": NAN_,
+        }
+    ]
+    base = anisotropy(sigmas[floor])
+    for source, sigma in sigmas.items():
+        row = {"source": source, "heads": int(study[(m_types[0], source)].iso.size)}
+        for m in m_types:
+            r = study[(m, source)].range_iso
+            p05, median, p95 = np.percentile(r, [5, 50, 95])
+            key = m.replace("-", "_")
+            row.update({m: f"{median:.3f} ({p05:.3f}–{p95:.3f})", f"{key}_median": median, f"{key}_p05": p05})
+            row[f"{key}_p95"] = p95
+        row["exact"] = float(np.median(study[(m_types[0], source)].exact_range_iso))
+        row["anisotropy"] = float(np.median(anisotropy(sigma) / base))
+        rows.append(row)
+    return rows
 
 
 #: Columns of the end-to-end table.
@@ -1022,34 +1027,6 @@ def end_to_end_rows(
                 }
             )
     return rows, gaps
-
-
-#: Columns of the anisotropy table.
-ANISOTROPY_COLUMNS = {
-    "source": "Σ from",
-    "median": ("anisotropy, median over heads", 3),
-    "over_floor": ("× the sample floor", 2),
-    "above_p95": ("heads above the floor's 95th percentile", 0),
-}
-
-
-def anisotropy_rows(sigmas: Mapping[str, np.ndarray], floor: str) -> list[dict]:
-    """Per Σ source: the median over heads of :func:`~lqlib.ddt.anisotropy`, its median ratio to the sample
-    floor (isotropic noise measured from as many vectors, source ``floor``) and the percentage of heads above
-    the floor's 95th percentile (5% by chance)."""
-    from ..ddt.isotropy import anisotropy
-
-    index = {name: anisotropy(sigma) for name, sigma in sigmas.items()}
-    p95 = np.percentile(index[floor], 95)
-    return [
-        {
-            "source": name,
-            "median": float(np.median(a)),
-            "over_floor": float(np.median(a / index[floor])),
-            "above_p95": float(100 * np.mean(a > p95)),
-        }
-        for name, a in index.items()
-    ]
 
 
 def theorem_c_reading(study: Mapping[tuple[str, str], object], source: str, eps: float) -> str:

@@ -107,24 +107,25 @@ def rho_figure(rows: Sequence[Mapping]) -> plt.Figure:
     return fig
 
 
-def scatter_figure(data, rho: Mapping) -> plt.Figure:
-    """ΔL against each predictor, one row per bit width, colour by family (``data``: a
-    :class:`~lqlib.book.paper3.TheoremAData`; ``rho``: {(bits, predictor): Estimate})."""
+def scatter_figure(data, rho: Mapping, predictors: Sequence[str] = ("Q1",)) -> plt.Figure:
+    """ΔL against each of ``predictors``, one row per predictor and one panel per bit width, colour by family
+    (``data``: a :class:`~lqlib.book.paper3.TheoremAData`; ``rho``: {(bits, predictor): Estimate})."""
     bit_widths = sorted(set(data.bits.tolist()))
     families = list(dict.fromkeys(data.families.tolist()))
     columns = {"Q1": (data.q1 / data.tokens, "Q1 (nats/token)"), "tr(MΣ)": (data.risk, "risk N·Σ tr(MΣ) (nats²)")}
     columns["tr(Σ)"] = (data.mse, "MSE per element")
-    fig, axes = plt.subplots(len(bit_widths), 3, figsize=(9.5, 2.3 * len(bit_widths)), squeeze=False)
-    for i, b in enumerate(bit_widths):
-        at = data.bits == b
-        for j, (name, (x, label)) in enumerate(columns.items()):
-            ax = axes[i, j]
+    fig, axes = plt.subplots(len(predictors), len(bit_widths), figsize=(3.2 * len(bit_widths), 2.6 * len(predictors)))
+    axes = np.asarray(axes).reshape(len(predictors), len(bit_widths))
+    for i, name in enumerate(predictors):
+        x, label = columns[name]
+        for j, b in enumerate(bit_widths):
+            ax, at = axes[i, j], data.bits == b
             for k, f in enumerate(families):
                 sel = at & (data.families == f)
                 ax.plot(x[sel], data.delta_loss[sel] / data.tokens, "o", ms=3.5, alpha=0.8, color=f"C{k}", label=f)
             ax.ticklabel_format(axis="x", style="sci", scilimits=(-2, 3))
             ax.set_title(f"{b:g} bits, ρ = {rho[(b, name)].value:.2f}", fontsize=9)
-            ax.set(xlabel=label if i == len(bit_widths) - 1 else None, ylabel="ΔL (nats/token)" if j == 0 else None)
+            ax.set(xlabel=label, ylabel="ΔL (nats/token)" if j == 0 else None)
     axes[0, 0].legend(fontsize=7)
     fig.tight_layout()
     return fig
