@@ -177,8 +177,8 @@ def test_gradient_moments_are_mean_outer_products(tiny):
     loaded, ids = tiny
     grads = kv_gradients(loaded, ids, progress=False)
     moments = gradient_moments(loaded, ids, progress=False)
-    M = moments["M"]
-    assert M.shape == (2, 2, 2, 16, 16) and M.dtype == np.float64 and moments["count"] == 48
+    M = moments.M
+    assert M.shape == (2, 2, 2, 16, 16) and M.dtype == np.float64 and moments.count == 48
     naive = np.zeros_like(M)
     mean = np.zeros(M.shape[:-1])
     for layer in range(2):
@@ -188,14 +188,14 @@ def test_gradient_moments_are_mean_outer_products(tiny):
                     naive[layer, path, head] += np.outer(vector, vector) / 48
                     mean[layer, path, head] += vector / 48
     np.testing.assert_allclose(M, naive, rtol=1e-10, atol=1e-18)
-    np.testing.assert_allclose(moments["mean_gradient"], mean, rtol=1e-10, atol=1e-18)
+    np.testing.assert_allclose(moments.mean_gradient, mean, rtol=1e-10, atol=1e-18)
     np.testing.assert_array_equal(M, np.swapaxes(M, -1, -2))
     assert np.linalg.eigvalsh(M).min() > -1e-12 * np.abs(M).max()
     batched = gradient_moments(loaded, ids, batch_size=2, progress=False)
-    np.testing.assert_allclose(batched["M"], M, rtol=1e-9, atol=1e-18)
-    assert batched["nll"] == pytest.approx(_summed_nll(loaded.model, ids), rel=1e-12)
-    assert batched["scored_tokens"] == 46
-    pre = gradient_moments(loaded, ids, pre_rope=True, progress=False)["M"]  # RoPE keeps tr M (float32 cos/sin)
+    np.testing.assert_allclose(batched.M, M, rtol=1e-9, atol=1e-18)
+    assert batched.nll == pytest.approx(_summed_nll(loaded.model, ids), rel=1e-12)
+    assert batched.scored_tokens == 46
+    pre = gradient_moments(loaded, ids, pre_rope=True, progress=False).M  # RoPE keeps tr M (float32 cos/sin)
     np.testing.assert_allclose(np.trace(pre, axis1=-2, axis2=-1), np.trace(M, axis1=-2, axis2=-1), rtol=1e-6)
 
 
@@ -248,7 +248,8 @@ def test_error_moments(tiny):
     loaded, ids = tiny
     x = torch.randn(3, 2, 50, 16, dtype=torch.float64) + 0.5
     codec = E8Codec(3.0)
-    sigma, sigma_c, mean = error_moments(x, codec)
+    moments = error_moments(x, codec)
+    sigma, sigma_c, mean = moments.sigma, moments.sigma_c, moments.mean
     e = (codec.quantize(x) - x).numpy()
     assert sigma.shape == sigma_c.shape == (3, 2, 16, 16) and mean.shape == (3, 2, 16)
     np.testing.assert_allclose(sigma[1, 0], e[1, 0].T @ e[1, 0] / 50, rtol=1e-12)
@@ -257,9 +258,10 @@ def test_error_moments(tiny):
     assert np.linalg.eigvalsh(sigma_c).min() > -1e-14
     kv = capture_kv(loaded, ids[:1])
     coarse, fine = ScalarBlockQuantizer(3), ScalarBlockQuantizer(6)
-    S, S_c, m = error_moments_for_cache(kv, [coarse, fine], fine)
+    cached = error_moments_for_cache(kv, [coarse, fine], fine)
+    S, S_c, m = cached.sigma, cached.sigma_c, cached.mean
     assert S.shape == S_c.shape == (2, 2, 2, 16, 16) and m.shape == (2, 2, 2, 16)
-    np.testing.assert_allclose(S[0, 0], error_moments(kv.keys[0][None], coarse)[0][0], rtol=1e-12)
+    np.testing.assert_allclose(S[0, 0], error_moments(kv.keys[0][None], coarse).sigma[0], rtol=1e-12)
     mse = np.trace(S, axis1=-2, axis2=-1) / 16
     assert mse[0, 0].mean() / mse[1, 0].mean() > 20  # 3 bits against 6 bits on the keys
 
@@ -347,15 +349,15 @@ def test_variance_additivity_under_dither_and_its_failure_without():
     steps = torch.as_tensor(np.broadcast_to(step, x.shape).copy())
     e = Dithered(lambda _x: steps, seed=1)(x) - x  # same inputs, independent dither per draw
     result = variance_additivity(g, e.numpy(), step)
-    assert result["pos_add"] == pytest.approx(1.0, abs=0.06)
-    assert result["pred"] == pytest.approx(1.0, abs=0.06)
-    assert result["analytic"] == pytest.approx(float((g**2 * step**2 / 12).sum()), rel=1e-12)
+    assert result.pos_add == pytest.approx(1.0, abs=0.06)
+    assert result.pred == pytest.approx(1.0, abs=0.06)
+    assert result.analytic == pytest.approx(float((g**2 * step**2 / 12).sum()), rel=1e-12)
     # no dither, every part gets the same input (and gradient): the errors are perfectly correlated
     same = torch.as_tensor(np.broadcast_to(rng.standard_normal((draws, 1, d)), (draws, parts, d)).copy())
     rounding = (torch.round(same / 0.3) * 0.3 - same).numpy()
     bad = variance_additivity(np.ones((parts, d)), rounding, 0.3)
-    assert bad["pos_add"] > 0.8 * parts
-    assert bad["pred"] > 0.8 * parts
+    assert bad.pos_add > 0.8 * parts
+    assert bad.pred > 0.8 * parts
 
 
 def test_first_order_term_predicts_the_loss_change(tiny):
@@ -363,19 +365,19 @@ def test_first_order_term_predicts_the_loss_change(tiny):
     third order and ΔL − Q1 is the even (second-order) part."""
     loaded, ids = tiny
     small = master_identity(loaded, ids, E8Codec(10.0), progress=False)
-    assert abs(small["delta_loss"] - small["q1"]) < 0.02 * abs(small["q1"])
-    assert small["q1"] == pytest.approx(small["odd"], rel=1e-5)
-    assert loss_change(loaded, ids, E8Codec(10.0), progress=False) == pytest.approx(small["delta_loss"], rel=1e-9)
-    assert first_order_term(loaded, ids, E8Codec(10.0), progress=False) == pytest.approx(small["q1"], rel=1e-12)
+    assert abs(small.delta_loss - small.q1) < 0.02 * abs(small.q1)
+    assert small.q1 == pytest.approx(small.odd, rel=1e-5)
+    assert loss_change(loaded, ids, E8Codec(10.0), progress=False) == pytest.approx(small.delta_loss, rel=1e-9)
+    assert first_order_term(loaded, ids, E8Codec(10.0), progress=False) == pytest.approx(small.q1, rel=1e-12)
     mid = master_identity(loaded, ids, E8Codec(6.0), progress=False)
-    assert mid["q1"] == pytest.approx(mid["odd"], rel=2e-3)
-    remainder = mid["delta_loss"] - mid["q1"]
-    assert remainder == pytest.approx(mid["even"], rel=0.1)
-    assert abs(remainder) < 0.1 * abs(mid["q1"])
+    assert mid.q1 == pytest.approx(mid.odd, rel=2e-3)
+    remainder = mid.delta_loss - mid.q1
+    assert remainder == pytest.approx(mid.even, rel=0.1)
+    assert abs(remainder) < 0.1 * abs(mid.q1)
     # a dithered quantizer with a tiny step, other seeds per layer
     tiny_steps = [Dithered(1e-5, seed=s) for s in (1, 2)]
     dithered = master_identity(loaded, ids, tiny_steps, [Dithered(1e-5, seed=s) for s in (3, 4)], progress=False)
-    assert abs(dithered["delta_loss"] - dithered["q1"]) < 1e-3 * abs(dithered["q1"])
+    assert abs(dithered.delta_loss - dithered.q1) < 1e-3 * abs(dithered.q1)
 
 
 def test_clean_errors_are_exact_for_layer_zero_only(tiny):
@@ -384,12 +386,12 @@ def test_clean_errors_are_exact_for_layer_zero_only(tiny):
     loaded, ids = tiny
     codec = E8Codec(6.0)
     first = master_identity(loaded, ids, [codec, lambda x: x], progress=False)
-    assert first["q1_clean"] == pytest.approx(first["q1"], rel=1e-12)
+    assert first.q1_clean == pytest.approx(first.q1, rel=1e-12)
     assert first_order_term(loaded, ids, [codec, lambda x: x], errors="clean", progress=False) == pytest.approx(
-        first["q1"], rel=1e-12
+        first.q1, rel=1e-12
     )
     both = master_identity(loaded, ids, codec, progress=False)
-    assert abs(both["q1_clean"] - both["q1"]) > 0.05 * abs(both["q1"])
+    assert abs(both.q1_clean - both.q1) > 0.05 * abs(both.q1)
     with pytest.raises(ValueError):
         first_order_term(loaded, ids, codec, errors="mirror", progress=False)
 
@@ -407,7 +409,7 @@ def test_labels_follow_the_perplexity_protocol(tiny):
     assert grads.nll.sum() == pytest.approx(reference.nll, rel=1e-6)  # the harness scores in float32
     assert list(grads.tokens) == list(reference.window_tokens) == [12, 12]
     moments = gradient_moments(loaded, ids, progress=False, labels=labels)
-    assert moments["scored_tokens"] == 24 and moments["nll"] == pytest.approx(grads.nll.sum(), rel=1e-12)
+    assert moments.scored_tokens == 24 and moments.nll == pytest.approx(grads.nll.sum(), rel=1e-12)
     # queries before position 11 score nothing, but their keys and values feed later queries
     assert float(grads.grad_values[:, :, :, :11].abs().min(dim=-1).values.max()) > 0
     assert torch.all(grads.grad_values[:, :, :, -1] == 0)

@@ -89,9 +89,9 @@ def test_study_agrees_with_the_one_configuration_tools(tiny):
     keys, values = _configs()
     study = predictor_study(loaded, ids, keys, values, mirror=True, keep_sigma=True, progress=False)
     moments = gradient_moments(loaded, ids, progress=False)
-    np.testing.assert_allclose(study.M, moments["M"], rtol=1e-12, atol=0)
+    np.testing.assert_allclose(study.M, moments.M, rtol=1e-12, atol=0)
     assert study.count == 48 and study.scored_tokens == 46
-    assert study.nll == pytest.approx(moments["nll"], rel=1e-12)
+    assert study.nll == pytest.approx(moments.nll, rel=1e-12)
     grads = kv_gradients(loaded, ids, progress=False)
     rows = study.rows()
     assert [row["config"] for row in rows] == [0, 1, 2]
@@ -99,10 +99,8 @@ def test_study_agrees_with_the_one_configuration_tools(tiny):
         assert study.delta_loss[c] == pytest.approx(loss_change(loaded, ids, k, v, progress=False), rel=1e-10)
         assert study.q1[c] == pytest.approx(first_order_term(loaded, ids, k, v, progress=False), rel=1e-10)
         mi = master_identity(loaded, ids, k, v, progress=False)
-        assert study.delta_loss_mirror[c] == pytest.approx(mi["delta_loss_mirror"], rel=1e-10)
-        assert study.odd[c] == pytest.approx(mi["odd"], rel=1e-9) and study.even[c] == pytest.approx(
-            mi["even"], rel=1e-9
-        )
+        assert study.delta_loss_mirror[c] == pytest.approx(mi.delta_loss_mirror, rel=1e-10)
+        assert study.odd[c] == pytest.approx(mi.odd, rel=1e-9) and study.even[c] == pytest.approx(mi.even, rel=1e-9)
         assert rows[c]["q1"] == study.q1[c] and rows[c]["delta_loss"] == study.delta_loss[c]
 
         # a second implementation of the moments: record the injected errors window by window
@@ -126,7 +124,7 @@ def test_study_agrees_with_the_one_configuration_tools(tiny):
         np.testing.assert_allclose(study.slot_q1[c], q1, rtol=1e-7, atol=1e-12 * np.abs(q1).max())
         assert study.slot_q1[c].sum() == pytest.approx(study.q1[c], rel=1e-12)
         sigma_c = sigma - mean[..., :, None] * mean[..., None, :]
-        M = moments["M"]
+        M = moments.M
         np.testing.assert_allclose(study.slot_trace[c], np.trace(sigma, axis1=-2, axis2=-1), rtol=1e-10)
         np.testing.assert_allclose(study.slot_risk[c], directional_risk(M, sigma), rtol=1e-9)
         np.testing.assert_allclose(study.slot_risk_centred[c], directional_risk(M, sigma_c), rtol=1e-8)
@@ -150,7 +148,7 @@ def test_study_batches_and_layer_zero(tiny):
     np.testing.assert_allclose(two.q1, one.q1, rtol=1e-9)
     np.testing.assert_allclose(two.sigma, one.sigma, rtol=1e-9, atol=1e-15)
     np.testing.assert_allclose(two.slot_risk, one.slot_risk, rtol=1e-9, atol=1e-18)
-    sigma = np.mean([error_moments_for_cache(capture_kv(loaded, ids[w : w + 1]), codec)[0] for w in (0, 1)], axis=0)
+    sigma = np.mean([error_moments_for_cache(capture_kv(loaded, ids[w : w + 1]), codec).sigma for w in (0, 1)], axis=0)
     np.testing.assert_allclose(one.sigma[0, 0], sigma[0], rtol=0, atol=1e-5 * np.abs(sigma[0]).max())  # float32 capture
     assert np.all(one.sigma[0, 1] == 0) and np.all(one.slot_risk[0, 1] == 0)
     assert one.slot_trace[1, 1].min() > 0

@@ -304,10 +304,12 @@ def test_risk_ratio_weights_the_slots():
 def test_rotation_study_and_error_moments_on_a_model(tiny):
     loaded, ids = tiny
     quantizers = {"scalar": ScalarBlockQuantizer(3.0, block=8), "noise": GaussianNoise(np.eye(16) / 16, 0.01)}
-    sigmas, norm2 = error_second_moments(loaded, ids, quantizers)
+    second = error_second_moments(loaded, ids, quantizers)
+    sigmas, norm2 = second.sigma, second.norm2
+    assert second.vectors == 2 * 24
     assert sigmas["scalar"].shape == (2, 2, 2, 16, 16) and norm2.shape == (2, 2, 2)
     kvs = [capture_kv(loaded, ids[i : i + 1]) for i in range(2)]
-    expected = sum(error_moments_for_cache(kv, quantizers["scalar"])[0] for kv in kvs) / 2
+    expected = sum(error_moments_for_cache(kv, quantizers["scalar"]).sigma for kv in kvs) / 2
     np.testing.assert_allclose(sigmas["scalar"], expected, rtol=1e-12)
     keys = torch.stack([kv.keys for kv in kvs]).double()
     np.testing.assert_allclose(norm2[:, 0], keys.square().sum(-1).mean(dim=(0, 3)).numpy(), rtol=1e-10)

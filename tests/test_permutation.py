@@ -10,11 +10,15 @@ from lqlib.coding.codec import E8Codec
 from lqlib.ddt import Permuted, ScalarBlockQuantizer, error_moments_for_cache
 from lqlib.ddt.permutation import (
     ErrorMeter,
+    OrderingRun,
+    QuantizedRun,
     cache_orderings,
     measure_quantized,
+    ordering_ratio,
     ordering_summary,
     permuted_quantizers,
 )
+from lqlib.errors import InputError
 from lqlib.evaluation.capture import KVSample, capture_kv
 from lqlib.evaluation.models import LoadedModel
 from lqlib.evaluation.perplexity import perplexity
@@ -89,7 +93,7 @@ def test_error_meter_closed_form_and_agreement_with_the_captured_cache(tiny):
     # layer 0 sees the clean cache: its relative MSE equals tr Σ / E‖x‖² of the captured cache
     kv = capture_kv(tiny, ids[:1])
     one = measure_quantized(tiny, ids[:1], ids[:1].clone(), kq, vq)
-    sigma, _, _ = error_moments_for_cache(kv, kq, vq)
+    sigma = error_moments_for_cache(kv, kq, vq).sigma
     for path, x in enumerate((kv.keys, kv.values)):
         expected = np.trace(sigma[0, path], axis1=-2, axis2=-1).sum() / x[0].double().square().sum(-1).mean(-1).sum()
         assert one.slot_rel_mse[0, path] == pytest.approx(float(expected), rel=1e-6)
@@ -112,60 +116,73 @@ def test_orderings_matter_only_across_blocks(tiny):
         assert (Permuted(q, across)(x) - plain).abs().max() > 1e-3
 
 
-def test_ordering_summary_spreads_and_verdicts():
+def _run(quantizer, ordering, seed, nll, mse, base, tokens, bits=3):
+    run = QuantizedRun(np.asarray(nll, dtype=np.float64), tokens, mse, np.full((1, 2), mse))
+    return OrderingRun(quantizer, bits, ordering, seed, run, paired_delta_pct(nll, base, tokens))
+
+
+def test_ordering_summary_spreads_and_kinds():
     rng = np.random.default_rng(3)
     tokens = np.full(20, 100)
     base = rng.uniform(200, 300, 20)
     noise = rng.normal(0, 0.3, (4, 20)) * 100  # independent per configuration
 
-    def row(quantizer, ordering, seed, per_token, mse, noise_row):
-        nll = base + per_token * tokens + noise_row
-        ci = paired_delta_pct(nll, base, tokens)
-        return {
-            "quantizer": quantizer,
-            "bits": 3,
-            "ordering": ordering,
-            "seed": seed,
-            "rel_mse": mse,
-            "delta_pct": ci.value,
-            "ci_low": ci.low,
-            "ci_high": ci.high,
-            "window_nll": nll,
-        }
+    def run(quantizer, ordering, seed, per_token, mse, noise_row):
+        return _run(quantizer, ordering, seed, base + per_token * tokens + noise_row, mse, base, tokens)
 
-    rows = [
-        row("A", "identity", "", 0.05, 0.0200, 0),
-        row("A", "sorted", "", 0.10, 0.0201, 0),  # equal MSE
-        row("B", "identity", "", 0.05, 0.0200, 0),
-        row("B", "random", 1, 0.10, 0.0300, 0),  # follows MSE
-        row("C", "identity", "", 0.05, 0.0300, 0),
-        row("C", "sorted", "", 0.10, 0.0200, 0),  # against MSE
-        row("D", "identity", "", 0.05, 0.0200, noise[0]),
-        row("D", "sorted", "", 0.05, 0.0200, noise[1]),
+    runs = [
+        run("A", "identity", None, 0.05, 0.0200, 0),
+        run("A", "sorted", None, 0.10, 0.0201, 0),  # equal MSE
+        run("B", "identity", None, 0.05, 0.0200, 0),
+        run("B", "random", 1, 0.10, 0.0300, 0),  # follows MSE
+        run("C", "identity", None, 0.05, 0.0300, 0),
+        run("C", "sorted", None, 0.10, 0.0200, 0),  # against MSE
+        run("D", "identity", None, 0.05, 0.0200, noise[0]),
+        run("D", "sorted", None, 0.05, 0.0200, noise[1]),
         # random orderings that differ among themselves as much as sorted differs from identity
-        row("E", "identity", "", 0.05, 0.02, 0),
-        row("E", "sorted", "", 0.08, 0.02, 0),
-        row("E", "random", 0, 0.04, 0.02, 0),
-        row("E", "random", 1, 0.09, 0.02, 0),
+        run("E", "identity", None, 0.05, 0.02, 0),
+        run("E", "sorted", None, 0.08, 0.02, 0),
+        run("E", "random", 0, 0.04, 0.02, 0),
+        run("E", "random", 1, 0.09, 0.02, 0),
     ]
-    summary = {s["quantizer"]: s for s in ordering_summary(rows, base, tokens, mse_tolerance_pct=5.0)}
+    summary = {s.quantizer: s for s in ordering_summary(runs, base, tokens, mse_tolerance_pct=5.0)}
     assert list(summary) == ["A", "B", "C", "D", "E"]
     a = summary["A"]
-    assert a["mse_spread_pct"] == pytest.approx(0.5) and a["bits"] == 3
-    assert a["dppl_spread"] == pytest.approx(100 * (np.expm1(0.10) - np.expm1(0.05)))
-    assert a["dppl_spread_ci"].startswith("yes") and a["verdict"].startswith("ΔPPL differs at nearly equal MSE")
-    assert a["details"]["worst"] == "sorted" and a["details"]["best"] == "identity"
-    assert a["details"]["ratio"] == pytest.approx(np.expm1(0.10) / np.expm1(0.05))
-    assert summary["B"]["verdict"].startswith("ΔPPL follows MSE") and "random (seed 1) worst" in summary["B"]["verdict"]
-    assert summary["C"]["verdict"].startswith("ΔPPL against MSE")
-    assert (
-        summary["D"]["dppl_spread_ci"].startswith("no") and summary["D"]["verdict"] == "no ΔPPL difference beyond noise"
-    )
+    assert a.mse_spread_pct == pytest.approx(0.5) and a.bits == 3 and a.n_orderings == 2
+    assert a.dppl_spread == pytest.approx(100 * (np.expm1(0.10) - np.expm1(0.05)))
+    assert a.apart and a.significant and a.kind == "equal MSE" and a.nearly_equal_mse
+    assert a.worst == "sorted" and a.best == "identity"
+    assert a.ratio.value == pytest.approx(np.expm1(0.10) / np.expm1(0.05)) and a.ratio.defined
+    assert summary["B"].kind == "follows MSE" and summary["B"].worst == "random (seed 1)"
+    assert summary["C"].kind == "against MSE"
+    assert not summary["D"].significant and summary["D"].kind == "noise"
     e = summary["E"]
-    assert e["details"]["random_spread"] == pytest.approx(100 * (np.expm1(0.09) - np.expm1(0.04)))
-    assert e["dppl_spread"] == pytest.approx(e["details"]["random_spread"])
-    assert e["verdict"].startswith("within the random orderings' own spread")
-    assert np.isnan(a["details"]["random_spread"])
-    assert set(a) == {"quantizer", "bits", "mse_spread_pct", "dppl_spread", "dppl_spread_ci", "verdict", "details"}
+    assert e.random_spread == pytest.approx(100 * (np.expm1(0.09) - np.expm1(0.04)))
+    assert e.dppl_spread == pytest.approx(e.random_spread) and e.kind == "random spread"
+    assert np.isnan(a.random_spread)
     with pytest.raises(ValueError):
         ordering_summary([], base, tokens)
+
+
+def test_ordering_ratio_reselects_the_pair_and_refuses_a_vanishing_denominator():
+    rng = np.random.default_rng(5)
+    tokens = np.full(30, 200)
+    base = rng.uniform(400, 600, 30)
+    # three exchangeable configurations (the same true ΔPPL) with window noise: the selected max / min
+    # ratio is above 1 in every resample, and its interval is that of the re-selected pair
+    same = [base + 0.04 * tokens + rng.normal(0, 2, 30) for _ in range(3)]
+    ratio = ordering_ratio(same, base, tokens, draws=2000)
+    assert ratio.defined and ratio.low >= 1.0 and ratio.value >= 1.0
+    deltas = [paired_delta_pct(n, base, tokens).value for n in same]
+    assert ratio.value == pytest.approx(max(deltas) / min(deltas))
+    assert ratio.numerator.value == pytest.approx(max(deltas)) and ratio.denominator.value == pytest.approx(min(deltas))
+    # a clear 2x: the interval holds 2
+    double = [base + 0.02 * tokens + rng.normal(0, 0.5, 30), base + 0.04 * tokens + rng.normal(0, 0.5, 30)]
+    two = ordering_ratio(double, base, tokens)
+    assert 1.8 < two.low < two.value < two.high < 2.2
+    # a best configuration whose ΔPPL is not distinguishable from zero: undefined, never infinite
+    zero = [base + rng.normal(0, 2, 30), base + 0.04 * tokens]
+    undefined = ordering_ratio(zero, base, tokens)
+    assert not undefined.defined and np.isnan(undefined.value) and undefined.denominator.low <= 0
+    with pytest.raises(InputError):
+        ordering_ratio(same[:1], base, tokens)

@@ -20,12 +20,16 @@ from lqlib.ddt import (
     fixed_gradient_additivity,
     kv_gradients,
     layer_groups,
+    layer_prefixes,
     loss_change,
     ordering_steps,
     real_pass_additivity,
+    theorem_b_study,
     trial_seed,
     variance_additivity,
 )
+from lqlib.errors import InputError
+from lqlib.evaluation.capture import capture_kv
 from lqlib.evaluation.models import LoadedModel
 
 
@@ -61,11 +65,13 @@ def tiny():
     return LoadedModel(model, None, "tiny"), torch.randint(0, 53, (2, 24))
 
 
-def _synthetic_trials(parts: np.ndarray, analytic: np.ndarray) -> DitheredTrials:
-    """Wrap (S, L, 2, W, T) first-order parts and (L, 2, W, T) analytic variances as DitheredTrials."""
-    return DitheredTrials(
-        parts.sum(axis=(1, 2, 3, 4)), parts, analytic, analytic, np.ones(parts.shape[1:3], dtype=bool), 0.0, 0, 0
-    )
+def _synthetic_trials(parts: np.ndarray, analytic: np.ndarray, delta: np.ndarray | None = None) -> DitheredTrials:
+    """Wrap (S, L, 2, W, T) first-order parts and (L, 2, W, T) analytic variances as DitheredTrials (ΔL = X
+    per trial and window unless ``delta`` (S, W) is given)."""
+    delta = parts.sum(axis=(1, 2, 4)) if delta is None else delta
+    windows = parts.shape[3]
+    slots = np.ones(parts.shape[1:3], dtype=bool)
+    return DitheredTrials(delta, parts, analytic, analytic, slots, np.zeros(windows), 0, 0)
 
 
 def _fixed_gradient_case(draws: int, seed: int):
@@ -83,19 +89,20 @@ def _fixed_gradient_case(draws: int, seed: int):
 def test_additivity_and_crypto_prediction_hold_under_independent_dither():
     g, step, e = _fixed_gradient_case(400, seed=1)
     exact = (g**2 * step**2 / 12).sum(axis=-1)  # Var(gᵀe) of every part, closed form
-    result = fixed_gradient_additivity(_synthetic_trials((g * e).sum(axis=-1), exact), position_blocks=4)
-    assert result["analytic"] == pytest.approx(float(exact.sum()), rel=1e-12)
-    assert result["n_parts"] == 3 * 2 * 1 * 4
-    assert result["pos_add_low"] < 1 < result["pos_add_high"]
-    assert result["pred_low"] < 1 < result["pred_high"]
-    assert abs(result["z"]) < 3
+    result = fixed_gradient_additivity(_synthetic_trials((g * e).sum(axis=-1), exact), position_blocks=4, unit="trials")
+    assert result.analytic == pytest.approx(float(exact.sum()), rel=1e-12)
+    assert result.n_parts == 3 * 2 * 4 and result.n_windows == 1 and result.n_trials == 400
+    assert result.pos_add.contains(1) and result.pred.contains(1)
+    assert abs(result.z) < 3
     # the same estimate as variance_additivity on the raw elements, parts = (layer, path, window, block)
     blocks = e.reshape(400, 3, 2, 1, 4, 4 * 8)
     raw = variance_additivity(
         g.reshape(3, 2, 1, 4, 32), blocks, np.broadcast_to(step, g.shape).reshape(3, 2, 1, 4, 32).copy()
     )
-    assert result["pos_add"] == pytest.approx(raw["pos_add"], rel=1e-10)
-    assert result["pred"] == pytest.approx(raw["pred"], rel=1e-10)
+    assert result.pos_add.value == pytest.approx(raw.pos_add, rel=1e-10)
+    assert result.pred.value == pytest.approx(raw.pred, rel=1e-10)
+    with pytest.raises(InputError):  # one window cannot be resampled
+        fixed_gradient_additivity(_synthetic_trials((g * e).sum(axis=-1), exact), unit="windows")
 
 
 def test_stratified_dither_gives_the_crypto_variance_exactly():
@@ -116,8 +123,8 @@ def test_stratified_dither_gives_the_crypto_variance_exactly():
     e = (Stratified(lambda _x: steps, seed=3)(x) - x).numpy()
     result = variance_additivity(g, e, step)
     exact = float((g**2 * step**2).sum() / 12)
-    assert result["analytic"] == pytest.approx(exact, rel=1e-12)
-    assert result["sum_var_parts"] == pytest.approx(exact * (draws + 1) / draws, rel=1e-9)
+    assert result.analytic == pytest.approx(exact, rel=1e-12)
+    assert result.sum_var_parts == pytest.approx(exact * (draws + 1) / draws, rel=1e-9)
 
 
 def test_correlated_errors_are_detected():
@@ -133,11 +140,12 @@ def test_correlated_errors_are_detected():
     e = torch.stack([reused(x[:, l, p]) - x[:, l, p] for l in range(layers) for p in range(2)], dim=1)
     e = e.reshape(x.shape).numpy()
     analytic = np.full((layers, 2, 1, tokens), d * step**2 / 12)
-    together = fixed_gradient_additivity(_synthetic_trials(e.sum(axis=-1), analytic), position_blocks=tokens)
-    assert together["pos_add_low"] > 5 and together["pred_low"] > 5
+    options = {"position_blocks": tokens, "unit": "trials"}
+    together = fixed_gradient_additivity(_synthetic_trials(e.sum(axis=-1), analytic), **options)
+    assert together.pos_add.low > 5 and together.pred.low > 5
     sign = np.where(np.arange(layers * 2).reshape(layers, 2) % 2 == 0, 1.0, -1.0)[None, :, :, None, None]
-    cancel = fixed_gradient_additivity(_synthetic_trials(sign * e.sum(axis=-1), analytic), position_blocks=tokens)
-    assert cancel["pos_add_high"] < 0.1 and cancel["pred_high"] < 0.1
+    cancel = fixed_gradient_additivity(_synthetic_trials(sign * e.sum(axis=-1), analytic), **options)
+    assert cancel.pos_add.high < 0.1 and cancel.pred.high < 0.1
     # the same inputs with fresh dither per slot (as dithered_trials does) pass
     fresh = (
         torch.stack(
@@ -151,8 +159,8 @@ def test_correlated_errors_are_detected():
         .reshape(x.shape)
         .numpy()
     )
-    ok = fixed_gradient_additivity(_synthetic_trials(fresh.sum(axis=-1), analytic), position_blocks=tokens)
-    assert ok["pos_add_low"] < 1 < ok["pos_add_high"] and ok["pred_low"] < 1 < ok["pred_high"]
+    ok = fixed_gradient_additivity(_synthetic_trials(fresh.sum(axis=-1), analytic), **options)
+    assert ok.pos_add.contains(1) and ok.pred.contains(1)
 
 
 def test_bootstrap_intervals_match_normal_theory_and_cover():
@@ -165,12 +173,38 @@ def test_bootstrap_intervals_match_normal_theory_and_cover():
     replicates = 200
     for r in range(replicates):
         x = rng.standard_normal((draws, parts, 1, 1, 1))
-        result = fixed_gradient_additivity(_synthetic_trials(x, analytic), position_blocks=1, n_boot=400, seed=r)
-        widths.append(result["pred_high"] - result["pred_low"])
-        covered += result["pred_low"] < 1.0 < result["pred_high"]
+        result = fixed_gradient_additivity(
+            _synthetic_trials(x, analytic), position_blocks=1, draws=400, seed=r, unit="trials"
+        )
+        widths.append(result.pred.high - result.pred.low)
+        covered += result.pred.contains(1.0)
     theory = 2 * 1.96 * math.sqrt(2 / (draws - 1))
     assert np.median(widths) == pytest.approx(theory, rel=0.2)
     assert 0.88 <= covered / replicates <= 0.99
+
+
+def test_pooled_windows_and_their_bootstrap():
+    """W windows of S trials each, with different variances per window: the pooled estimate is the ratio of
+    summed per-window variances, and the interval over windows has the normal-theory width
+    √(2/(W(S−1))) when the windows are alike, and covers 1 about 95% of the time."""
+    windows, trials, parts = 40, 5, 6
+    rng = np.random.default_rng(8)
+    scale = rng.uniform(0.5, 2.0, windows)  # per-window spread
+    analytic = np.broadcast_to((scale**2)[None, None, :, None] * np.ones((parts, 1, 1, 1)), (parts, 1, windows, 1))
+    x = rng.standard_normal((trials, parts, 1, windows, 1)) * scale[None, None, None, :, None]
+    result = fixed_gradient_additivity(_synthetic_trials(x, analytic.copy()), position_blocks=1, draws=1000)
+    per_window = x.sum(axis=(1, 2, 4)).var(axis=0, ddof=1)
+    assert result.pred.value == pytest.approx(per_window.sum() / analytic.sum(), rel=1e-12)
+    assert result.pred.n == windows and result.n_windows == windows
+    covered, widths = 0, []
+    for r in range(150):
+        x = rng.standard_normal((trials, parts, 1, windows, 1))
+        flat = np.ones((parts, 1, windows, 1))
+        pred = fixed_gradient_additivity(_synthetic_trials(x, flat), position_blocks=1, draws=400, seed=r).pred
+        covered += pred.contains(1.0)
+        widths.append(pred.high - pred.low)
+    assert np.median(widths) == pytest.approx(2 * 1.96 * math.sqrt(2 / (windows * (trials - 1))), rel=0.25)
+    assert 0.85 <= covered / 150 <= 0.99
 
 
 def test_trial_zero_is_loss_change_and_first_order_term(tiny):
@@ -178,8 +212,9 @@ def test_trial_zero_is_loss_change_and_first_order_term(tiny):
     step = ScalarBlockQuantizer(5).step
     trials = dithered_trials(loaded, ids, step, n_trials=3, seed=11, batch_size=2, progress=False)
     kq, vq = dithered_quantizers(2, step, trial=0, seed=11)
+    assert trials.window_delta_loss.shape == (3, 2) and trials.window_nll.shape == (2,)
     assert trials.delta_loss[0] == pytest.approx(
-        loss_change(loaded, ids, kq, vq, batch_size=2, progress=False), rel=1e-12
+        loss_change(loaded, ids, kq, vq, batch_size=2, progress=False), rel=1e-9, abs=1e-10
     )
     assert trials.first_order[0] == pytest.approx(
         first_order_term(loaded, ids, kq, vq, batch_size=2, progress=False), rel=1e-10
@@ -210,7 +245,7 @@ def test_group_runs_dither_only_their_slots(tiny):
         )
         for b in (0, 1)
     ]
-    assert run.delta_loss[1] == pytest.approx(sum(per_batch), rel=1e-12)
+    assert run.window_delta_loss[1] == pytest.approx(per_batch, rel=1e-9, abs=1e-10)
     with pytest.raises(ValueError):
         dithered_trials(loaded, ids, ScalarBlockQuantizer(4), n_trials=2, gradients=grads, progress=False)
     with pytest.raises(ValueError):
@@ -220,40 +255,70 @@ def test_group_runs_dither_only_their_slots(tiny):
 
 
 def test_real_passes_add_up_for_small_steps(tiny):
-    """On the tiny model with a fine step, ΔL ≈ X: the real-pass pos_add (one group per layer) and pred
-    are 1 within their intervals, and the remainder ΔL − X is a small share of the variance."""
+    """On the tiny model with a fine step, ΔL ≈ X: the real-pass pos_add (layer 0 switched on, then layer 1)
+    and pred are 1 within their intervals (pred to 0.5% with the control variate, which narrows it)."""
     loaded, ids = tiny
     grads = kv_gradients(loaded, ids, progress=False)
     step = ScalarBlockQuantizer(6, block=16).step
     common = {"gradients": grads, "batch_size": 2, "progress": False}
     everything = dithered_trials(loaded, ids, step, n_trials=300, seed=1, **common)
-    groups = [
-        dithered_trials(loaded, ids, step, n_trials=300, seed=2 + i, slots=mask, **common)
-        for i, mask in enumerate(layer_groups(2, 2))
+    (prefix,) = [
+        dithered_trials(loaded, ids, step, n_trials=200, seed=1, slots=m, **common) for m in layer_prefixes(2, 2)
     ]
-    result = real_pass_additivity(everything, groups, n_boot=1000)
-    assert result["pos_add_low"] < 1 < result["pos_add_high"]
-    assert result["pred_low"] < 1 < result["pred_high"]
-    assert result["pos_add_high"] - result["pos_add_low"] < 0.6
-    assert result["corr"] > 0.99 and result["remainder_var_share"] < 0.02
-    assert abs(result["remainder_mean"]) < 0.2 * math.sqrt(result["var_total"])
-    with pytest.raises(ValueError):  # overlapping groups
-        real_pass_additivity(everything, [groups[0], groups[0]])
-    with pytest.raises(ValueError):  # groups missing a slot
-        real_pass_additivity(everything, groups[:1])
-    alone = real_pass_additivity(everything)
-    assert math.isnan(alone["pos_add"]) and alone["pred"] == result["pred"]
-    assert not result["paired"] and result["var_ratio"] == pytest.approx(1, abs=0.01)  # ΔL ≈ X trial by trial
-    # paired group runs (the all-slot run's seed): the same dither per slot and trial, so layer 0 (whose
-    # input is clean in both runs) gets identical errors, and pos_add is more precise
-    paired = [
-        dithered_trials(loaded, ids, step, n_trials=300, seed=1, slots=mask, **common) for mask in layer_groups(2, 2)
-    ]
-    np.testing.assert_allclose(paired[0].parts[:, 0], everything.parts[:, 0], rtol=1e-12)
-    both = real_pass_additivity(everything, paired, n_boot=1000)
-    assert both["paired"] and both["pos_add_trials"] == [300, 300, 300]
-    assert both["pos_add_low"] < 1 < both["pos_add_high"]
-    assert both["pos_add_high"] - both["pos_add_low"] < 0.75 * (result["pos_add_high"] - result["pos_add_low"])
+    np.testing.assert_allclose(prefix.parts[:, 0], everything.parts[:200, 0], rtol=1e-12)  # paired: layer 0 alike
+    result = real_pass_additivity(everything, [prefix], draws=1000, unit="trials")
+    assert result.n_groups == 2 and result.increment_trials == 200 and result.n_windows == 2
+    assert result.pos_add_direct.contains(1) and result.pred_direct.contains(1)
+    assert result.pos_add_direct.high - result.pos_add_direct.low < 0.6
+    assert result.pos_add.value == pytest.approx(1, abs=0.01)
+    assert result.pos_add.high - result.pos_add.low < 0.1 * (result.pos_add_direct.high - result.pos_add_direct.low)
+    # the control variate sees the tiny second-order departure that the plain estimate cannot
+    assert result.pred.value == pytest.approx(1, abs=0.005) and result.pred_direct.contains(result.pred.value)
+    assert result.pred.high - result.pred.low < 0.05 * (result.pred_direct.high - result.pred_direct.low)
+    assert result.corr > 0.99 and result.var_ratio.value == pytest.approx(1, abs=0.02)
+    assert abs(result.bias) < 0.2 * math.sqrt(result.var_total)
+    alone = real_pass_additivity(everything, unit="trials", draws=1000)
+    assert math.isnan(alone.pos_add.value) and alone.pred == result.pred and alone.n_groups == 1
+    unpaired = dithered_trials(loaded, ids, step, n_trials=5, seed=2, slots=layer_prefixes(2, 2)[0], **common)
+    with pytest.raises(InputError):  # another seed: not paired
+        real_pass_additivity(everything, [unpaired])
+    with pytest.raises(InputError):  # a nested run must leave slots for the next
+        real_pass_additivity(everything, [everything])
+
+
+def test_the_control_variate_is_unbiased_and_sharper():
+    """ΔL = (1 + a)·X + noise with Var X known exactly: the control-variate pred and the plain one estimate
+    the same Var(ΔL)/Var(X) = (1 + a)² + σ²/A; the first with a far narrower interval."""
+    rng = np.random.default_rng(9)
+    windows, trials, a, sigma = 30, 4, -0.15, 0.3
+    estimates = {"cv": [], "direct": []}
+    for r in range(60):
+        parts = rng.standard_normal((trials, 4, 1, windows, 1))  # Var X = 4 per window
+        x = parts.sum(axis=(1, 2, 4))
+        delta = (1 + a) * x + sigma * rng.standard_normal((trials, windows))
+        result = real_pass_additivity(_synthetic_trials(parts, np.ones((4, 1, windows, 1)), delta), draws=300, seed=r)
+        estimates["cv"].append(result.pred)
+        estimates["direct"].append(result.pred_direct)
+    truth = (1 + a) ** 2 + sigma**2 / 4
+    for name, runs in estimates.items():
+        assert np.mean([e.value for e in runs]) == pytest.approx(truth, abs=0.03), name
+        assert np.mean([e.contains(truth) for e in runs]) >= 0.8, name
+    width = {name: np.median([e.high - e.low for e in runs]) for name, runs in estimates.items()}
+    assert width["cv"] < 0.5 * width["direct"]
+
+
+def test_theorem_b_study_runs_every_mode_with_its_nested_runs(tiny):
+    loaded, ids = tiny
+    calibration = capture_kv(loaded, ids[:1])
+    study = theorem_b_study(loaded, ids, 5.0, ["baseline", "sorted"], 2, calibration=calibration, n_groups=2)
+    assert list(study) == ["baseline", "sorted"] and study["sorted"].kind == "sorted"
+    for i, runs in enumerate(study.values()):
+        assert runs.everything.seed == 1000 * i and len(runs.nested) == 1 and runs.nested[0].seed == 1000 * i
+        assert runs.everything.n_trials == 2 and np.array_equal(runs.nested[0].slots, layer_prefixes(2, 2)[0])
+    direct = dithered_trials(loaded, ids, ordering_steps(5.0, "identity", 2, 16)[0], n_trials=2, progress=False)
+    np.testing.assert_allclose(study["baseline"].everything.window_delta_loss, direct.window_delta_loss, rtol=1e-12)
+    with pytest.raises(InputError):
+        theorem_b_study(loaded, ids, 5.0, ["reversed"], 2, calibration=calibration)
 
 
 def test_seeds_and_groups():
@@ -268,6 +333,8 @@ def test_seeds_and_groups():
     assert trial_seed(0, 0, 0, 0) != trial_seed(1, 0, 0, 0)
     with pytest.raises(ValueError):
         trial_seed(0, 0, 256, 0)
+    prefixes = layer_prefixes(30, 3)
+    assert len(prefixes) == 2 and [int(m[:, 0].sum()) for m in prefixes] == [10, 20] and prefixes[1][:, 1].sum() == 20
     masks = layer_groups(30, 4)
     assert sum(m.astype(int) for m in masks).min() == 1 and sum(m.astype(int) for m in masks).max() == 1
     assert [int(m[:, 0].sum()) for m in masks] == [8, 8, 7, 7]

@@ -41,6 +41,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..evaluation.stats import Estimate, bootstrap
+
 __all__ = [
     "M_TYPES",
     "SHAPES",
@@ -58,6 +60,7 @@ __all__ = [
     "RotationRange",
     "sampled_rotation_range",
     "rotation_study",
+    "head_median",
 ]
 
 
@@ -380,3 +383,10 @@ def rotation_study(
         for kind in M_TYPES
         for name, sigma in sigmas.items()
     }
+
+
+def head_median(values, draws: int = 4000, level: float = 0.95, seed: int = 0) -> Estimate:
+    """The median of a per-head statistic over every head (all axes flattened, e.g. (layers, 2, kv_heads)),
+    with a percentile bootstrap interval over heads (:func:`lqlib.evaluation.stats.bootstrap`)."""
+    x = np.asarray(values, dtype=np.float64).reshape(-1)
+    return bootstrap(lambda index: np.median(x[index], axis=-1), x.size, draws, level, seed)

@@ -5,6 +5,8 @@ Shapes: moments are float64 arrays (..., kv_heads, d, d); functions work on any 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -14,6 +16,8 @@ from ..evaluation.models import LoadedModel
 from .quantizers import Quantizer, Quantizers, _as_quantizer, _per_layer
 
 __all__ = [
+    "ErrorMoments",
+    "ErrorSecondMoments",
     "error_moments",
     "error_moments_for_cache",
     "directional_risk",
@@ -24,7 +28,23 @@ __all__ = [
 ]
 
 
-def error_moments(x: Tensor, quantizer: Quantizer) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+@dataclass(frozen=True)
+class ErrorMoments:
+    """Second moments of a quantizer's error e = x̂ − x, per head (float64 arrays).
+
+    Attributes
+    ----------
+    sigma : Σ = E[e eᵀ] (uncentred), shape (..., kv_heads, d, d), exactly symmetric.
+    sigma_c : Σ_c = Σ − ē ēᵀ, same shape.
+    mean : ē, shape (..., kv_heads, d).
+    """
+
+    sigma: np.ndarray
+    sigma_c: np.ndarray
+    mean: np.ndarray
+
+
+def error_moments(x: Tensor, quantizer: Quantizer) -> ErrorMoments:
     """Σ, Σ_c and ē of the error e = quantizer(x) − x, per head.
 
     Parameters
@@ -34,20 +54,20 @@ def error_moments(x: Tensor, quantizer: Quantizer) -> tuple[np.ndarray, np.ndarr
 
     Returns
     -------
-    (Sigma, Sigma_c, mean_error), float64 arrays of shapes (..., kv_heads, d, d),
-    (..., kv_heads, d, d) and (..., kv_heads, d): moments over the T axis only.
+    :class:`ErrorMoments` of shapes (..., kv_heads, d, d), (..., kv_heads, d, d) and (..., kv_heads, d):
+    moments over the T axis only.
     """
     e = _as_quantizer(quantizer)(x).to(torch.float64) - x.to(torch.float64)
     sigma = torch.einsum("...ti,...tj->...ij", e, e) / e.shape[-2]
     sigma = 0.5 * (sigma + sigma.transpose(-1, -2))  # exactly symmetric
     mean = e.mean(dim=-2)
     sigma_c = sigma - mean[..., :, None] * mean[..., None, :]
-    return sigma.cpu().numpy(), sigma_c.cpu().numpy(), mean.cpu().numpy()
+    return ErrorMoments(sigma.cpu().numpy(), sigma_c.cpu().numpy(), mean.cpu().numpy())
 
 
 def error_moments_for_cache(
     kv: KVSample, key_quantizer: Quantizers, value_quantizer: Quantizers | None = None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> ErrorMoments:
     """:func:`error_moments` of a captured cache, layer by layer (a quantizer or one per layer).
 
     Each layer's keys (values) are quantized as one (1, kv_heads, T, d) write, as
@@ -55,17 +75,23 @@ def error_moments_for_cache(
 
     Returns
     -------
-    (Sigma, Sigma_c, mean_error): float64 (layers, 2, kv_heads, d, d) twice and (layers, 2, kv_heads, d).
+    :class:`ErrorMoments` of shapes (layers, 2, kv_heads, d, d) twice and (layers, 2, kv_heads, d).
     """
     n = kv.keys.shape[0]
     kq = _per_layer(key_quantizer, n)
     vq = _per_layer(key_quantizer if value_quantizer is None else value_quantizer, n)
 
-    def one_write(x: Tensor, quantizer: Quantizer) -> list[np.ndarray]:  # (H, T, d) → moments without batch axis
-        return [moment[0] for moment in error_moments(x[None], quantizer)]
+    def one_write(x: Tensor, quantizer: Quantizer) -> ErrorMoments:  # (H, T, d): one batch of one
+        moments = error_moments(x[None], quantizer)
+        return ErrorMoments(moments.sigma[0], moments.sigma_c[0], moments.mean[0])
 
     slots = [[one_write(kv.keys[l], kq[l]), one_write(kv.values[l], vq[l])] for l in range(n)]
-    return tuple(np.array([[slot[i] for slot in layer] for layer in slots]) for i in range(3))
+    return ErrorMoments(
+        *(
+            np.array([[getattr(slot, name) for slot in layer] for layer in slots])
+            for name in ("sigma", "sigma_c", "mean")
+        )
+    )
 
 
 def _trace_product(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -112,9 +138,23 @@ def bias_drift(
     return np.abs(risk - centred) / risk
 
 
-def error_second_moments(
-    loaded: LoadedModel, input_ids: Tensor, quantizers: dict
-) -> tuple[dict[str, np.ndarray], np.ndarray]:
+@dataclass(frozen=True)
+class ErrorSecondMoments:
+    """Σ of several quantizers' errors on the clean cache of some windows (:func:`error_second_moments`).
+
+    Attributes
+    ----------
+    sigma : {quantizer name: Σ float64 (layers, 2, kv_heads, d, d)}.
+    norm2 : E‖x‖², float64 (layers, 2, kv_heads): the mean square norm of the cached vectors.
+    vectors : cached vectors per head behind each Σ (windows × tokens).
+    """
+
+    sigma: dict[str, np.ndarray]
+    norm2: np.ndarray
+    vectors: int
+
+
+def error_second_moments(loaded: LoadedModel, input_ids: Tensor, quantizers: dict) -> ErrorSecondMoments:
     """Σ = E[e eᵀ] of each quantizer's error on the clean cache of the windows, and E‖x‖².
 
     Each window's cache is captured once (:func:`~lqlib.kv_capture.capture_kv`) and every
@@ -129,8 +169,7 @@ def error_second_moments(
 
     Returns
     -------
-    ({name: Σ float64 (layers, 2, kv_heads, d, d)}, mean square norm E‖x‖² float64
-    (layers, 2, kv_heads)).
+    :class:`ErrorSecondMoments`.
     """
     if input_ids.dim() != 2 or input_ids.shape[0] < 1:
         raise ValueError(f"input_ids must be (n, T) with n >= 1, got {tuple(input_ids.shape)}")
@@ -139,8 +178,8 @@ def error_second_moments(
     for window in input_ids:
         kv = capture_kv(loaded, window[None])
         for name, quantizer in quantizers.items():
-            sigma = error_moments_for_cache(kv, quantizer)[0]
+            sigma = error_moments_for_cache(kv, quantizer).sigma
             sums[name] = sums.get(name, 0.0) + sigma
         norm2 = norm2 + torch.stack([kv.keys, kv.values], dim=1).double().square().sum(-1).mean(-1).numpy()
     n = input_ids.shape[0]
-    return {name: total / n for name, total in sums.items()}, norm2 / n
+    return ErrorSecondMoments({name: total / n for name, total in sums.items()}, norm2 / n, int(input_ids.numel()))

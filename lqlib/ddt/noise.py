@@ -12,10 +12,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..cache.quantized import QuantizeDequantizeCache
+from ..evaluation.harness import stored_perplexity
+from ..evaluation.models import LoadedModel
+from ..evaluation.perplexity import PerplexityResult
 from .isotropy import SHAPES, _eigh, _square, _trace, haar_orthogonal
 from .moments import directional_risk
 
-__all__ = ["error_shapes", "GaussianNoise", "relative_risk", "risk_ratio", "noise_quantizers"]
+__all__ = ["error_shapes", "GaussianNoise", "relative_risk", "risk_ratio", "noise_quantizers", "shaped_noise_runs"]
 
 
 def error_shapes(M, kind: str, k: int = 8, seed: int = 0) -> np.ndarray:
@@ -77,6 +81,10 @@ class GaussianNoise:
 
     def __repr__(self) -> str:
         return f"GaussianNoise(rel_mse={self.rel_mse}, seed={self.seed})"
+
+    def cache_key(self) -> tuple:
+        """What a fresh instance's draws depend on: the shape's factor, the relative MSE and the seed."""
+        return ("gaussian noise", self.factor, self.rel_mse, self.seed)
 
     def noise(self, x: Tensor) -> Tensor:
         """The error e for ``x`` (batch, kv_heads, T, d) in float32/64 (x's work dtype), x's device."""
@@ -144,3 +152,40 @@ def noise_quantizers(shapes, rel_mse: float, seed: int = 0) -> tuple[list[Gaussi
         [GaussianNoise(shapes[l, 0], rel_mse, seed + 2 * l) for l in range(shapes.shape[0])],
         [GaussianNoise(shapes[l, 1], rel_mse, seed + 2 * l + 1) for l in range(shapes.shape[0])],
     )
+
+
+def shaped_noise_runs(
+    loaded: LoadedModel,
+    input_ids: Tensor,
+    labels: Tensor,
+    shapes: dict,
+    rel_mse: float,
+    seed: int = 0,
+    batch_size: int = 2,
+) -> dict[str, PerplexityResult]:
+    """Perplexity with Gaussian error of each shape at one relative MSE in every cached key and value.
+
+    Parameters
+    ----------
+    shapes : {name: unit-trace shapes (layers, 2, kv_heads, d, d)} (e.g. :func:`error_shapes` of M).
+    rel_mse : the relative MSE of every vector, for every shape (equal MSE, different directions).
+    seed : seed of the draws (:func:`noise_quantizers`): every shape draws the same z sequence.
+
+    Returns
+    -------
+    {name: PerplexityResult} on the same windows, each stored (:func:`~lqlib.evaluation.harness.stored_perplexity`)
+    under the model, windows and the injectors' shapes, level and seed.
+    """
+    out = {}
+    for name, shape in shapes.items():
+        keys, values = noise_quantizers(shape, rel_mse, seed=seed)
+        out[name] = stored_perplexity(
+            loaded,
+            input_ids,
+            labels,
+            ("shaped noise", keys, values),
+            lambda keys=keys, values=values: QuantizeDequantizeCache(keys, loaded.config, values),
+            batch_size=batch_size,
+            progress=False,
+        )
+    return out

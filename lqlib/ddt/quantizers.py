@@ -60,9 +60,14 @@ class Permuted:
     """
 
     def __init__(self, quantizer: Quantizer, permutation) -> None:
+        self.inner = quantizer
         self.quantizer = _as_quantizer(quantizer)
         self.permutation = _check_permutation(permutation)
         self.inverse = torch.argsort(self.permutation)
+
+    def cache_key(self) -> tuple:
+        """The inner quantizer (keyed by the result store as it keys any value) and the permutation."""
+        return ("permuted", self.inner, self.permutation)
 
     def __call__(self, x: Tensor) -> Tensor:
         perm = self.permutation.to(x.device)
@@ -120,6 +125,10 @@ class ScalarBlockQuantizer:
     def __repr__(self) -> str:
         perm = "" if self.permutation is None else ", permuted"
         return f"ScalarBlockQuantizer(bits={self.bits}, block={self.block}{perm})"
+
+    def cache_key(self) -> tuple:
+        """What determines the output: bits, block, step factor and permutation."""
+        return ("scalar block", self.bits, self.block, self.factor, self.permutation)
 
     def _order(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         if self.permutation is None:
@@ -194,6 +203,10 @@ class Dithered:
         generator = torch.Generator(device=x.device).manual_seed(self.seed)
         return torch.rand(x.shape, generator=generator, device=x.device, dtype=_work(x).dtype) - 0.5
 
-    def __call__(self, x: Tensor) -> Tensor:
+    def quantize_with_steps(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(x̂, the steps Δ it used), computing the steps once."""
         work, step, u = _work(x), self.steps(x), self.dither(x)
-        return ((torch.round(work / step + u) - u) * step).to(x.dtype)
+        return ((torch.round(work / step + u) - u) * step).to(x.dtype), step
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.quantize_with_steps(x)[0]

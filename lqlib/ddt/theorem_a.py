@@ -17,10 +17,12 @@ from tqdm.auto import tqdm
 from ..cache.quantized import QuantizeDequantizeCache
 from ..evaluation.capture import KVSample
 from ..evaluation.models import LoadedModel
+from ..evaluation.stats import Estimate, bootstrap
 from .gradients import (
     _Probe,
     _probe_pass,
     _slot_quantizers,
+    _stored,
     _window_nll,
     _windows,
     gradient_moments,
@@ -34,12 +36,15 @@ from .quantizers import (
 )
 
 __all__ = [
+    "MasterIdentity",
     "master_identity",
     "first_order_term",
     "loss_change",
     "PredictorStudy",
     "predictor_study",
     "theorem_a_configurations",
+    "theorem_a_family",
+    "log_log_slope",
 ]
 
 
@@ -92,6 +97,35 @@ def _clean_errors(probe: _Probe, kq: list[Quantizer], vq: list[Quantizer]) -> di
     }
 
 
+@dataclass(frozen=True)
+class MasterIdentity:
+    """Theorem A on some windows for one configuration (:func:`master_identity`); nats, summed over windows.
+
+    Attributes
+    ----------
+    nll : clean summed NLL. delta_loss : ΔL = φ(1) − φ(0). delta_loss_mirror : ΔL with −e injected.
+    q1 : Q1 = Σ gᵀe with the injected errors. q1_clean : Q1 with the errors of the clean cache.
+    scored_tokens : targets scored.
+    """
+
+    nll: float
+    delta_loss: float
+    delta_loss_mirror: float
+    q1: float
+    q1_clean: float
+    scored_tokens: int
+
+    @property
+    def odd(self) -> float:
+        """(ΔL(e) − ΔL(−e))/2 = Q1 + O(e³)."""
+        return 0.5 * (self.delta_loss - self.delta_loss_mirror)
+
+    @property
+    def even(self) -> float:
+        """(ΔL(e) + ΔL(−e))/2 = ½ eᵀHe + O(e⁴)."""
+        return 0.5 * (self.delta_loss + self.delta_loss_mirror)
+
+
 def master_identity(
     loaded: LoadedModel,
     input_ids: Tensor,
@@ -101,7 +135,7 @@ def master_identity(
     progress: bool = True,
     *,
     labels: Tensor | None = None,
-) -> dict:
+) -> MasterIdentity:
     """Theorem A on real windows: Q1, ΔL, and ΔL of the mirrored errors, in one go.
 
     Per batch: a differentiated clean pass (g, clean K/V), the in-loop quantized pass (ΔL and
@@ -111,9 +145,7 @@ def master_identity(
 
     Returns
     -------
-    dict of floats (nats, summed over windows): ``nll`` (clean), ``delta_loss``,
-    ``delta_loss_mirror``, ``q1`` (injected errors), ``q1_clean`` (errors of the clean cache),
-    ``odd``, ``even``; and ``scored_tokens``.
+    :class:`MasterIdentity`.
     """
     kq, vq = _slot_quantizers(loaded, key_quantizers, value_quantizers)
     out = dict.fromkeys(("nll", "delta_loss", "delta_loss_mirror", "q1", "q1_clean"), 0.0)
@@ -131,10 +163,7 @@ def master_identity(
         out["q1"] += _first_order(probe, errors)
         out["q1_clean"] += _first_order(probe, _clean_errors(probe, kq, vq))
         scored += int((targets != -100).sum())
-    out["odd"] = 0.5 * (out["delta_loss"] - out["delta_loss_mirror"])
-    out["even"] = 0.5 * (out["delta_loss"] + out["delta_loss_mirror"])
-    out["scored_tokens"] = scored
-    return out
+    return MasterIdentity(**out, scored_tokens=scored)
 
 
 def first_order_term(
@@ -331,22 +360,52 @@ def predictor_study(
 
     Returns
     -------
-    PredictorStudy; :meth:`PredictorStudy.rows` gives one row per configuration.
+    PredictorStudy; :meth:`PredictorStudy.rows` gives one row per configuration. Stored
+    (:mod:`lqlib.store`) under the model, windows, labels, configurations and options when every
+    configuration can be keyed (codecs and the study quantizers can; plain functions cannot).
     """
     configs = list(configs)
+    values = [None] * len(configs) if value_configs is None else list(value_configs)
+    mirrors = [bool(mirror)] * len(configs) if isinstance(mirror, bool) else [bool(m) for m in mirror]
+    inputs = {
+        "ids": input_ids,
+        "labels": labels,
+        "configs": configs,
+        "values": values,
+        "mirror": mirrors,
+        "keep_sigma": keep_sigma,
+        "batch": batch_size,
+    }
+    return _stored(
+        loaded,
+        "predictor_study",
+        inputs,
+        lambda: _predictor_study(loaded, input_ids, configs, values, mirrors, keep_sigma, batch_size, progress, labels),
+    )
+
+
+def _predictor_study(
+    loaded: LoadedModel,
+    input_ids: Tensor,
+    configs: list,
+    values: list,
+    mirrors: list[bool],
+    keep_sigma: bool,
+    batch_size: int,
+    progress: bool,
+    labels: Tensor | None,
+) -> PredictorStudy:
     if not configs:
         raise ValueError("need at least one configuration")
-    values = [None] * len(configs) if value_configs is None else list(value_configs)
     if len(values) != len(configs):
         raise ValueError(f"{len(values)} value configurations for {len(configs)} key configurations")
-    mirrors = [bool(mirror)] * len(configs) if isinstance(mirror, bool) else [bool(m) for m in mirror]
     if len(mirrors) != len(configs):
         raise ValueError(f"{len(mirrors)} mirror flags for {len(configs)} configurations")
     slots = [_slot_quantizers(loaded, k, v) for k, v in zip(configs, values)]  # validates every config
 
     moments = gradient_moments(loaded, input_ids, batch_size=batch_size, progress=progress, labels=labels)
     device = loaded.model.device
-    M = torch.as_tensor(moments["M"], device=device)  # (L, 2, H, d, d)
+    M = torch.as_tensor(moments.M, device=device)  # (L, 2, H, d, d)
     n_layers, _, heads, d, _ = M.shape
     n_configs = len(configs)
     delta = np.zeros(n_configs)
@@ -391,7 +450,7 @@ def predictor_study(
             bar.update()
     bar.close()
 
-    count = moments["count"]
+    count = moments.count
     mean_error = error_sum / count
     bias = torch.einsum("clphi,lphij,clphj->clph", mean_error, M, mean_error)  # ēᵀMē
     risk = square_sum / count
@@ -407,10 +466,10 @@ def predictor_study(
         slot_risk_centred=(risk - bias).cpu().numpy(),
         slot_trace=(trace_sum / count).cpu().numpy(),
         mean_error=mean_error.cpu().numpy(),
-        M=moments["M"],
+        M=moments.M,
         count=count,
-        nll=moments["nll"],
-        scored_tokens=moments["scored_tokens"],
+        nll=moments.nll,
+        scored_tokens=moments.scored_tokens,
         delta_loss_mirror=mirrored,
         sigma=sigma,
     )
@@ -505,3 +564,40 @@ def theorem_a_configurations(
             )
         )
     return out
+
+
+def theorem_a_family(bit_widths: Sequence[float], sample: KVSample, stride: int = 1) -> list[dict]:
+    """:func:`theorem_a_configurations` at every bit width (every ``stride``-th member), each entry with its
+    ``bits`` and a ``mirror`` flag set for the first member of each family (the configurations that also run
+    the mirror pass)."""
+    if stride < 1:
+        raise ValueError(f"stride must be positive, got {stride}")
+    out = []
+    for bits in bit_widths:
+        members = theorem_a_configurations(float(bits), sample)[::stride]
+        firsts = {m["family"]: i for i, m in reversed(list(enumerate(members)))}
+        out += [dict(m, bits=float(bits), mirror=i in firsts.values()) for i, m in enumerate(members)]
+    return out
+
+
+def log_log_slope(x, y, draws: int = 2000, level: float = 0.95, seed: int = 0) -> Estimate:
+    """Least-squares slope of log y on log x over the pairs with x, y > 0, with a percentile bootstrap
+    interval over those pairs (:func:`lqlib.evaluation.stats.bootstrap`).
+
+    Used for the Taylor check: a remainder ΔL − Q1 that is second order in the error grows with the MSE
+    with slope 1 on log axes.
+    """
+    x, y = np.asarray(x, dtype=np.float64).reshape(-1), np.asarray(y, dtype=np.float64).reshape(-1)
+    keep = (x > 0) & (y > 0)
+    lx, ly = np.log(x[keep]), np.log(y[keep])
+    if lx.size < 3:
+        nan = float("nan")
+        return Estimate(nan, nan, nan, level, int(lx.size))
+
+    def slope(index: np.ndarray) -> np.ndarray:
+        a, b = lx[index], ly[index]
+        ac = a - a.mean(axis=-1, keepdims=True)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return (ac * (b - b.mean(axis=-1, keepdims=True))).sum(axis=-1) / (ac * ac).sum(axis=-1)
+
+    return bootstrap(slope, lx.size, draws, level, seed)
