@@ -35,6 +35,10 @@ def __getattr__(name: str):
         from .cache.compressed import CompressedKVCache
 
         return CompressedKVCache
+    if name == "calibrate":
+        from .alloc.calibrate import calibrate
+
+        return calibrate
     raise AttributeError(f"module 'lqlib' has no attribute {name!r}")
 
 
@@ -42,6 +46,7 @@ __all__ = [
     "E8Codec",
     "Encoded",
     "CompressedKVCache",
+    "calibrate",
     "LATTICES",
     "RandomizedHadamard",
     "fwht",
