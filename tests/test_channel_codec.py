@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lqlib import ChecksumError, CodecMismatchError, FormatError, InputError
-from lqlib.coding.channel_codec import ChannelCodec, ChannelTables, coded_scale, decode_page, encode_page
+from lqlib.coding.channel_codec import ChannelCodec, ChannelTables, decode_page, encode_page
 from lqlib.coding.channel_model import coset_probabilities, decode_channel_symbols, encode_channel_symbols
 from lqlib.coding.codec import E8Codec
 from lqlib.coding.entropy_model import gaussian_symbol_model
@@ -28,7 +28,7 @@ def tables(seed: int = 0, scale: float = 8.0) -> ChannelTables:
 
 
 def data(seed: int, t: ChannelTables, tokens: int = 40, dtype=torch.float32) -> torch.Tensor:
-    g = torch.from_numpy(2.0 ** (t.scale_codes / 4.0))
+    g = torch.from_numpy(t.scales())
     width = torch.from_numpy(2.0 ** (t.std_codes / 8.0))
     mean = torch.from_numpy(t.offsets.astype(np.float64)) / g
     x = torch.randn(2, HEADS, tokens, DIM, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
@@ -105,13 +105,25 @@ def test_page_keeps_dtype(dtype):
     assert k.dtype == dtype and torch.equal(k, codec.quantize(x)) and torch.equal(v, k)
 
 
+def test_scales_are_continuous_through_the_base():
+    """Scales that are all equal are stored exactly (the base), whatever their value: the rate can be
+    met to any precision by moving them (one quarter-octave grid step would move it by ~¼ bit)."""
+    for value in (3.0, 3.1, 3.2):
+        t = ChannelTables.from_statistics(np.zeros((HEADS, DIM)), np.ones((HEADS, DIM)), np.full((HEADS, DIM), value))
+        assert np.allclose(t.scales(), value, rtol=1e-7) and not t.scale_codes.any()
+    pooled = ChannelTables.from_statistics(
+        np.zeros((HEADS, DIM)), np.arange(1.0, DIM + 1)[None].repeat(HEADS, 0), np.ones((HEADS, DIM)), pool_widths=True
+    )
+    assert (pooled.std_codes == pooled.std_codes[:, :1]).all()
+
+
 def test_fixed_slope_error_matches_the_lattice_constant():
     """At high resolution each channel's MSE is G(E8)/g² (the step 1/g of the channel), whatever its spread."""
     t = tables(4, scale=64.0)
     codec = ChannelCodec(t)
     x = data(5, t, 2000).double()
     err = (codec.quantize(x) - x).square().mean(dim=(0, 2))  # (heads, d)
-    predicted = torch.from_numpy(LATTICES["E8"].G / coded_scale(np.full((HEADS, DIM), 64.0)) ** 2)
+    predicted = torch.from_numpy(LATTICES["E8"].G / t.scales() ** 2)
     assert torch.allclose(err, predicted, rtol=0.12)
     assert float((err / predicted).mean()) == pytest.approx(1.0, abs=0.02)
 
@@ -119,10 +131,11 @@ def test_fixed_slope_error_matches_the_lattice_constant():
 def test_tables_bytes_round_trip_and_corruption():
     t = tables(6)
     raw = t.to_bytes()
-    assert len(raw) == t.nbytes() == 4 * HEADS * DIM + 13
+    assert len(raw) == t.nbytes() == 4 * HEADS * DIM + 17
     back = ChannelTables.from_bytes(raw)
     for name in ("scale_codes", "std_codes", "offsets"):
         assert np.array_equal(getattr(back, name), getattr(t, name))
+    assert back.base == t.base and np.array_equal(back.scales(), t.scales())
     with pytest.raises(ChecksumError):
         ChannelTables.from_bytes(raw[:20] + bytes([raw[20] ^ 1]) + raw[21:])
     with pytest.raises(FormatError):
@@ -148,3 +161,5 @@ def test_page_errors_are_clear():
         codec.quantize(torch.zeros(1, HEADS + 1, 2, DIM))
     with pytest.raises(InputError):
         ChannelTables.from_statistics(np.zeros((2, 12)), np.ones((2, 12)), np.ones((2, 12)))
+    with pytest.raises(InputError):
+        ChannelTables(t.scale_codes, t.std_codes, t.offsets, base=0.1)  # not a float32 value

@@ -1,7 +1,7 @@
 """One call from a model to a calibrated compressed cache: :func:`calibrate`.
 
-What it measures, on a few calibration windows (by default the first four 512-token windows of the
-default corpus, which the book never scores):
+What it measures, on a few calibration windows (by default the first eight 512-token windows of the
+default corpus; evaluations of a calibrated cache score other windows):
 
 * per (layer, K/V, KV head, channel): the mean and standard deviation of the cached vectors, keys
   taken in the pre-RoPE frame (:mod:`lqlib.cache.invariances`), sink tokens left out;
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from statistics import NormalDist
 
 import numpy as np
 import torch
@@ -32,11 +33,12 @@ from ..cache.channel import ChannelKVLayer, ChannelProfile, held_bytes
 from ..cache.compressed import CompressedKVCache
 from ..cache.invariances import RotaryFrame, rotary_frame
 from ..cache.quantized import QuantizeDequantizeCache
-from ..coding.channel_codec import ChannelTables, coded_scale
+from ..coding.channel_codec import ChannelTables
 from ..ddt.gradients import gradient_moments
 from ..errors import InputError
 from ..evaluation.capture import KVSample, capture_kv
 from ..evaluation.corpus import load_corpus
+from ..evaluation.harness import MethodSpec
 from ..evaluation.models import LoadedModel
 from ..evaluation.perplexity import token_windows
 
@@ -50,11 +52,13 @@ __all__ = [
     "channel_weights",
     "profile_for_step",
     "profile_rate",
+    "profile_rates",
+    "rate_margin",
     "payload_estimate",
     "calibrate",
 ]
 
-CALIBRATION_WINDOWS = 4
+CALIBRATION_WINDOWS = 8
 CALIBRATION_WINDOW = 512
 
 
@@ -143,15 +147,10 @@ def profile_for_step(
     ``per_channel=False`` gives every channel of a head the head's RMS width (one Gaussian per head)."""
     mean = stats.mean if means else np.zeros_like(stats.mean)
     spread = stats.std if means else np.sqrt(stats.std**2 + stats.mean**2)
-    scale = coded_scale(np.sqrt(weights) / step)
-    widths = spread * scale
-    if not per_channel:
-        widths = np.broadcast_to(np.sqrt((widths**2).mean(axis=-1, keepdims=True)), widths.shape)
+    scale = np.sqrt(weights) / step
     tables = [
         tuple(
-            ChannelTables.from_statistics(
-                mean[layer, path], spread[layer, path], scale[layer, path], widths[layer, path]
-            )
+            ChannelTables.from_statistics(mean[layer, path], spread[layer, path], scale[layer, path], not per_channel)
             for path in (0, 1)
         )
         for layer in range(mean.shape[0])
@@ -159,9 +158,9 @@ def profile_for_step(
     return ChannelProfile(tuple(tables), stats.frame, stats.sink)
 
 
-def profile_rate(profile: ChannelProfile, windows, page_size: int = 64) -> float:
+def profile_rates(profile: ChannelProfile, windows, page_size: int = 64) -> list[float]:
     """Measured total bits/dim of a cache with ``profile`` holding each window alone (batch 1): every byte
-    of its pages, float16 sink tokens, tail and tables, × 8 / (2 · numel), averaged over the windows."""
+    of its pages, float16 sink tokens, tail and tables, × 8 / (2 · numel); one rate per window."""
     codecs = profile.codecs()
     rates = []
     for kv in windows:
@@ -174,7 +173,21 @@ def profile_rate(profile: ChannelProfile, windows, page_size: int = 64) -> float
             for layer, (key_codec, value_codec) in enumerate(codecs)
         )
         rates.append(8.0 * total / (2 * kv.keys.numel()))
-    return float(np.mean(rates))
+    return rates
+
+
+def profile_rate(profile: ChannelProfile, windows, page_size: int = 64) -> float:
+    """The mean of :func:`profile_rates` over the windows."""
+    return float(np.mean(profile_rates(profile, windows, page_size)))
+
+
+def rate_margin(rates, confidence: float) -> float:
+    """z·s/√n: what a one-sided ``confidence`` upper bound on the mean rate of windows like these adds to
+    their mean (s the sample standard deviation of the per-window rates; 0 for one window)."""
+    rates = np.asarray(rates, dtype=np.float64)
+    if rates.size < 2 or confidence <= 0:
+        return 0.0
+    return float(NormalDist().inv_cdf(confidence) * rates.std(ddof=1) / math.sqrt(rates.size))
 
 
 def payload_estimate(profile: ChannelProfile, windows) -> float:
@@ -204,7 +217,9 @@ class CalibratedCache:
     bits_per_dim : the measured total rate on the calibration windows, never above ``bits``.
     step : the fixed-slope step Δ.
     page_size : tokens per page of the caches it makes.
-    settings : the calibration choices (alpha, sink, pre_rope, means, per_channel, across_slots).
+    settings : the calibration choices (alpha, sink, pre_rope, means, per_channel, across_slots,
+        rate_confidence).
+    calibration_rates : the measured rate of each calibration window (their mean is ``bits_per_dim``).
     """
 
     config: object
@@ -214,6 +229,7 @@ class CalibratedCache:
     step: float
     page_size: int = 64
     settings: dict = field(default_factory=dict)
+    calibration_rates: tuple[float, ...] = ()
 
     def __call__(self) -> CompressedKVCache:
         return CompressedKVCache(self.config, page_size=self.page_size, profile=self.profile)
@@ -230,6 +246,16 @@ class CalibratedCache:
     def rate(self, windows) -> float:
         """Measured total bits/dim of these caches on other windows (:class:`KVSample` list)."""
         return profile_rate(self.profile, windows, self.page_size)
+
+    def method_spec(self, label: str | None = None) -> MethodSpec:
+        """This configuration as a row of the evaluation harness (:func:`lqlib.evaluation.harness.compare_methods`):
+        scored through the in-loop twin, its rate measured from the real cache's bytes on the harness's window."""
+        return MethodSpec(
+            label or f"calibrated E8 {self.bits:g}",
+            make_cache=lambda config: self.in_loop_cache(),
+            bits_per_dim=lambda kv: self.rate([kv]),
+            family="calibrated E8 (lqlib.calibrate)",
+        )
 
 
 def _initial_step(stats: CalibrationStatistics, weights: np.ndarray, bits: float) -> float:
@@ -251,6 +277,7 @@ def calibrate(
     across_slots: bool = True,
     page_size: int = 64,
     tolerance: float = 0.004,
+    rate_confidence: float = 0.95,
     statistics: CalibrationStatistics | None = None,
     progress: bool = False,
 ) -> CalibratedCache:
@@ -261,19 +288,24 @@ def calibrate(
     loaded : the model (:func:`lqlib.evaluation.models.load`).
     bits : the total rate to meet, bits/dim, every stored byte counted (at the calibration windows'
         length, batch 1).
-    calibration_ids : (windows, tokens) token ids to calibrate on (default: the first four 512-token
+    calibration_ids : (windows, tokens) token ids to calibrate on (default: the first eight 512-token
         windows of the default corpus).
     alpha, sink, pre_rope, means, per_channel, across_slots : the configuration (defaults: the one
         that won on held-out text; see the book's "Beyond the papers" section): weight exponent, float16
         sink tokens, keys coded before RoPE, channel means removed, one entropy-model width per channel,
         errors weighted across heads/layers/paths by their sensitivity.
     page_size : tokens per page of the caches.
-    tolerance : how far below ``bits`` the measured rate may stay.
+    tolerance : how far below its limit the measured rate may stay.
+    rate_confidence : the fixed step lets the rate follow the text; the mean rate on the calibration
+        windows is kept at most ``bits − z·s/√n`` (:func:`rate_margin`: s the spread of the per-window
+        rates, n the number of windows), a one-sided bound at this confidence for windows like them
+        (0: the mean itself at most ``bits``).
     statistics : reuse :func:`calibration_statistics` of an earlier call (same sink and frame).
 
     Returns
     -------
-    CalibratedCache: call it for a fresh cache; ``bits_per_dim`` is the measured rate (≤ ``bits``).
+    CalibratedCache: call it for a fresh cache; ``bits_per_dim`` is the measured mean rate on the
+    calibration windows (≤ ``bits`` minus the margin).
     """
     if not 0.5 <= bits <= 16:
         raise InputError(f"bits must lie in [0.5, 16], got {bits}")
@@ -286,35 +318,57 @@ def calibrate(
     def profile(log_step: float) -> ChannelProfile:
         return profile_for_step(statistics, weights, 2.0**log_step, means, per_channel)
 
+    def estimate(log_step: float, overhead: float) -> float:
+        return payload_estimate(profile(log_step), statistics.windows) + overhead
+
     def search(log_step: float, overhead: float, goal: float) -> float:
-        """Secant steps on log2(step) until the estimated rate (payload + overhead) is within 0.001 of goal."""
-        x0, r0 = log_step, payload_estimate(profile(log_step), statistics.windows) + overhead
-        x1 = x0 + (r0 - goal)  # the rate falls by at most ~1 bit per doubling of the step
-        r1 = payload_estimate(profile(x1), statistics.windows) + overhead
-        for _ in range(30):
-            if abs(r1 - goal) <= 0.001 or r1 == r0:
+        """log2(step) whose estimated rate (payload + overhead) is within 0.0005 of ``goal`` (the rate falls
+        as the step grows): a bracket by doubling, then regula falsi (Illinois) inside it."""
+        lo = hi = log_step
+        r_lo = r_hi = estimate(log_step, overhead)
+        while r_lo < goal and lo > log_step - 40:
+            hi, r_hi, lo = lo, r_lo, lo - 1.0
+            r_lo = estimate(lo, overhead)
+        while r_hi > goal and hi < log_step + 40:
+            lo, r_lo, hi = hi, r_hi, hi + 1.0
+            r_hi = estimate(hi, overhead)
+        if not r_hi <= goal <= r_lo:
+            raise InputError(f"no step gives {goal:.3f} bits/dim on the calibration windows")
+        f_lo, f_hi, side = r_lo - goal, r_hi - goal, 0  # f falls from f_lo >= 0 to f_hi <= 0
+        for _ in range(60):
+            if f_lo - f_hi <= 1e-12 or hi - lo < 1e-9:
                 break
-            slope = min((r1 - r0) / (x1 - x0), -0.02)
-            x0, r0, x1 = x1, r1, x1 + (goal - r1) / slope
-            r1 = payload_estimate(profile(x1), statistics.windows) + overhead
-        return x1
+            x = hi - f_hi * (hi - lo) / (f_hi - f_lo)
+            f = estimate(x, overhead) - goal
+            if abs(f) <= 0.0005:
+                return x
+            if f > 0:
+                lo, f_lo = x, f
+                f_hi = f_hi / 2 if side == 1 else f_hi  # Illinois: the same end twice halves the other's value
+                side = 1
+            else:
+                hi, f_hi = x, f
+                f_lo = f_lo / 2 if side == -1 else f_lo
+                side = -1
+        return hi  # the side at or below the goal
 
     # the bytes beyond the ideal payload (headers, flushes, sinks, tables) hardly depend on the step:
     # measure them exactly, search on the fast estimate, then check the exact rate
     x = math.log2(_initial_step(statistics, weights, bits))
     best = None
-    for _ in range(6):
+    for _ in range(8):
         candidate = profile(x)
-        exact = profile_rate(candidate, statistics.windows, page_size)
-        if exact <= bits and (best is None or exact > best[1]):
-            best = (x, exact, candidate)
-        if best is not None and bits - best[1] <= tolerance:
+        rates = profile_rates(candidate, statistics.windows, page_size)
+        exact, limit = float(np.mean(rates)), bits - rate_margin(rates, rate_confidence)
+        if exact <= limit and (best is None or exact > best[1]):
+            best = (x, exact, candidate, limit, rates)
+        if best is not None and best[3] - best[1] <= tolerance:
             break
         overhead = exact - payload_estimate(candidate, statistics.windows)
-        x = search(x, overhead, bits - tolerance / 2)
+        x = search(x, overhead, limit - tolerance / 2)
     if best is None:
         raise InputError(f"no step meets {bits} bits/dim on the calibration windows")
-    x, rate, profile = best
+    x, rate, profile, _, rates = best
     return CalibratedCache(
         loaded.config,
         profile,
@@ -329,5 +383,7 @@ def calibrate(
             "means": means,
             "per_channel": per_channel,
             "across_slots": across_slots,
+            "rate_confidence": rate_confidence,
         },
+        tuple(rates),
     )

@@ -3,7 +3,8 @@
 For one *slot* — a layer's keys or its values, ``heads`` KV heads of dimension ``d`` — the codec
 holds, per head and channel j, three calibrated numbers (:class:`ChannelTables`):
 
-* a scale ``g_j = 2^(scale_code/4)``: lattice units per unit of x (the step is ``1/g_j``);
+* a scale ``g_j = base·2^(scale_code/4)``: lattice units per unit of x (the step is ``1/g_j``), with
+  one float32 ``base`` per slot;
 * an offset ``o_j`` (an integer, in lattice units): the calibrated mean of the channel, removed
   before quantizing and added back after;
 * a width ``s_j = 2^(std_code/8)``: the spread of the channel in lattice units, for the entropy
@@ -11,11 +12,13 @@ holds, per head and channel j, three calibrated numbers (:class:`ChannelTables`)
 
 A vector x of head h is coded as the E8 point ``p = Q_E8(x·g − o)`` (coordinates taken in the order
 of decreasing width, so that each 8-block holds channels of similar spread) and decoded as
-``x̂ = (p + o)·h_j`` with ``h_j = 2^(−scale_code/4)``. There is no per-vector step: the error of a
-channel is set by its scale alone (fixed-slope coding), and the rate follows the data.
+``x̂ = (p + o)·h_j`` with ``h_j = 1/g_j`` (both float32 numbers fixed by the tables). There is no
+per-vector step: the error of a channel is set by its scale alone (fixed-slope coding), and the rate
+follows the data.
 
 Tables are calibrated (:mod:`lqlib.alloc.calibrate`) and stored once per cache
-(:meth:`ChannelTables.to_bytes`, 4 bytes per channel: int8 scale and width codes, int16 offset);
+(:meth:`ChannelTables.to_bytes`, 4 bytes per channel: int8 scale and width codes, int16 offset, and
+17 bytes of header and CRC per slot);
 every page names the tables it was coded with by their CRC-32.
 
 Invariant: ``decode_page(encode_page(k, v))`` equals ``(quantize(k), quantize(v))`` bit for bit.
@@ -31,6 +34,7 @@ Page layout (little-endian)::
 
 from __future__ import annotations
 
+import math
 import struct
 import zlib
 from dataclasses import dataclass
@@ -52,12 +56,12 @@ from .channel_model import (
 )
 from .wire import DTYPES
 
-__all__ = ["ChannelTables", "ChannelCodec", "coded_scale", "encode_page", "decode_page", "page_shape"]
+__all__ = ["ChannelTables", "ChannelCodec", "encode_page", "decode_page", "page_shape"]
 
 SCALE_STEPS = 4  # scale codes: 2^(k/4)
 STD_STEPS = 8  # width codes: 2^(k/8)
 _TABLE_MAGIC = b"LQT8"
-_TABLE_HEAD = struct.Struct("<4sBHH")
+_TABLE_HEAD = struct.Struct("<4sBHHf")
 _PAGE_MAGIC = b"LQC8"
 _PAGE_VERSION = 1
 _PAGE_HEAD = struct.Struct("<4sBBIHIHIII")
@@ -70,59 +74,67 @@ def _codes(values: np.ndarray, steps: int, dtype) -> np.ndarray:
     return np.clip(np.round(steps * np.log2(values)), info.min, info.max).astype(dtype)
 
 
-def coded_scale(scale: np.ndarray) -> np.ndarray:
-    """The scales a table stores for ``scale`` (> 0): rounded to the grid 2^(k/4), k an int8."""
-    return 2.0 ** (_codes(np.asarray(scale, dtype=np.float64), SCALE_STEPS, np.int8) / SCALE_STEPS)
-
-
 @dataclass(frozen=True, eq=False)
 class ChannelTables:
     """Calibrated tables of one slot, each of shape (heads, d).
 
     Attributes
     ----------
-    scale_codes : int8, ``g = 2^(code/4)`` lattice units per unit of x.
+    scale_codes : int8, ``g = base·2^(code/4)`` lattice units per unit of x.
     std_codes : int8, widths ``s = 2^(code/8)`` in lattice units.
     offsets : int16, the channel means in lattice units (rounded).
+    base : the slot's base scale (a float32 value): the fine, continuous part of every g.
     """
 
     scale_codes: np.ndarray
     std_codes: np.ndarray
     offsets: np.ndarray
+    base: float = 1.0
 
     def __post_init__(self) -> None:
         shapes = {self.scale_codes.shape, self.std_codes.shape, self.offsets.shape}
         if len(shapes) != 1 or self.scale_codes.ndim != 2 or self.scale_codes.shape[1] % 8:
             raise InputError(f"tables must share one (heads, d) shape with d a multiple of 8, got {shapes}")
+        if not (math.isfinite(self.base) and self.base > 0 and float(np.float32(self.base)) == self.base):
+            raise InputError(f"the base scale must be a finite positive float32 value, got {self.base}")
 
     @classmethod
     def from_statistics(
-        cls, mean: np.ndarray, std: np.ndarray, scale: np.ndarray, widths: np.ndarray | None = None
+        cls, mean: np.ndarray, std: np.ndarray, scale: np.ndarray, pool_widths: bool = False
     ) -> ChannelTables:
         """Tables from a slot's channel means and standard deviations (units of x, (heads, d)) and the
-        scales g (lattice units per unit of x) chosen for it; every value is rounded to its code. The
-        entropy model's widths are ``std·g`` (g as stored) unless ``widths`` (lattice units) are given."""
+        scales g (lattice units per unit of x) chosen for it; every value is rounded to its code (g to
+        a quarter octave around the geometric mean of ``scale``, which is stored as the base). The
+        entropy model's widths are ``std·g`` (g as stored), or with ``pool_widths`` their RMS over
+        each head's channels (one width per head)."""
         mean, std, scale = (np.asarray(a, dtype=np.float64) for a in (mean, std, scale))
         if not (np.isfinite(mean).all() and np.isfinite(std).all() and np.isfinite(scale).all()):
             raise InputError("channel statistics must be finite")
         if not (scale > 0).all():
             raise InputError("channel scales must be > 0")
-        scale_codes = _codes(scale, SCALE_STEPS, np.int8)
-        g = 2.0 ** (scale_codes / SCALE_STEPS)
-        width = np.maximum(std * g if widths is None else np.asarray(widths, dtype=np.float64), 2.0**-15)
+        base = float(np.float32(np.exp(np.log(scale).mean())))
+        scale_codes = _codes(scale / base, SCALE_STEPS, np.int8)
+        g = base * 2.0 ** (scale_codes / SCALE_STEPS)
+        width = std * g
+        if pool_widths:
+            width = np.broadcast_to(np.sqrt((width**2).mean(axis=-1, keepdims=True)), width.shape)
         offsets = np.clip(np.round(mean * g), -_MAX_OFFSET, _MAX_OFFSET).astype(np.int16)
-        return cls(scale_codes, _codes(width, STD_STEPS, np.int8), offsets)
+        return cls(scale_codes, _codes(np.maximum(width, 2.0**-15), STD_STEPS, np.int8), offsets, base)
 
     @property
     def shape(self) -> tuple[int, int]:
         return self.scale_codes.shape
 
+    def scales(self) -> np.ndarray:
+        """g = base·2^(code/4), float64 (heads, d)."""
+        return self.base * 2.0 ** (self.scale_codes.astype(np.float64) / SCALE_STEPS)
+
     def to_bytes(self) -> bytes:
-        """magic, version, heads, d; int8 scale codes, int8 width codes, int16 offsets; CRC-32."""
+        """magic, version, heads, d, base (float32); int8 scale codes, int8 width codes, int16 offsets; CRC-32."""
         heads, dim = self.shape
         body = b"".join(
             [
-                _TABLE_HEAD.pack(_TABLE_MAGIC, 1, heads, dim),
+                _TABLE_HEAD.pack(_TABLE_MAGIC, 1, heads, dim, self.base),
                 np.ascontiguousarray(self.scale_codes, dtype=np.int8).tobytes(),
                 np.ascontiguousarray(self.std_codes, dtype=np.int8).tobytes(),
                 np.ascontiguousarray(self.offsets, dtype="<i2").tobytes(),
@@ -138,7 +150,7 @@ class ChannelTables:
             raise FormatError("not lqlib channel tables (bad magic or too short)")
         if zlib.crc32(data[:-4]) != _CRC.unpack(data[-4:])[0]:
             raise ChecksumError("channel tables checksum mismatch: the data is corrupted or truncated")
-        _, version, heads, dim = _TABLE_HEAD.unpack(data[: _TABLE_HEAD.size])
+        _, version, heads, dim, base = _TABLE_HEAD.unpack(data[: _TABLE_HEAD.size])
         n = heads * dim
         if version != 1 or len(data) != _TABLE_HEAD.size + 4 * n + _CRC.size:
             raise FormatError(f"channel tables of version {version} and length {len(data)} do not match {heads}×{dim}")
@@ -146,7 +158,10 @@ class ChannelTables:
         scale = np.frombuffer(data, np.int8, n, at).reshape(heads, dim).copy()
         std = np.frombuffer(data, np.int8, n, at + n).reshape(heads, dim).copy()
         offsets = np.frombuffer(data, "<i2", n, at + 2 * n).reshape(heads, dim).astype(np.int16)
-        return cls(scale, std, offsets)
+        try:
+            return cls(scale, std, offsets, base)
+        except InputError as exc:
+            raise FormatError(f"channel tables hold an invalid base scale: {exc}") from exc
 
     def nbytes(self) -> int:
         return _TABLE_HEAD.size + 4 * self.scale_codes.size + _CRC.size
@@ -163,9 +178,8 @@ class ChannelCodec:
         self.permutation = np.argsort(-tables.std_codes.astype(np.int64), axis=1, kind="stable")
         self.widths = np.take_along_axis(widths, self.permutation, axis=1).reshape(heads, dim // 8, 8)
         self.p_half = coset_probabilities(self.widths)  # (heads, blocks)
-        codes = np.take_along_axis(tables.scale_codes.astype(np.float64), self.permutation, axis=1)
-        self._forward = 2.0 ** (codes / SCALE_STEPS)
-        self._inverse = 2.0 ** (-codes / SCALE_STEPS)
+        scales = np.take_along_axis(tables.scales(), self.permutation, axis=1)
+        self._forward, self._inverse = scales, 1.0 / scales
         self._offsets = np.take_along_axis(tables.offsets.astype(np.float64), self.permutation, axis=1)
         self._cache: dict[tuple, tuple[Tensor, ...]] = {}
 
