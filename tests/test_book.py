@@ -38,6 +38,7 @@ PAGES = [
     "book/paper4/01_sensitivity",
     "book/paper4/02_allocation",
     "book/paper4/03_water_filling",
+    "book/paper4/04_beyond",
     "book/scorecard",
 ]
 SLIDER_PAGES = ["book/paper1/01_scalar_barrier", "book/paper3/04_theorem_c", "book/paper4/03_water_filling"]
@@ -114,9 +115,10 @@ def test_every_page_is_built_with_its_figures_tables_and_glue(built):
         assert (paper3 / "figures" / f"{figure}.png").stat().st_size > 1000
     for table in ("theorem_a_rho", "taylor_check", "k_path_share", "bias_drift", "theorem_c", "theorem_c_end_to_end"):
         assert (paper3 / "tables" / f"{table}.csv").is_file()
-    for figure in ("sensitivity_profile", "slot_check", "allocation", "schedule"):
+    for figure in ("sensitivity_profile", "slot_check", "allocation", "schedule", "beyond_curve"):
         assert (root / "book" / "paper4" / "figures" / f"{figure}.png").stat().st_size > 1000
-    for table in ("sensitivity", "sensitivity_per_layer", "am_gm", "slot_check", "allocation", "water_filling"):
+    paper4_tables = ("sensitivity", "sensitivity_per_layer", "am_gm", "slot_check", "allocation", "water_filling")
+    for table in (*paper4_tables, "beyond_ablation", "beyond_split"):
         assert (root / "book" / "paper4" / "tables" / f"{table}.csv").is_file()
     scorecard = (html / "book/scorecard.html").read_text()
     assert "reproduced" in scorecard and "pending" in scorecard and "MSE vs TurboQuant" in scorecard
