@@ -127,6 +127,7 @@ def test_sink_tokens_are_float16_and_the_rest_coded():
     assert torch.equal(y[..., 4:, :], q.coded(x[..., 4:, :], 4))
     # positions are what matter, not the chunking
     assert torch.equal(torch.cat([q(x[..., :3, :], 0), q(x[..., 3:, :], 3)], dim=-2), y)
+    assert q(x[..., :0, :], 5).shape[-2] == 0
 
 
 def test_profile_must_fit_the_model(tiny):

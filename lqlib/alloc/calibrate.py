@@ -97,13 +97,22 @@ def calibration_statistics(
     pre_rope: bool = True,
     sink: int = 1,
     progress: bool = False,
+    reuse: CalibrationStatistics | None = None,
 ) -> CalibrationStatistics:
-    """Channel means, standard deviations and loss-gradient moments on the calibration windows (n, T)."""
+    """Channel means, standard deviations and loss-gradient moments on the calibration windows (n, T).
+
+    ``reuse``: statistics of the same windows with another sink or frame; its captured windows are
+    reused, and its gradient moments too when its frame is of the same kind (they do not depend on
+    the sink)."""
     ids = calibration_ids if calibration_ids is not None else default_calibration_ids(loaded)
     if ids.dim() != 2 or ids.shape[1] <= sink:
         raise InputError(f"calibration_ids must have shape (windows, tokens > sink), got {tuple(ids.shape)}")
     frame = rotary_frame(loaded.config) if pre_rope else None
-    windows = tuple(capture_kv(loaded, ids[i : i + 1]) for i in range(ids.shape[0]))
+    if reuse is not None and len(reuse.windows) != ids.shape[0]:
+        raise InputError("the statistics to reuse were measured on other windows")
+    windows = (
+        reuse.windows if reuse is not None else tuple(capture_kv(loaded, ids[i : i + 1]) for i in range(ids.shape[0]))
+    )
     # every window's positions start at 0: its coded tokens hold positions sink, sink + 1, ...
     keys = torch.cat(
         [
@@ -114,8 +123,11 @@ def calibration_statistics(
     )  # (layers, heads, n, d)
     values = torch.cat([w.values[:, :, sink:] for w in windows], dim=2).double()
     data = torch.stack([keys, values], dim=1)  # (layers, 2, heads, n, d)
-    moments = gradient_moments(loaded, ids, pre_rope=pre_rope, progress=progress)
-    fisher = np.diagonal(moments["M"], axis1=-2, axis2=-1).copy()
+    if reuse is not None and (reuse.frame is None) == (frame is None):
+        fisher = reuse.fisher
+    else:
+        moments = gradient_moments(loaded, ids, pre_rope=pre_rope, progress=progress)
+        fisher = np.diagonal(moments["M"], axis1=-2, axis2=-1).copy()
     return CalibrationStatistics(
         mean=data.mean(dim=-2).numpy(),
         std=data.std(dim=-2, correction=0).numpy(),

@@ -105,6 +105,8 @@ class ChannelQuantizer:
 
     def __call__(self, x: Tensor, start: int = 0) -> Tensor:
         n = min(max(self.sink - start, 0), x.shape[-2])
+        if x.shape[-2] == 0:
+            return x
         parts = []
         if n:
             parts.append(_to_sink(x[..., :n, :]).to(x.dtype))
