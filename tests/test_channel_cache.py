@@ -60,7 +60,8 @@ def chunked_logits(model, ids, cache, chunk):
 
 
 @pytest.mark.parametrize(
-    "sink,pre_rope,chunk", [(0, False, None), (2, True, None), (5, True, 17), (2, True, 64), (3, True, 1)]
+    "sink,pre_rope,chunk",
+    [(0, False, None), (2, True, None), (5, True, 17), (2, True, 64), pytest.param(3, True, 1, marks=pytest.mark.slow)],
 )
 def test_cache_reads_what_the_in_loop_twin_gives(tiny, sink, pre_rope, chunk):
     """One pass or chunk by chunk (sinks and pages split across chunks): identical logits."""
@@ -73,6 +74,7 @@ def test_cache_reads_what_the_in_loop_twin_gives(tiny, sink, pre_rope, chunk):
     assert torch.equal(real, twin)
 
 
+@pytest.mark.slow
 def test_generate_matches_the_twin(tiny):
     config, model = tiny
     prof = profile(config)
