@@ -45,6 +45,7 @@ _LAZY = {
     "load_model": ("evaluation.models", "load"),
     "load_corpus": ("evaluation.corpus", "load_corpus"),
     "models": ("evaluation.models", None),
+    "calibrate": ("alloc.calibrate", "calibrate"),
 }
 
 
@@ -69,6 +70,7 @@ __all__ = [
     "load_corpus",
     "models",
     "store",
+    "calibrate",
     "LATTICES",
     "RandomizedHadamard",
     "fwht",

@@ -58,6 +58,21 @@ def _book(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibrated_specs(loaded, text: str, args: argparse.Namespace, scored: int) -> list:
+    """``lqlib.calibrate`` at every rate, calibrated on the windows right after the scored ones (never scored)."""
+    from .alloc.calibrate import calibrate, calibration_statistics
+    from .evaluation.perplexity import token_windows
+
+    ids, _ = token_windows(loaded.tokenizer, text, args.window, max_windows=scored + args.calibration_windows)
+    calibration = ids[scored:]
+    if calibration.shape[0] == 0:
+        print("no text left after the scored windows: the calibrated rows are skipped", file=sys.stderr)
+        return []
+    print(f"calibrating on windows {scored}..{scored + calibration.shape[0] - 1} (not scored)", file=sys.stderr)
+    stats = calibration_statistics(loaded, calibration)
+    return [calibrate(loaded, float(b), statistics=stats).method_spec(f"calibrated E8 {b}") for b in args.bits]
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     import json
 
@@ -74,6 +89,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     specs = [spec for b in args.bits for spec in method_specs(b)]
     if not args.no_hf:
         specs += [hf_quantized_cache(b) for b in args.bits if b in (2, 4)]
+    if args.calibration_windows > 0:
+        specs += _calibrated_specs(loaded, text.text, args, input_ids.shape[0])
     rows = compare_methods(loaded, specs, input_ids, labels, kv)
     for row in rows:
         row.update(model=loaded.name, corpus=text.name, window=args.window, windows=input_ids.shape[0])
@@ -131,6 +148,12 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--window", type=int, default=512)
     ev.add_argument("--windows", type=int, default=8)
     ev.add_argument("--no-hf", action="store_true", help="skip HF QuantizedCache (needs optimum-quanto)")
+    ev.add_argument(
+        "--calibration-windows",
+        type=int,
+        default=8,
+        help="windows after the scored ones that lqlib.calibrate measures its tables on (0: no calibrated rows)",
+    )
     ev.add_argument("--out", default="build/evaluation")
     ev.set_defaults(run=_evaluate)
     args = parser.parse_args(argv)

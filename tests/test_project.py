@@ -156,10 +156,12 @@ def test_cli_evaluate(tmp_path, capsys):
     """The harness's command line on the default model: tidy CSV and JSON with every method."""
     import json
 
-    assert main(["evaluate", "--bits", "4", "--window", "64", "--windows", "1", "--out", str(tmp_path)]) == 0
+    argv = ["evaluate", "--bits", "4", "--window", "64", "--windows", "1", "--calibration-windows", "1"]
+    assert main([*argv, "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "evaluation.json").read_text())
     methods = {r["method"] for r in rows}
-    assert {"full precision", "E8 + EC 4", "TurboQuant-style 4", "KIVI-4", "HF QuantizedCache quanto int4"} <= methods
+    expected = {"E8 + EC 4", "TurboQuant-style 4", "KIVI-4", "HF QuantizedCache quanto int4", "calibrated E8 4"}
+    assert {"full precision"} | expected <= methods
     assert all(r["window"] == 64 and r["model"] == "smollm2-135m-instruct" for r in rows)
     assert (tmp_path / "evaluation.csv").is_file() and "E8 + EC 4" in capsys.readouterr().out
 

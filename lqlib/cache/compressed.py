@@ -342,6 +342,9 @@ class CompressedKVCache(Cache):
     recent_window : most recent tokens read at full precision (0: none).
     rotation, seed : the codec's rotation (``"rht"`` or ``"none"``) and RHT seed.
     key_scales : optional per-channel key scales, shape (layers, kv_heads, head_dim).
+    profile : a calibrated configuration (:class:`lqlib.cache.channel.ChannelProfile`, made by
+        :func:`lqlib.calibrate`): channel codecs with calibrated tables, pre-RoPE keys and float16 sink
+        tokens instead of ``bits``, ``rotation``, ``seed`` and ``key_scales``.
     """
 
     def __init__(
@@ -353,7 +356,15 @@ class CompressedKVCache(Cache):
         rotation: str = "rht",
         seed: int = 0,
         key_scales: Tensor | None = None,
+        profile=None,
     ) -> None:
+        self.profile = profile
+        if profile is not None:
+            from .channel import channel_layers  # imports this module
+
+            self.codec = None
+            super().__init__(layers=channel_layers(config, profile, page_size, recent_window))
+            return
         codecs = layer_codecs(config, bits, rotation, seed, key_scales, "CompressedKVCache")
         self.codec = codecs[0][0]
         layers = [

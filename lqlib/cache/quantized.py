@@ -26,7 +26,9 @@ class QuantizeDequantizeCache(DynamicCache):
     ----------
     quantizer : maps a (batch, kv_heads, tokens, head_dim) tensor to one of the same
         shape and dtype, e.g. ``lqlib.E8Codec(4.0).quantize``; vector-wise and causal.
-        A sequence gives one quantizer per layer (a bit schedule).
+        A sequence gives one quantizer per layer (a bit schedule). A quantizer with a true
+        ``positional`` attribute is called as ``quantizer(x, start)``, ``start`` the position of
+        the first token of x (the number of tokens the layer held before).
     config : the model config (lets transformers lay out the layers).
     value_quantizer : a different quantizer (or sequence) for the values (default: ``quantizer``).
     """
@@ -44,4 +46,13 @@ class QuantizeDequantizeCache(DynamicCache):
     def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs):
         key_q = self.quantizer if callable(self.quantizer) else self.quantizer[layer_idx]
         value_q = self.value_quantizer if callable(self.value_quantizer) else self.value_quantizer[layer_idx]
-        return super().update(key_q(key_states), value_q(value_states), layer_idx, *args, **kwargs)
+        start = self.get_seq_length(layer_idx) if len(self.layers) > layer_idx else 0
+        return super().update(
+            _apply(key_q, key_states, start), _apply(value_q, value_states, start), layer_idx, *args, **kwargs
+        )
+
+
+def _apply(quantizer: Quantizer, x: Tensor, start: int) -> Tensor:
+    """``quantizer(x)``, or ``quantizer(x, start)`` for a positional one (``quantizer.positional``): x holds
+    positions start, start + 1, ... (e.g. :class:`lqlib.cache.channel.ChannelQuantizer`)."""
+    return quantizer(x, start) if getattr(quantizer, "positional", False) else quantizer(x)
