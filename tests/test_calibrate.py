@@ -22,7 +22,7 @@ from lqlib.alloc.beyond import (
 from lqlib.alloc.calibrate import calibration_statistics, channel_weights, rate_margin
 from lqlib.evaluation.capture import capture_kv
 from lqlib.evaluation.corpus import load_corpus
-from lqlib.evaluation.harness import delta_pct_ci, delta_pct_gap_ci
+from lqlib.evaluation.stats import paired_delta_pct, paired_gap_pp
 from lqlib.evaluation.perplexity import perplexity, token_windows
 
 
@@ -56,10 +56,10 @@ def test_ablation_table_and_verdicts():
         {"method": FULL, "budget": 3.25, "bits_heldout": 3.27, "window_nll": base + 20.0},
     ]
     rows = ablation_rows(results, base, tokens)
-    assert rows[0]["delta_pct"] == pytest.approx(delta_pct_ci(base + 3.0, base, tokens)["delta_pct"])
+    assert rows[0]["delta_pct"] == pytest.approx(paired_delta_pct(base + 3.0, base, tokens).value)
     assert rows[0]["delta_pct"] == pytest.approx(100 * math.expm1(3.0 / 500))
-    gap = delta_pct_gap_ci(base + 9.0, base + 3.0, base, tokens)
-    assert rows[1]["gap_pp"] == pytest.approx(gap["gap_pp"]) and rows[1]["gap_low"] == pytest.approx(gap["low"])
+    gap = paired_gap_pp(base + 9.0, base + 3.0, base, tokens)
+    assert rows[1]["gap_pp"] == pytest.approx(gap.value) and rows[1]["gap_low"] == pytest.approx(gap.low)
     assert math.isnan(rows[0]["gap_pp"])
     verdicts = target_verdicts(rows)
     assert verdicts[0]["met"] and verdicts[0]["row"]["budget"] == 4.25  # 0.6% at 4.24 bits

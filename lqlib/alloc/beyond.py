@@ -18,7 +18,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from ..evaluation.harness import delta_pct_ci, delta_pct_gap_ci
+from ..evaluation.stats import paired_delta_pct, paired_gap_pp
 from .calibrate import CalibratedCache
 
 __all__ = [
@@ -65,24 +65,24 @@ def ablation_rows(results: Iterable[dict], baseline_nll, tokens, reference: str 
     ref = {r["budget"]: r for r in results if r["method"] == reference}
     rows = []
     for r in results:
-        ci = delta_pct_ci(r["window_nll"], baseline_nll, tokens)
+        ci = paired_delta_pct(r["window_nll"], baseline_nll, tokens)
         row = {
             "method": r["method"],
             "kind": r.get("kind", ""),
             "budget": r["budget"],
             "bits_calibration": r.get("bits_calibration", float("nan")),
             "bits_heldout": r.get("bits_heldout", float("nan")),
-            "delta_pct": ci["delta_pct"],
-            "low": ci["low"],
-            "high": ci["high"],
+            "delta_pct": ci.value,
+            "low": ci.low,
+            "high": ci.high,
             "gap_pp": float("nan"),
             "gap_low": float("nan"),
             "gap_high": float("nan"),
         }
         base = ref.get(r["budget"])
         if base is not None and base is not r:
-            gap = delta_pct_gap_ci(r["window_nll"], base["window_nll"], baseline_nll, tokens)
-            row.update(gap_pp=gap["gap_pp"], gap_low=gap["low"], gap_high=gap["high"])
+            gap = paired_gap_pp(r["window_nll"], base["window_nll"], baseline_nll, tokens)
+            row.update(gap_pp=gap.value, gap_low=gap.low, gap_high=gap.high)
         rows.append(row)
     return rows
 

@@ -127,7 +127,7 @@ def calibration_statistics(
         fisher = reuse.fisher
     else:
         moments = gradient_moments(loaded, ids, pre_rope=pre_rope, progress=progress)
-        fisher = np.diagonal(moments["M"], axis1=-2, axis2=-1).copy()
+        fisher = np.diagonal(moments.M, axis1=-2, axis2=-1).copy()
     return CalibrationStatistics(
         mean=data.mean(dim=-2).numpy(),
         std=data.std(dim=-2, correction=0).numpy(),

@@ -139,13 +139,17 @@ class ChannelKVLayer(CompressedKVLayer):
         self.table_bytes = key_codec.tables.to_bytes() + value_codec.tables.to_bytes()
         super().__init__(None, page_size, recent_window)
 
+    @staticmethod
+    def _check_codecs(codec, value_codec) -> None:
+        """The parent's E8 codecs are unused here: the channel codecs were checked by their quantizers."""
+
     def _reset_storage(self) -> None:
         super()._reset_storage()
         self.sink_keys: Tensor | None = None
         self.sink_values: Tensor | None = None
 
-    def _seal(self, keys: Tensor, values: Tensor) -> tuple[bytes, ...]:
-        start = len(self.pages) * self.page_size
+    def _seal(self, keys: Tensor, values: Tensor, index: int = 0) -> tuple[bytes, ...]:
+        start = index * self.page_size
         if start == 0 and self.sink:
             self.sink_keys, self.sink_values = (
                 _to_sink(keys[..., : self.sink, :]),
@@ -164,24 +168,28 @@ class ChannelKVLayer(CompressedKVLayer):
             keys = frame.rotate(keys.to(work), start).to(keys.dtype)
         return torch.stack([keys, values])
 
-    def _read(self) -> tuple[Tensor, Tensor]:
+    def _check_codable(self, keys: Tensor, values: Tensor) -> None:
+        self.key_quantizer.codec._check(keys)
+        self.value_quantizer.codec._check(values)
+
+    def _read(self, pages: list[tuple[bytes, ...]], key_tail: Tensor, value_tail: Tensor) -> tuple[Tensor, Tensor]:
         """Sink tokens, every decoded page, the quantized pending tail and the recent window."""
-        pending = self.key_tail.shape[-2] - min(self.recent_window, self.key_tail.shape[-2])
+        pending = key_tail.shape[-2] - min(self.recent_window, key_tail.shape[-2])
         parts = []
-        if self.pages and self.sink:
+        if pages and self.sink:
             parts.append(torch.stack([self.sink_keys, self.sink_values]).to(self.dtype))
-        parts += [self._open_at(page, max(i * self.page_size, self.sink)) for i, page in enumerate(self.pages)]
+        parts += [self._open_at(page, max(i * self.page_size, self.sink)) for i, page in enumerate(pages)]
         if pending:
-            start = len(self.pages) * self.page_size
+            start = len(pages) * self.page_size
             parts.append(
                 torch.stack(
                     [
-                        self.key_quantizer(self.key_tail[..., :pending, :], start),
-                        self.value_quantizer(self.value_tail[..., :pending, :], start),
+                        self.key_quantizer(key_tail[..., :pending, :], start),
+                        self.value_quantizer(value_tail[..., :pending, :], start),
                     ]
                 )
             )
-        parts.append(torch.stack([self.key_tail[..., pending:, :], self.value_tail[..., pending:, :]]))
+        parts.append(torch.stack([key_tail[..., pending:, :], value_tail[..., pending:, :]]))
         history = torch.cat(parts, dim=-2)
         return history[0], history[1]
 
@@ -211,7 +219,7 @@ def held_bytes(layer: ChannelKVLayer, keys: Tensor, values: Tensor) -> int:
         layer.lazy_initialization(keys, values)
         for start in range(0, full, layer.page_size):
             span = slice(start, start + layer.page_size)
-            layer.pages.append(layer._seal(keys[..., span, :], values[..., span, :]))
+            layer.pages.append(layer._seal(keys[..., span, :], values[..., span, :], start // layer.page_size))
         layer.key_tail, layer.value_tail = keys[..., full:, :], values[..., full:, :]
         return layer.nbytes()
     finally:

@@ -184,9 +184,7 @@ class CompressedKVLayer(CodedHistoryLayer):
             raise InputError(f"page_size and recent_window must be integers, got {page_size!r}, {recent_window!r}")
         if page_size < 1 or recent_window < 0:
             raise InputError(f"need page_size >= 1 and recent_window >= 0, got {page_size}, {recent_window}")
-        for c in (codec, value_codec or codec):
-            if not isinstance(c, E8Codec):
-                raise InputError(f"codec and value_codec must be lqlib.E8Codec instances, got {type(c).__name__}")
+        self._check_codecs(codec, value_codec or codec)
         check_key_scales(key_scales)
         self.codec = codec
         self.value_codec = value_codec or codec
@@ -195,6 +193,13 @@ class CompressedKVLayer(CodedHistoryLayer):
         self.page_size = int(page_size)
         self.recent_window = int(recent_window)
         self._reset_storage()
+
+    @staticmethod
+    def _check_codecs(codec, value_codec) -> None:
+        """Raise unless both codecs are :class:`~lqlib.E8Codec` (subclasses with their own codecs override)."""
+        for c in (codec, value_codec):
+            if not isinstance(c, E8Codec):
+                raise InputError(f"codec and value_codec must be lqlib.E8Codec instances, got {type(c).__name__}")
 
     def _reset_storage(self) -> None:
         self.pages: list[tuple[bytes, ...]] = []
@@ -233,7 +238,8 @@ class CompressedKVLayer(CodedHistoryLayer):
             value_tail = torch.cat([self.value_tail, value_states], dim=-2)
             sealed = []
             while key_tail.shape[-2] - self.recent_window >= self.page_size:
-                sealed.append(self._seal(key_tail[..., : self.page_size, :], value_tail[..., : self.page_size, :]))
+                index = len(self.pages) + len(sealed)
+                sealed.append(self._seal(key_tail[..., : self.page_size, :], value_tail[..., : self.page_size, :], index))
                 key_tail = key_tail[..., self.page_size :, :].clone()
                 value_tail = value_tail[..., self.page_size :, :].clone()
             read = self._read(self.pages + sealed, key_tail, value_tail)
@@ -277,13 +283,18 @@ class CompressedKVLayer(CodedHistoryLayer):
                     f"keys divided by their key_scales exceed {self.dtype}'s range; use larger key_scales "
                     "or a wider dtype"
                 )
+        self._check_codable(keys, value_states)
+
+    def _check_codable(self, keys: Tensor, values: Tensor) -> None:
+        """Raise :class:`InputError` unless the codecs can code these (scaled) keys and values."""
         self.codec.check(keys)
-        self.value_codec.check(value_states)
+        self.value_codec.check(values)
 
     def _scales(self, dtype: torch.dtype) -> Tensor:
         return self.key_scales.to(device=self.device, dtype=dtype)[:, None, :]  # (kv_heads, 1, head_dim)
 
-    def _seal(self, keys: Tensor, values: Tensor) -> tuple[bytes, ...]:
+    def _seal(self, keys: Tensor, values: Tensor, index: int = 0) -> tuple[bytes, ...]:
+        """Page ``index`` (positions index·page_size onward) coded as bitstreams."""
         if self.key_scales is not None:
             keys = keys / self._scales(keys.dtype)
         if self.joint:
