@@ -22,8 +22,8 @@ from lqlib.alloc.beyond import (
 from lqlib.alloc.calibrate import calibration_statistics, channel_weights, rate_margin
 from lqlib.evaluation.capture import capture_kv
 from lqlib.evaluation.corpus import load_corpus
-from lqlib.evaluation.stats import paired_delta_pct, paired_gap_pp
 from lqlib.evaluation.perplexity import perplexity, token_windows
+from lqlib.evaluation.stats import paired_delta_pct, paired_gap_pp
 
 
 def test_weights_interpolate_between_flat_and_the_gradient_moments():

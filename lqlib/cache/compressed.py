@@ -239,7 +239,8 @@ class CompressedKVLayer(CodedHistoryLayer):
             sealed = []
             while key_tail.shape[-2] - self.recent_window >= self.page_size:
                 index = len(self.pages) + len(sealed)
-                sealed.append(self._seal(key_tail[..., : self.page_size, :], value_tail[..., : self.page_size, :], index))
+                page = (key_tail[..., : self.page_size, :], value_tail[..., : self.page_size, :])
+                sealed.append(self._seal(*page, index))
                 key_tail = key_tail[..., self.page_size :, :].clone()
                 value_tail = value_tail[..., self.page_size :, :].clone()
             read = self._read(self.pages + sealed, key_tail, value_tail)
