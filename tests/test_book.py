@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import http.server
 import math
+import os
 import re
 import shutil
 import threading
@@ -34,7 +35,11 @@ MAX_SCREENS = 8.5  # "about 8 screens" at the default 1280 × 720 viewport
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    root = tmp_path_factory.mktemp("book")
+    reuse = os.environ.get("LQLIB_TEST_BUILT_BOOK")  # a smoke build made by this fixture (for local reruns)
+    if reuse:
+        root = Path(reuse)
+        return root, root / "_build" / "html"
+    root = Path(os.environ.get("LQLIB_TEST_BOOK_DIR") or tmp_path_factory.mktemp("book"))
     for name in ("notebooks", "book", "_static", "results"):
         shutil.copytree(
             ROOT / name,
@@ -173,9 +178,11 @@ def test_every_paper_value_stands_beside_ours(pages):
     shown = []
     for soup in pages.values():
         for headers, rows in _tables(soup):
-            columns = [i for i, h in enumerate(headers) if "paper" in h.lower()]
+            whole = bool(headers) and "paper" in headers[0].lower()  # e.g. "model (paper, WikiText-2)": all of it
+            columns = [i for i, h in enumerate(headers) if whole or "paper" in h.lower()]
             for row in rows:
-                for i in columns:
+                in_row = range(len(row)) if row and "paper" in row[0].lower() else columns  # a row labelled paper
+                for i in in_row:
                     if i < len(row):
                         shown += _numbers(row[i])
     missing = [
@@ -197,11 +204,18 @@ def server(built):
     httpd.shutdown()
 
 
-_VISIBLE_PICTURE = """() => {
-    const imgs = [...document.querySelectorAll('.jupyter-widgets img, .widget-image')];
-    const shown = imgs.filter(i => i.offsetParent !== null && i.getBoundingClientRect().width > 0);
-    return shown.map(i => i.src.slice(-64)).join('|');
+PICTURES = ".jupyter-widgets img, .widget-image, .widget-html svg, .widget-html table"
+_VISIBLE_PICTURE = (
+    """() => {
+    const pictures = [...document.querySelectorAll('"""
+    + PICTURES
+    + """')];
+    const shown = pictures.filter(i => i.offsetParent !== null && i.getBoundingClientRect().width > 0);
+    const hash = t => [...t].reduce((h, c) => (Math.imul(h, 31) + c.charCodeAt(0)) | 0, 7);
+    const key = i => i.src ? i.src.slice(-64) : 'html' + hash(i.outerHTML);
+    return shown.map(key).join('|');
 }"""
+)
 
 
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed (make test installs it)")
@@ -239,8 +253,8 @@ def test_pages_in_a_browser(server, pages, tmp_path):
             if not page.query_selector(".jupyter-widgets"):
                 continue
             if page.query_selector(".math"):
-                page.wait_for_selector("mjx-container", timeout=20_000)
-            page.wait_for_selector(".jupyter-widgets img, .widget-image", timeout=30_000)
+                page.wait_for_selector("mjx-container", state="attached", timeout=20_000)
+            page.wait_for_selector(PICTURES, timeout=30_000)
             for i in range(page.locator(".widget-toggle-button").count()):
                 button = page.locator(".widget-toggle-button").nth(i)
                 if "mod-active" in (button.get_attribute("class") or ""):

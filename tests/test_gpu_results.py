@@ -30,3 +30,21 @@ def test_smoke_runs_are_left_out_and_missing_runs_raise(tmp_path):
         g.load_results(tmp_path, "gpu_decode")
     (tmp_path / "gpu_decode_x_2026-01-02.json").write_text(json.dumps(run))
     assert len(g.load_results(tmp_path, "gpu_decode")) == 1
+
+
+def test_decode_speed_estimate_is_the_summary_ratio_within_the_block_range():
+    for run in g.load_results(RESULTS, "gpu_decode"):
+        for s in run["summary"]:
+            est = g.decode_speed_estimate(run, s["context"], s["cache"])
+            assert est.value == pytest.approx(s["ratio"], rel=1e-9)  # tokens/s ratio = block-time ratio
+            assert est.low <= est.value <= est.high
+    fake = {
+        "rows": [
+            {"cache": "dynamic", "context": 8, "block_ms": [4.0, 6.0], "median_block_ms": 5.0},
+            {"cache": "device", "context": 8, "block_ms": [2.0, 3.0], "median_block_ms": 2.5},
+        ]
+    }
+    est = g.decode_speed_estimate(fake, 8)
+    assert (est.value, est.low, est.high) == (2.0, 4.0 / 3.0, 3.0)
+    with pytest.raises(KeyError):
+        g.decode_speed_estimate(fake, 16)

@@ -394,16 +394,20 @@ def setup(app: Any) -> dict[str, Any]:
     """
     app.add_config_value("book_assets_dir", "", "env", [str])
     app.connect("config-inited", _on_config_inited, priority=900)
-    app.connect("html-page-context", _drop_duplicate_scripts, priority=999)
+    app.connect("html-page-context", _fix_page_context, priority=999)
     return {"parallel_read_safe": True, "parallel_write_safe": True}
 
 
-def _drop_duplicate_scripts(app: Any, pagename: str, templatename: str, context: dict, doctree: Any) -> None:
-    """Keep one copy of each script a page would load twice.
+def _fix_page_context(app: Any, pagename: str, templatename: str, context: dict, doctree: Any) -> None:
+    """Give the theme a colour mode to fall back on, and keep one copy of each script a page would load twice.
 
     sphinx-thebe registers its inline configuration (``const THEBE_JS_URL = ...``) once per setup
     call and Jupyter Book sets it up twice, so every page declared the constant twice and the browser
     reported a SyntaxError. Scripts are compared by file name, body and attributes."""
+    # pydata-sphinx-theme's page header falls back to the template variable ``default_mode`` when the
+    # reader's browser has stored no mode; left empty, every first visit logs "Got invalid theme mode"
+    if not context.get("default_mode"):
+        context["default_mode"] = "auto"
     scripts = context.get("script_files")
     if not scripts:
         return

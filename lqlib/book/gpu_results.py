@@ -11,7 +11,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-__all__ = ["load_results", "codec_rows", "attention_rows", "rans_rows", "rans_rate_rows", "decode_rows", "card_label"]
+from ..evaluation.stats import Estimate
+
+__all__ = [
+    "load_results",
+    "codec_rows",
+    "attention_rows",
+    "rans_rows",
+    "rans_rate_rows",
+    "decode_rows",
+    "decode_speed_estimate",
+    "card_label",
+]
 
 
 def load_results(results_dir: str | Path, benchmark: str) -> list[dict]:
@@ -140,3 +151,21 @@ def decode_rows(runs: list[dict]) -> list[dict]:
                 }
             )
     return rows
+
+
+def decode_speed_estimate(run: dict, context: int, cache: str = "device") -> Estimate:
+    """Decode speed of our cache (``cache``: ``"device"`` eager or ``"device_graphs"``) over fp16
+    ``DynamicCache`` at ``context`` tokens in one recorded run: the ratio of the median block times, and
+    as its interval the smallest and largest ratio over every pairing of the repeated timed blocks (a
+    range over the run's repeats, not a confidence interval: a GPU run is a handful of blocks).
+
+    Raises
+    ------
+    KeyError
+        when the run has no such rows.
+    """
+    rows = {(r["cache"], r["context"]): r for r in run["rows"]}
+    base, ours = rows[("dynamic", context)], rows[(cache, context)]
+    ratios = [b / o for b in base["block_ms"] for o in ours["block_ms"]]
+    value = base["median_block_ms"] / ours["median_block_ms"]
+    return Estimate(value, min(ratios), max(ratios), n=len(ours["block_ms"]))
