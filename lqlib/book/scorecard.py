@@ -37,7 +37,6 @@ SCORECARD_COLUMNS = {
     "paper_value": "paper",
     "ours": "ours",
     "status": "verdict",
-    "page": "judged on",
 }
 #: Counts per paper and outcome.
 COUNT_COLUMNS = {"paper": "paper", **{o: o for o in OUTCOMES}, "missing": "missing", "total": "total"}

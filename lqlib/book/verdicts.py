@@ -255,10 +255,10 @@ def judge_here(
     return judge(claim, estimate, ours, note)
 
 
-#: Column specification of verdict tables (chapters and scorecard).
+#: Column specification of a chapter's verdict table (the criteria table above it states each claim by id;
+#: the CSV keeps every field, the claim's text included).
 VERDICT_COLUMNS = {
     "claim": "id",
-    "item": "claim",
     "paper_value": "paper",
     "ours": "ours",
     "status": "verdict",
