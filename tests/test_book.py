@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -50,8 +51,14 @@ def built(tmp_path_factory):
         path.unlink()  # executed copies from a checkout's own build
     for name in ("_toc.yml", "_config.yml"):
         shutil.copy(ROOT / name, root / name)
-    book.execute_notebooks(root, smoke=True, progress=False, jobs=2)
+    start = time.perf_counter()
+    runs = book.execute_notebooks(root, smoke=True, progress=False, jobs=2)
+    executed = time.perf_counter()
     html = book.build_html(root, strict=True)
+    done = time.perf_counter()
+    print(f"smoke book: notebooks {executed - start:.0f} s, HTML {done - executed:.0f} s")
+    for run in runs:
+        print(f"  {run.path}: {run.seconds:.1f} s")
     return root, html
 
 

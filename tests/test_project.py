@@ -186,3 +186,23 @@ else:
 """
     result = subprocess.run(["python", "-c", probe], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_notebooks_are_thin():
+    """Every code cell of every notebook is at most 30 lines and imports only public lqlib names (no
+    leading underscore)."""
+    import json
+
+    long, private = [], []
+    for path in sorted((ROOT / "notebooks").rglob("*.ipynb")):
+        for i, cell in enumerate(json.loads(path.read_text())["cells"]):
+            if cell["cell_type"] != "code":
+                continue
+            source = "".join(cell["source"])
+            if len(source.splitlines()) > 30:
+                long.append(f"{path.relative_to(ROOT)} cell {i}")
+            private += [
+                f"{path.relative_to(ROOT)}: {m}" for m in re.findall(r"from lqlib[\w.]* import [^\n]*\b_\w+", source)
+            ]
+    assert not long, f"code cells over 30 lines: {long}"
+    assert not private, f"private lqlib names in notebooks: {private}"
