@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from lqlib.book.claims import CLAIMS
 from lqlib.book.scorecard import build_rows, counts_sentence, environment_rows, scorecard_rows, status_counts
 from lqlib.book.verdicts import AtMost, judge, not_run_here, show_verdicts
+from lqlib.errors import InputError
 from lqlib.evaluation.stats import Estimate
 
 
@@ -60,3 +63,18 @@ def test_environment_and_build_report(tmp_path):
     assert rows[0] == {"notebook": "paper1/01_x", "seconds": 12.5} and rows[-1]["seconds"] == 42.5
     assert loaded["date"] == "2026-12-06"
     assert AtMost(threshold=1.0).describe()
+
+
+def test_paper_summary_names_every_outcome_it_has():
+    from lqlib.book.scorecard import paper_summary
+
+    counts = [
+        {"paper": "I", "reproduced": 1, "differs": 1, "inconclusive": 0, "not run here": 2, "missing": 0, "total": 4},
+        {"paper": "II", "reproduced": 0, "differs": 2, "inconclusive": 0, "not run here": 0, "missing": 1, "total": 3},
+        {"paper": "III", "reproduced": 0, "differs": 0, "inconclusive": 0, "not run here": 0, "missing": 0, "total": 0},
+    ]
+    assert paper_summary(counts, "I") == "Paper I: 4 claims (1 reproduced, 1 differs, 2 not run here)"
+    assert paper_summary(counts, "II") == "Paper II: 3 claims (2 differ, 1 missing)"
+    assert paper_summary(counts, "III") == "Paper III: 0 claims"
+    with pytest.raises(InputError):
+        paper_summary(counts, "IV")

@@ -15,6 +15,7 @@ from collections import Counter
 from importlib import metadata
 from pathlib import Path
 
+from ..errors import InputError
 from ..store import library_digest
 from .claims import CLAIMS
 from .prose import plural
@@ -28,6 +29,7 @@ __all__ = [
     "environment_rows",
     "build_rows",
     "counts_sentence",
+    "paper_summary",
 ]
 
 #: The scorecard's table (one per paper).
@@ -96,6 +98,16 @@ def counts_sentence(counts: list[dict[str, object]]) -> str:
         return "No claim was judged in this build."
     listed = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
     return f"Of {plural(int(total['total']), 'claim')}, {listed}."
+
+
+def paper_summary(counts: list[dict[str, object]], paper: str) -> str:
+    """A paper's counts as a title: "Paper III: 28 claims (7 differ, 10 inconclusive, 11 not run here)"
+    (outcomes with no claim left out)."""
+    row = next((r for r in counts if r["paper"] == paper), None)
+    if row is None:
+        raise InputError(f"no counts for paper {paper!r}; papers: {[r['paper'] for r in counts]}")
+    parts = [f"{row[o]} {'differ' if o == 'differs' and row[o] != 1 else o}" for o in (*OUTCOMES, "missing") if row[o]]
+    return f"Paper {paper}: {plural(int(row['total']), 'claim')}" + (f" ({', '.join(parts)})" if parts else "")
 
 
 def environment_rows() -> list[dict[str, str]]:

@@ -76,9 +76,15 @@ def show_table(
     caption: str,
     out_dir: str | Path = "tables",
     digits: int = 4,
+    collapsed: str = "",
 ):
-    """Write ``name.csv`` and ``name.md`` under ``out_dir`` and return a MyST ``{table}`` labelled ``tbl-<name>``."""
+    """Write ``name.csv`` and ``name.md`` under ``out_dir`` and return a MyST ``{table}`` labelled ``tbl-<name>``;
+    with ``collapsed`` (a title), the table sits closed under that title (a ``{dropdown}``, plain HTML
+    ``<details>``: it opens without JavaScript)."""
     from IPython.display import Markdown
 
     _, md_path = write_table(rows, Path(out_dir) / name, columns, digits)
-    return Markdown(f"```{{table}} {caption}\n:name: tbl-{name}\n\n{md_path.read_text()}```\n")
+    table = f"```{{table}} {caption}\n:name: tbl-{name}\n\n{md_path.read_text()}```\n"
+    if collapsed:
+        table = f"````{{dropdown}} {collapsed}\n{table}````\n"
+    return Markdown(table)

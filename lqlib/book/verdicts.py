@@ -28,6 +28,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..evaluation.stats import Estimate, RatioEstimate
+from .prose import plural
 
 __all__ = [
     "OUTCOMES",
@@ -299,7 +300,8 @@ def show_criteria(claims: Sequence[Claim], page: str, out_dir: str | Path = "tab
     rows = [{"claim": c.id, "item": c.item, "paper_value": c.paper_value, "criterion": c.criterion} for c in claims]
     name = "criteria_" + page.replace("/", "_")
     caption = caption or "What the papers claim here, and the rule that decides each claim (fixed before the data)."
-    return show_table(rows, name, CRITERIA_COLUMNS, caption, out_dir)
+    title = f"The {plural(len(rows), 'claim')} of this page and the rules that decide them (fixed before the data)"
+    return show_table(rows, name, CRITERIA_COLUMNS, caption, out_dir, collapsed=title)
 
 
 def collect_verdicts(book_dir: str | Path) -> list[dict[str, str]]:
