@@ -24,7 +24,7 @@ import torch
 
 from lqlib import E8Codec
 from lqlib.coding.entropy_model import gaussian_symbol_model
-from lqlib.coding.rans import _coders_models
+from lqlib.coding.rans import coder_models
 from lqlib.core.symbols import points_to_symbols
 
 
@@ -41,7 +41,7 @@ def median_seconds(fn, repeats: int) -> float:
 def raw_constriction(symbols: np.ndarray, bits: float):
     """Encode/decode closures running constriction alone on the codec's symbol groups."""
     model = gaussian_symbol_model(bits)
-    coset_model, per_coset = _coders_models(model)
+    coset_model, per_coset = coder_models(model)
     coset = symbols[:, 0].astype(np.int32)
     groups = []
     for c in (0, 1):

@@ -105,6 +105,11 @@ def test_fit_schedule_meets_the_measured_budget(tiny):
     assert rate <= 4.0 and rate > 4.0 - 0.2
     assert schedule[0, 0] > schedule[1, 0] > schedule[1, 1] and schedule[0, 0] > schedule[0, 1]
     assert np.all(np.remainder(schedule, 0.125) == 0)
+    # one weight per path (a K/V split): an excess below one grid increment must still be worked off
+    split = np.array([[78.4, 16.3], [78.4, 16.3]])
+    for target in (3.5, 4.0, 4.3):
+        schedule, rate = fit_schedule(split, target, kv, grid=0.125)
+        assert rate <= target and np.all(schedule[:, 0] >= schedule[:, 1])
     uniform = uniform_schedule(4.0, kv)
     assert np.ptp(uniform) == 0
     scales = channel_scales(kv)

@@ -57,13 +57,19 @@ def fit_schedule(
         raise InputError(f"weights must have shape (layers, 2) = ({kv.keys.shape[0]}, 2), got {weights.shape}")
     budget = target_bits - (compressed_cache_rate(kv, target_bits, key_scales=key_scales) - target_bits)
     best: tuple[np.ndarray, float] | None = None
+    previous = None
     for _ in range(iterations):
         budget = min(max(budget, b_min), b_max)
         schedule = allocate(weights, budget, grid=grid, b_min=b_min, b_max=b_max).bits.reshape(weights.shape)
         rate = compressed_cache_rate(kv, schedule, key_scales=key_scales)
         if rate <= target_bits and (best is None or rate > best[1]):
             best = (np.array(schedule), rate)
-        budget += target_bits - rate
+        if rate > target_bits and previous is not None and np.array_equal(schedule, previous):
+            # an excess smaller than one grid increment does not move the rounding: step down by one
+            budget -= grid / weights.size
+        else:
+            budget += target_bits - rate
+        previous = schedule
     if best is None:
         raise InputError(f"no schedule on a {grid}-bit grid stores at most {target_bits} bits/dim on this cache")
     return best

@@ -394,7 +394,26 @@ def setup(app: Any) -> dict[str, Any]:
     """
     app.add_config_value("book_assets_dir", "", "env", [str])
     app.connect("config-inited", _on_config_inited, priority=900)
+    app.connect("html-page-context", _drop_duplicate_scripts, priority=999)
     return {"parallel_read_safe": True, "parallel_write_safe": True}
+
+
+def _drop_duplicate_scripts(app: Any, pagename: str, templatename: str, context: dict, doctree: Any) -> None:
+    """Keep one copy of each script a page would load twice.
+
+    sphinx-thebe registers its inline configuration (``const THEBE_JS_URL = ...``) once per setup
+    call and Jupyter Book sets it up twice, so every page declared the constant twice and the browser
+    reported a SyntaxError. Scripts are compared by file name, body and attributes."""
+    scripts = context.get("script_files")
+    if not scripts:
+        return
+    seen, kept = set(), []
+    for script in scripts:
+        key = (str(getattr(script, "filename", script)), tuple(sorted(getattr(script, "attributes", {}).items())))
+        if key not in seen:
+            seen.add(key)
+            kept.append(script)
+    context["script_files"] = kept
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,6 +24,7 @@ from ..evaluation.perplexity import PerplexityResult
 from ..evaluation.rate_distortion import byte_budget
 from ..evaluation.stats import Estimate, bootstrap, paired_delta_pct
 from . import paper_values as pv
+from .prose import plural
 
 __all__ = [
     "PAGE_PARTS",
@@ -248,10 +249,6 @@ def paper2_protocol(model: str, corpus: str, windows: int, window: int, device: 
     ]
 
 
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}" if n == 1 else f"{n} {word}s"
-
-
 def chunking_sentence(one_pass_identical: bool, chunked_gap_pct: float, chunk_effect_pct: float, chunk: int) -> str:
     """What the real cache against the in-loop path shows, in one or two sentences (every branch tested)."""
     first = (
@@ -262,7 +259,7 @@ def chunking_sentence(one_pass_identical: bool, chunked_gap_pct: float, chunk_ef
     )
     agree = "identical" if chunked_gap_pct == 0 else f"within {chunked_gap_pct:.5f}%"
     return (
-        f"{first}; fed in chunks of {_plural(chunk, 'token')} they are {agree}. Chunking itself moves the "
+        f"{first}; fed in chunks of {plural(chunk, 'token')} they are {agree}. Chunking itself moves the "
         f"quantized perplexity by {chunk_effect_pct:.2f}%: attention over a chunk rounds differently in the "
         "last bits, and the quantizer turns a few of those differences into other lattice points."
     )
@@ -278,11 +275,10 @@ def fork_sentence(bits: float, same: int, total: int, candidates: Sequence[tuple
     candidates were there (``candidates``: the full-precision model's top tokens and probabilities at the
     first differing position; empty when the texts never part)."""
     if same >= total:
-        every = _plural(total, "token")
+        every = plural(total, "token")
         return f"At {bits:g} bits the compressed cache reproduces all {every} of the full-precision text."
     start = (
-        f"At {bits:g} bits the compressed cache reproduces the first {_plural(same, 'token')} of the "
-        "full-precision text"
+        f"At {bits:g} bits the compressed cache reproduces the first {plural(same, 'token')} of the full-precision text"
     )
     if len(candidates) < 2:
         return start + "."
@@ -431,11 +427,11 @@ def equal_rate_sentence(
     elif ratio.low > target:
         judged = f"its whole interval lies above {target:g}"
     else:
-        judged = f"its interval contains {target:g}, so these {_plural(windows, 'window')} do not decide"
+        judged = f"its interval contains {target:g}, so these {plural(windows, 'window')} do not decide"
     return (
         f"At the same measured rate, E8 with entropy coding ({e8_bits:.3f} bits/dim) raises the perplexity by "
         f"{e8_delta.format(2, '%')}, the TurboQuant-style baseline ({tq_bits:.3f} bits/dim) by "
-        f"{tq_delta.format(2, '%')} over {_plural(windows, 'window')}: a ratio of {ratio.format(2)}; {judged}."
+        f"{tq_delta.format(2, '%')} over {plural(windows, 'window')}: a ratio of {ratio.format(2)}; {judged}."
     )
 
 

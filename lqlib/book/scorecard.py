@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ..store import library_digest
 from .claims import CLAIMS
+from .prose import plural
 from .verdicts import OUTCOMES, collect_verdicts
 
 __all__ = [
@@ -77,16 +78,12 @@ def status_counts(rows: list[dict[str, str]]) -> list[dict[str, object]]:
     return table
 
 
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}" if n == 1 else f"{n} {word}s"
-
-
 def counts_sentence(counts: list[dict[str, object]]) -> str:
     """The totals as a sentence: "Of 58 claims, 20 are reproduced, 15 differ, 13 are inconclusive and 10
     are not run here." (singular and plural agree; zero outcomes are left out; missing ones named last)."""
     total = counts[-1]
     parts = []
-    for outcome, singular, plural in (
+    for outcome, one, many in (
         ("reproduced", "is reproduced", "are reproduced"),
         ("differs", "differs", "differ"),
         ("inconclusive", "is inconclusive", "are inconclusive"),
@@ -95,11 +92,11 @@ def counts_sentence(counts: list[dict[str, object]]) -> str:
     ):
         n = int(total[outcome])
         if n:
-            parts.append(f"{n} {singular if n == 1 else plural}")
+            parts.append(f"{n} {one if n == 1 else many}")
     if not parts:
         return "No claim was judged in this build."
     listed = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
-    return f"Of {_plural(int(total['total']), 'claim')}, {listed}."
+    return f"Of {plural(int(total['total']), 'claim')}, {listed}."
 
 
 def environment_rows() -> list[dict[str, str]]:

@@ -29,7 +29,7 @@ import numpy as np
 from ..errors import CorruptStreamError
 from .entropy_model import SymbolModel
 
-__all__ = ["encode_symbols", "decode_symbols", "SENTINEL"]
+__all__ = ["encode_symbols", "decode_symbols", "coder_models", "SENTINEL"]
 
 _Categorical = constriction.stream.model.Categorical
 _UNIFORM_16 = constriction.stream.model.Uniform(1 << 16)
@@ -39,7 +39,7 @@ _SENTINEL_HALVES = np.array([SENTINEL >> 16, SENTINEL & 0xFFFF], dtype=np.int32)
 
 
 @functools.lru_cache(maxsize=64)
-def _coders_models(model: SymbolModel) -> tuple:
+def coder_models(model: SymbolModel) -> tuple:
     """constriction models for ``model``: the coset model, then (free, half) per coset."""
     return (
         _Categorical(model.coset, perfect=False),
@@ -60,7 +60,7 @@ def encode_symbols(symbols: np.ndarray, model: SymbolModel, sentinel: bool = Tru
     -------
     np.ndarray of uint32 words (the ANS stack, ready for :func:`decode_symbols`).
     """
-    coset_model, per_coset = _coders_models(model)
+    coset_model, per_coset = coder_models(model)
     coset = np.ascontiguousarray(symbols[:, 0], dtype=np.int32)
     index = symbols[:, 1:].astype(np.int32) + model.radius  # |symbols| < 2^30: no overflow
     outside = (index < 0) | (index > 2 * model.radius)
@@ -99,7 +99,7 @@ def decode_symbols(words: np.ndarray, n_blocks: int, model: SymbolModel, sentine
         if the words do not decode to exactly ``n_blocks`` blocks (with the sentinel: if it is not
         found right after them, or data is left over; without: if data is left over).
     """
-    coset_model, per_coset = _coders_models(model)
+    coset_model, per_coset = coder_models(model)
     try:
         coder = constriction.stream.stack.AnsCoder(np.ascontiguousarray(words, dtype=np.uint32))
         coset = coder.decode(coset_model, n_blocks)
