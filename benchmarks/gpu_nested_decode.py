@@ -264,6 +264,29 @@ def capacity(model, args, device, weights_bytes: int) -> dict:
     return out
 
 
+def probe_fast_cvt(device) -> dict:
+    """Run the attention kernel's inline-PTX word decoding once against the reference; if it fails or
+    disagrees, the caches of this run use the portable decoding (recorded in the result)."""
+    from lqlib.coding.nested import NestedE8Codec
+    from lqlib.kernels import nested as kn
+
+    codec = NestedE8Codec()
+    gen = torch.Generator(device=device).manual_seed(0)
+    k, v = torch.randn(2, 2, 4, 300, 128, generator=gen, device=device, dtype=torch.float16)
+    keys, values = kn.quantize(codec, k), kn.quantize(codec, v)
+    q = torch.randn(2, 16, 128, generator=gen, device=device, dtype=torch.float16)
+    ref = kn.reference_decode_attention(q, keys, values, 299, codec, codec)
+    try:
+        got = kn.decode_attention(q, keys, values, 299, codec, codec, fast_cvt=True)
+        err = float((got.float() - ref.float()).abs().max())
+        ok = err <= 5e-4 * float(ref.float().abs().max()) + 2e-3
+        row = {"used": ok, "max_abs_error": err}
+    except Exception as exc:  # noqa: BLE001 - recorded; the portable decoding is used instead
+        row = {"used": False, "error": repr(exc)[:600]}
+    kn.FAST_CVT_ON_CUDA = row["used"]
+    return row
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768])
@@ -332,6 +355,9 @@ def main(argv: list[str] | None = None) -> int:
         del buf, dst
         torch.cuda.empty_cache()
     copy = result.get("copy_GB_per_s")
+    if device.type == "cuda":
+        result["fast_cvt"] = probe_fast_cvt(device)
+        print(f"fast word decoding (inline PTX): {result['fast_cvt']}", flush=True)
     t0 = time.time()
     result["agreement"] = agreement(model, args, device)
     print(f"agreement: {result['agreement']} ({time.time() - t0:.0f} s)", flush=True)

@@ -37,6 +37,9 @@ __all__ = [
 QUERY_DTYPES = (torch.float16, torch.bfloat16)
 MAX_DIM = 256  # flag bits of a vector fit one int32
 MAX_SPLITS = 128
+FAST_CVT_ON_CUDA = True
+"""Whether :func:`decode_attention` decodes words with inline PTX on CUDA when ``fast_cvt`` is not given
+(a benchmark that finds the PTX path failing on its card turns this off and records it)."""
 
 
 def _kernels():
@@ -336,7 +339,7 @@ def decode_attention(
         V_RHT=v_codec.rotation == "rht",
         HAS_SCALES=key_scales is not None,
         HAS_LENGTHS=isinstance(length, Tensor),
-        FAST_CVT=dev.type == "cuda" if fast_cvt is None else bool(fast_cvt),
+        FAST_CVT=(dev.type == "cuda" and FAST_CVT_ON_CUDA) if fast_cvt is None else bool(fast_cvt),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
