@@ -147,7 +147,7 @@ def test_in_loop_method_and_verdicts():
 def test_clear_errors():
     with pytest.raises(lqlib.InputError, match="peak"):
         NestedE8Codec(peak=2.0)
-    with pytest.raises(lqlib.InputError, match="power of two|head dim"):
+    with pytest.raises(lqlib.InputError, match="power-of-two|power of two|head dim"):
         NestedE8Codec().encode(torch.randn(3, 24))
     coded = NestedE8Codec().encode(torch.randn(3, 64))
     with pytest.raises(lqlib.FormatError, match="int32"):

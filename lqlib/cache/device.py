@@ -491,8 +491,19 @@ def register_attention() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+    def decode_mask(*args, **kwargs):
+        """SDPA's mask builder, but no mask for one unpadded query token: transformers builds one
+        while a CUDA graph records (it cannot tell a capture from tracing), which the decode path refuses."""
+        q_length = kwargs.get("q_length")
+        if q_length is None:  # transformers before 5.2x: the query's cache positions
+            positions = kwargs.get("cache_position", args[1] if len(args) > 1 else None)
+            q_length = positions.shape[0] if isinstance(positions, Tensor) else positions
+        if q_length == 1 and kwargs.get("attention_mask") is None and kwargs.get("local_size") is None:
+            return None
+        return sdpa_mask(*args, **kwargs)
+
     AttentionInterface.register(ATTENTION, paged_attention_forward)
-    AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+    AttentionMaskInterface.register(ATTENTION, decode_mask)
 
 
 def cache_kwarg(model: torch.nn.Module) -> str:
