@@ -213,8 +213,10 @@ def main(argv: list[str] | None = None) -> int:
         )
     coded = KN.quantize(codec, x)
     times = time_ms(lambda: KN.dequantize(codec, coded, torch.float16), args.repeats, cuda)
-    rows.append({"kernel": "nested dequantize", "launch": "default", **summary(times, vectors * (2 * d + 68), copy_gbs)})
-    del coded
+    rows.append(
+        {"kernel": "nested dequantize", "launch": "default", **summary(times, vectors * (2 * d + 68), copy_gbs)}
+    )
+    coded = None
     times = time_ms(lambda: K.quantize(e8, x), args.repeats, cuda)
     rows.append({"kernel": "int8 E8 quantize", "launch": "default", **summary(times, vectors * (3 * d + 2), copy_gbs)})
     result["quantize"] = rows
@@ -223,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         frac = f" = {100 * r['fraction_of_copy']:.1f}% of copy" if "fraction_of_copy" in r else ""
         print(f"{r['kernel']:18s} {r['launch']:8s} {r['median_ms']:.3f} ms {r['GB_per_s']:.0f} GB/s{frac}", flush=True)
-    del x
+    x = None
     write(result, path)
 
     # 3. attention
@@ -251,19 +253,28 @@ def main(argv: list[str] | None = None) -> int:
                         continue
                     err = float((got.float() - ref.float()).abs().max())
                     checks.append(
-                        {"fast_cvt": fast, "length": length, "max_abs_error": err, "ref_max_abs": float(ref.abs().max())}
+                        {
+                            "fast_cvt": fast,
+                            "length": length,
+                            "max_abs_error": err,
+                            "ref_max_abs": float(ref.abs().max()),
+                        }
                     )
                 result["attention_checks"] = checks
                 write(result, path)
             fp16_bytes = 2 * b * hkv * n * d * 2
             nested_bytes = 2 * b * hkv * n * (4 * d // 8 + 2 + 2)
-            base = time_ms(lambda: F.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True), args.repeats, cuda)
+            base = time_ms(
+                lambda: F.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True), args.repeats, cuda
+            )
             case = [{"method": "sdpa fp16 enable_gqa", **summary(base, fp16_bytes, copy_gbs)}]
             kc8, ks8 = K.quantize(e8k, k / scales[None, :, None, :])
             vc8, vs8 = K.quantize(e8v, v)
-            t8 = time_ms(lambda: KA.decode_attention(q, kc8, ks8, vc8, vs8, n, e8k, e8v, key_scales=scales32), args.repeats, cuda)
+            t8 = time_ms(
+                lambda: KA.decode_attention(q, kc8, ks8, vc8, vs8, n, e8k, e8v, key_scales=scales32), args.repeats, cuda
+            )
             case.append({"method": "int8 fused (default)", **summary(t8, 2 * b * hkv * n * (d + 2), copy_gbs)})
-            del kc8, ks8, vc8, vs8
+            kc8 = ks8 = vc8 = vs8 = None
             for bn, warps, stages in configs:
                 cfg = AttentionConfig(block_n=bn, num_warps=warps, num_stages=stages)
                 for fast in (True,) if cuda else (False,):
@@ -299,7 +310,9 @@ def main(argv: list[str] | None = None) -> int:
             att_rows += case
             nested = [r for r in case if r["method"].startswith("nested fused ") and "median_ms" in r]
             best_row = min(nested, key=lambda r: r["median_ms"])
-            default_row = next((r for r in nested if r["method"] == "nested fused {}/{}/{}".format(*configs[0])), best_row)
+            default_row = next(
+                (r for r in nested if r["method"] == "nested fused {}/{}/{}".format(*configs[0])), best_row
+            )
             att_summary.append(
                 {
                     "batch": b,
@@ -320,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
             write(result, path)
             line = "  ".join(f"{r['method']} {r.get('median_ms', float('nan')):.3f}" for r in case)
             print(f"B={b} n={n}: {line}  [{time.time() - t0:.0f} s]", flush=True)
-            del k, v, kq, vq
+            k = v = kq = vq = None
             if cuda:
                 torch.cuda.empty_cache()
     result["wall_s"] = time.time() - t_start
@@ -331,7 +344,10 @@ def main(argv: list[str] | None = None) -> int:
             f"{s['batch']:5d} {s['context']:8d} {s['sdpa_ms']:8.3f} {s['int8_ms']:8.3f} {s['nested_default_ms']:9.3f} "
             f"{s['speedup_default']:7.2f}x {s['int8_speedup']:5.2f}x"
         )
-    print(f"quantize best {best['launch']}: {best['median_ms']:.3f} ms" + (f", {100 * best['fraction_of_copy']:.1f}% of copy" if "fraction_of_copy" in best else ""))
+    print(
+        f"quantize best {best['launch']}: {best['median_ms']:.3f} ms"
+        + (f", {100 * best['fraction_of_copy']:.1f}% of copy" if "fraction_of_copy" in best else "")
+    )
     print(f"wrote {path} ({result['wall_s']:.0f} s)")
     return 0
 

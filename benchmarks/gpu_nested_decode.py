@@ -8,8 +8,9 @@ is downloaded). For each context × batch, a prompt of random ids is prefilled i
 steps after the warm-up, CUDA events) with
 
 * ``dynamic_eager``: ``DynamicCache``, SDPA, one eager forward per step (transformers' default);
-* ``static_graph``: ``StaticCache`` (capacity = prompt + steps), SDPA, the whole step recorded once as
-  a CUDA graph by :class:`lqlib.cache.decode_graph.GraphedDecoder` and replayed;
+* ``static_graph``: ``StaticCache`` (capacity = prompt + steps), SDPA with the query heads of a KV
+  head as its rows (:func:`lqlib.cache.decode_graph.gqa_decode_attention_forward`: K/V read once), the
+  whole step recorded once as a CUDA graph by :class:`lqlib.cache.decode_graph.GraphedDecoder` and replayed;
 * ``nested_graph``: :class:`lqlib.cache.device.DeviceKVCache` with ``format="nested"`` (capacity
   reserved), decode attention over the words, the whole step in one graph;
 * ``int8_graph``: the same with the int8 format (for reference).
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import os
 import platform
@@ -55,6 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_decode import Timer, build_model, llama_8b_config  # noqa: E402
 
 KINDS = ("dynamic_eager", "static_graph", "nested_graph", "int8_graph")
+ALL_KINDS = (*KINDS, "static_graph_sdpa")
 TARGETS = {1: 1.0, 8: 1.5}  # nested_graph tokens/s over static_graph's at 32K, per batch
 TARGET_CAPACITY = 3.5
 
@@ -71,7 +74,12 @@ def make_cache(kind: str, model, capacity: int):
     if kind == "dynamic_eager":
         model.set_attn_implementation("sdpa")
         return DynamicCache(config=model.config)
-    if kind == "static_graph":
+    if kind == "static_graph":  # SDPA with the query heads of a KV head as rows: K/V read once
+        from lqlib.cache.decode_graph import register_fp16_decode_attention
+
+        model.set_attn_implementation(register_fp16_decode_attention())
+        return StaticCache(config=model.config, max_cache_len=capacity)
+    if kind == "static_graph_sdpa":  # transformers' SDPA path (repeats K/V for its mask)
         model.set_attn_implementation("sdpa")
         return StaticCache(config=model.config, max_cache_len=capacity)
     model.set_attn_implementation(ATTENTION)
@@ -85,7 +93,7 @@ def kv_bytes(kind: str, cache, config, batch: int, tokens: int, capacity: int) -
         held = cache.nbytes()
         return held, held
     per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 2 * batch
-    return per_token * tokens, per_token * (capacity if kind == "static_graph" else tokens)
+    return per_token * tokens, per_token * (capacity if kind.startswith("static_graph") else tokens)
 
 
 @torch.inference_mode()
@@ -137,7 +145,7 @@ def run_case(kind, model, ids, args, timer, device) -> dict:
     prefill_s = time.time() - t0
     blocks = [timer(lambda: decode(args.new_tokens)) for _ in range(args.repeats)]
     med = statistics.median(blocks)
-    tokens_held = cache.get_seq_length() if kind != "static_graph" else n + steps
+    tokens_held = cache.get_seq_length() if not kind.startswith("static_graph") else n + steps
     held, read = kv_bytes(kind, cache, model.config, batch, tokens_held, capacity)
     row = {
         "cache": kind,
@@ -153,7 +161,7 @@ def run_case(kind, model, ids, args, timer, device) -> dict:
     }
     if device.type == "cuda":
         row["max_memory_allocated"] = torch.cuda.max_memory_allocated()
-    del cache
+    cache = None
     return row
 
 
@@ -220,7 +228,10 @@ def capacity(model, args, device, weights_bytes: int) -> dict:
     kw = cache_kwarg(model)
     per_token = {
         "fp16_static": 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2,
-        "nested": 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.head_dim // 2 + 2 + -(-cfg.head_dim // 64)),
+        "nested": 2
+        * cfg.num_hidden_layers
+        * cfg.num_key_value_heads
+        * (cfg.head_dim // 2 + 2 + -(-cfg.head_dim // 64)),
     }
     out = {"per_token_bytes": per_token, "reserve_gib": args.reserve_gib, "weights_bytes": weights_bytes}
     for kind, nbytes in per_token.items():
@@ -233,7 +244,9 @@ def capacity(model, args, device, weights_bytes: int) -> dict:
                 tok = torch.zeros(1, 1, dtype=torch.long, device=device)
                 pos = torch.full((1, 1), tokens - 1, dtype=torch.long, device=device)
                 if kind == "fp16_static":
-                    model.set_attn_implementation("sdpa")
+                    from lqlib.cache.decode_graph import register_fp16_decode_attention
+
+                    model.set_attn_implementation(register_fp16_decode_attention())
                     cache = StaticCache(config=cfg, max_cache_len=tokens)
                     model(input_ids=tok, position_ids=pos, cache_position=pos[0], use_cache=True, **{kw: cache})
                 else:
@@ -252,11 +265,18 @@ def capacity(model, args, device, weights_bytes: int) -> dict:
                 del cache
                 break
             except torch.OutOfMemoryError as err:
-                tries.append({"tokens": tokens, "ok": False, "error": str(err)[:160]})
+                tries.append({"tokens": tokens, "ok": False, "error": str(err)[:300]})
+                err = None
                 cache = None
+                gc.collect()
                 torch.cuda.empty_cache()
                 tokens = int(tokens * 0.96) // 256 * 256
-        out[kind] = {"free_bytes_before": free, "total_bytes": total, "tries": tries, "tokens": tries[-1]["tokens"] if tries and tries[-1]["ok"] else 0}
+        out[kind] = {
+            "free_bytes_before": free,
+            "total_bytes": total,
+            "tries": tries,
+            "tokens": tries[-1]["tokens"] if tries and tries[-1]["ok"] else 0,
+        }
         torch.cuda.empty_cache()
     fp16, ours = out["fp16_static"]["tokens"], out["nested"]["tokens"]
     out["ratio"] = ours / fp16 if fp16 else float("nan")
@@ -291,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    ap.add_argument("--kinds", nargs="+", default=list(KINDS))
+    ap.add_argument("--kinds", nargs="+", default=list(KINDS), choices=ALL_KINDS)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=4)
@@ -419,13 +439,18 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.time()
         result["capacity"] = capacity(model, args, device, weights)
         c = result["capacity"]
-        print(f"capacity: fp16 {c['fp16_static']['tokens']} tokens, nested {c['nested']['tokens']} ({c['ratio']:.2f}x) [{time.time() - t0:.0f} s]", flush=True)
+        print(
+            f"capacity: fp16 {c['fp16_static']['tokens']} tokens, nested {c['nested']['tokens']} "
+            f"({c['ratio']:.2f}x) [{time.time() - t0:.0f} s]",
+            flush=True,
+        )
     result["wall_s"] = time.time() - t_start
     write(result, path)
     print(f"\n{'ctx':>6} {'b':>2} {'cache':>13} {'ms/step':>8} {'static':>8} {'ratio':>6} {'floor':>6}")
     for s in summary:
         print(
-            f"{s['context']:6d} {s['batch']:2d} {s['cache']:>13} {s['ms_per_step']:8.2f} {s['static_graph_ms_per_step']:8.2f} "
+            f"{s['context']:6d} {s['batch']:2d} {s['cache']:>13} {s['ms_per_step']:8.2f} "
+            f"{s['static_graph_ms_per_step']:8.2f} "
             f"{s['speedup_vs_static_graph']:6.2f} {s['floor_ms'] or float('nan'):6.2f}"
         )
     print(f"wrote {path} ({result['wall_s']:.0f} s)")

@@ -253,7 +253,9 @@ def test_nested_device_cache_matches_the_format_in_the_loop():
     assert cache.nbytes() * 8 / (2 * 2 * 2 * 2 * 15 * 64) == bits_per_dim(64)
     keys, values = layer.dequantized(torch.float32)
     coded = NestedCodes(layer.words[0, ..., :15, :], layer.steps[0, ..., :15], layer.flags[0, ..., :15, :])
-    assert torch.equal(keys.cpu(), codec.decode(NestedCodes(*(t.cpu() for t in (coded.words, coded.steps, coded.flags)))))
+    assert torch.equal(
+        keys.cpu(), codec.decode(NestedCodes(*(t.cpu() for t in (coded.words, coded.steps, coded.flags))))
+    )
     assert values.shape == keys.shape == (2, 2, 15, 64)
 
 
@@ -307,3 +309,26 @@ def test_graphed_decoder_steps_are_a_plain_greedy_loop():
 
 def test_fixed_rate_size_constant():
     assert math.isclose(16 / bits_per_dim(128), 3.765, abs_tol=1e-3) and BETA == 1.5
+
+
+def test_fp16_baseline_attention_reads_each_kv_head_once_and_matches_sdpa():
+    """The float16 baseline's decode attention (query heads of a KV head as SDPA rows) gives
+    transformers' SDPA logits with StaticCache (float32 model: within 1e-5)."""
+    from transformers import StaticCache
+
+    from lqlib.cache.decode_graph import GraphedDecoder, register_fp16_decode_attention
+
+    config, model = tiny_llama()
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(9)).to(DEVICE)
+    logits = {}
+    for impl in ("sdpa", register_fp16_decode_attention()):
+        model.set_attn_implementation(impl)
+        decoder = GraphedDecoder(model, StaticCache(config=config, max_cache_len=20), warmup=1)
+        decoder.prefill(ids)
+        steps = [decoder.logits.float().clone()]
+        for _ in range(3):
+            decoder.step()
+            steps.append(decoder.logits.float().clone())
+        logits[impl] = torch.stack(steps)
+    a, b = logits.values()
+    assert torch.allclose(a, b, atol=1e-5, rtol=0) and a.abs().max() > 0.1

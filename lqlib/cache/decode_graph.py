@@ -18,12 +18,55 @@ eagerly, which the tests compare against a plain decode loop.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import InputError
 from .device import DeviceKVCache, cache_kwarg
 
-__all__ = ["GraphedDecoder"]
+__all__ = ["GraphedDecoder", "FP16_DECODE_ATTENTION", "gqa_decode_attention_forward", "register_fp16_decode_attention"]
+
+FP16_DECODE_ATTENTION = "lqlib_fp16_decode"
+"""The attention implementation of the float16 baseline (:func:`gqa_decode_attention_forward`)."""
+
+
+def gqa_decode_attention_forward(
+    module: torch.nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[Tensor, None]:
+    """transformers attention for the float16 baseline: one query token per row attends with SDPA
+    with the query heads of a KV head as its query rows, (B, Hkv, G, d) against the cache (B, Hkv, L, d),
+    so the keys and values are read once, not repeated G times (transformers' SDPA path repeats them
+    whenever it passes a mask, as with ``StaticCache``). Several query tokens: transformers' SDPA.
+    Returns (B, q_len, Hq, d) and no weights."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    b, hq, q_len, d = query.shape
+    hkv = key.shape[1]
+    if q_len != 1 or dropout or hq % hkv:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    mask = None if attention_mask is None else attention_mask[..., : key.shape[-2]]  # (B, 1, 1, L)
+    out = F.scaled_dot_product_attention(query.reshape(b, hkv, hq // hkv, d), key, value, attn_mask=mask, scale=scaling)
+    return out.reshape(b, hq, 1, d).transpose(1, 2).contiguous(), None
+
+
+def register_fp16_decode_attention() -> str:
+    """Register :func:`gqa_decode_attention_forward` (with SDPA's mask builder) with transformers as
+    :data:`FP16_DECODE_ATTENTION`; returns the name. Idempotent."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(FP16_DECODE_ATTENTION, gqa_decode_attention_forward)
+    AttentionMaskInterface.register(FP16_DECODE_ATTENTION, sdpa_mask)
+    return FP16_DECODE_ATTENTION
 
 
 class GraphedDecoder:
@@ -84,11 +127,10 @@ class GraphedDecoder:
 
     def _advance(self) -> None:
         counts = self._host_counts()
-        if counts is not None:
-            if counts[0] + 1 > self.cache.layers[0].capacity:
-                raise InputError(
-                    f"the cache is full ({self.cache.layers[0].capacity} tokens): reserve more capacity up front"
-                )
+        if counts is not None and counts[0] + 1 > self.cache.layers[0].capacity:
+            raise InputError(
+                f"the cache is full ({self.cache.layers[0].capacity} tokens): reserve more capacity up front"
+            )
         self._set_host_counts(counts, 1)
 
     @torch.inference_mode()

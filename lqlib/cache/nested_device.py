@@ -76,7 +76,9 @@ class NestedDeviceKVLayer(DeviceKVLayer):
         if key_states.dim() == 4 and key_states.dtype in KERNEL_DTYPES:
             dim = key_states.shape[-1]
             if not 16 <= dim <= _MAX_DIM or dim & (dim - 1):
-                raise InputError(f"the nested device cache needs a power-of-two head dim in [16, {_MAX_DIM}], got {dim}")
+                raise InputError(
+                    f"the nested device cache needs a power-of-two head dim in [16, {_MAX_DIM}], got {dim}"
+                )
         super().lazy_initialization(key_states, value_states)
 
     def _check_code_width(self, dim: int) -> None:

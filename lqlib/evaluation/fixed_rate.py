@@ -107,7 +107,7 @@ def fixed_rate_specs(kv: KVSample, peak: float = 11.0, page_size: int = 64) -> l
 
 
 def verdict(ratio: RatioEstimate, target: float) -> str:
-    """"met" where the whole interval lies at or below ``target``, "not met" where it lies above,
+    """ "met" where the whole interval lies at or below ``target``, "not met" where it lies above,
     "inconclusive" where it straddles it, "undefined" where the baseline's ΔPPL interval reaches 0."""
     if not ratio.defined:
         return "undefined"
@@ -182,4 +182,3 @@ def gaussian_gaps(dims: tuple[int, ...] = (64, 128), n: int = 20000, seed: int =
                 bits = codec.bits_per_dim(codec.encode(x))
             rows.append({"dim": d, "method": label, "bits_per_dim": bits, "mse_over_bound": mse / 4.0**-4})
     return rows
-

@@ -46,7 +46,9 @@ def _kernels():
     try:
         from . import _nested_triton
     except ImportError as err:
-        raise ImportError("lqlib.kernels.nested needs Triton: pip install 'lqlib[gpu]' (or pip install triton)") from err
+        raise ImportError(
+            "lqlib.kernels.nested needs Triton: pip install 'lqlib[gpu]' (or pip install triton)"
+        ) from err
     return _nested_triton
 
 
