@@ -355,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
         "repeats": args.repeats,
         "warmup_steps": args.warmup,
         "targets": {"vs_static_graph_at_32k": TARGETS, "capacity": TARGET_CAPACITY},
+        "static_graph_attention": "lqlib_fp16_decode",  # the fp16 baseline's attention (K/V read once)
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -332,3 +332,26 @@ def test_fp16_baseline_attention_reads_each_kv_head_once_and_matches_sdpa():
         logits[impl] = torch.stack(steps)
     a, b = logits.values()
     assert torch.allclose(a, b, atol=1e-5, rtol=0) and a.abs().max() > 0.1
+
+
+def test_recorded_gpu_runs_read_for_the_book():
+    """The recorded H100 runs (results/gpu_nested*_*.json) as the book's rows: each ratio is its two
+    times of the same run, the cache sizes count every side byte, the kernels matched the CPU."""
+    from pathlib import Path
+
+    from lqlib.book import gpu_results as g
+
+    results = Path(__file__).resolve().parent.parent / "results"
+    kernels = g.nested_runs(results, "gpu_nested")
+    decode = g.nested_runs(results, "gpu_nested_decode")
+    assert all(run["benchmark"] == "benchmarks/gpu_nested_decode.py" for run in decode)
+    assert all(r["bit_identical"] for r in g.nested_kernel_rows(kernels))
+    for r in g.nested_attention_rows(kernels):
+        assert math.isclose(r["nested_speedup"], r["sdpa_ms"] / r["nested_ms"], rel_tol=1e-9)
+        assert r["met"] == (r["nested_speedup"] >= 2.5)
+    rows = g.nested_decode_rows(decode)
+    nested = [r for r in rows if r["cache"] == "nested_graph"]
+    assert nested and all(3.7 <= r["kv_ratio_vs_fp16"] <= 16 / bits_per_dim(128) + 1e-3 for r in nested)
+    assert all(r["floor_ms"] < r["ms_per_step"] for r in rows)
+    capacity = [r for r in g.nested_capacity_rows(decode) if r["static_attention"] == "lqlib_fp16_decode"]
+    assert capacity and all(r["nested_tokens"] > r["fp16_tokens"] > 0 for r in capacity)
