@@ -353,5 +353,9 @@ def test_recorded_gpu_runs_read_for_the_book():
     nested = [r for r in rows if r["cache"] == "nested_graph"]
     assert nested and all(3.7 <= r["kv_ratio_vs_fp16"] <= 16 / bits_per_dim(128) + 1e-3 for r in nested)
     assert all(r["floor_ms"] < r["ms_per_step"] for r in rows)
+    summary = g.nested_decode_summary(rows)
+    assert len(summary) == len({(r["card"], r["static_attention"], r["context"], r["batch"]) for r in rows})
+    for s in summary:
+        assert math.isclose(s["nested_vs_static"], s["static_graph_ms"] / s["nested_graph_ms"], rel_tol=1e-9)
     capacity = [r for r in g.nested_capacity_rows(decode) if r["static_attention"] == "lqlib_fp16_decode"]
     assert capacity and all(r["nested_tokens"] > r["fp16_tokens"] > 0 for r in capacity)

@@ -24,6 +24,7 @@ __all__ = [
     "nested_attention_rows",
     "nested_decode_rows",
     "nested_capacity_rows",
+    "nested_decode_summary",
 ]
 
 
@@ -251,3 +252,21 @@ def nested_capacity_rows(runs: list[dict]) -> list[dict]:
         for run in runs
         if "capacity" in run
     ]
+
+
+def nested_decode_summary(rows: list[dict]) -> list[dict]:
+    """:func:`nested_decode_rows` folded to one row per (card, fp16 baseline attention, context, batch):
+    ms per step of each cache, the floors of the fp16 and nested caches, the nested cache's speed over
+    the one-graph fp16 StaticCache and its KV bytes against fp16."""
+    out: dict[tuple, dict] = {}
+    for r in rows:
+        key = (r["card"], r["static_attention"], r["context"], r["batch"])
+        row = out.setdefault(key, {"card": key[0], "static_attention": key[1], "context": key[2], "batch": key[3]})
+        row[f"{r['cache']}_ms"] = r["ms_per_step"]
+        if r["cache"] == "static_graph":
+            row["fp16_floor_ms"] = r["floor_ms"]
+        if r["cache"] == "nested_graph":
+            row["nested_floor_ms"] = r["floor_ms"]
+            row["nested_vs_static"] = r["vs_static_graph"]
+            row["kv_ratio_vs_fp16"] = r["kv_ratio_vs_fp16"]
+    return list(out.values())
