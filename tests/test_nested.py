@@ -220,6 +220,7 @@ def tiny_llama(layers: int = 2):
     return config, LlamaForCausalLM(config).eval().to(device=DEVICE)
 
 
+@pytest.mark.slow
 @needs_kernels
 def test_nested_device_cache_matches_the_format_in_the_loop():
     """Prefill logits bit for bit those of a quantize-dequantize cache through the format (both SDPA
