@@ -22,6 +22,12 @@ __all__ = [
     "decode_rows",
     "decode_speed_estimate",
     "card_label",
+    "nested_runs",
+    "nested_kernel_rows",
+    "nested_attention_rows",
+    "nested_decode_rows",
+    "nested_capacity_rows",
+    "nested_decode_summary",
 ]
 
 
@@ -169,3 +175,119 @@ def decode_speed_estimate(run: dict, context: int, cache: str = "device") -> Est
     ratios = [b / o for b in base["block_ms"] for o in ours["block_ms"]]
     value = base["median_block_ms"] / ours["median_block_ms"]
     return Estimate(value, min(ratios), max(ratios), n=len(ours["block_ms"]))
+
+
+def nested_runs(results_dir: str | Path, benchmark: str) -> list[dict]:
+    """The recorded runs of ``benchmark`` (``"gpu_nested"`` or ``"gpu_nested_decode"``): file names of
+    the first also match the second's pattern, so runs are kept by the benchmark they name."""
+    script = f"benchmarks/{benchmark}.py"
+    runs = [run for run in load_results(results_dir, benchmark) if run.get("benchmark") == script]
+    if not runs:
+        raise FileNotFoundError(f"no recorded {benchmark} run under {results_dir}")
+    return runs
+
+
+def nested_kernel_rows(runs: list[dict]) -> list[dict]:
+    """The nested format's quantize and dequantize kernels and the int8 format's quantize, each launch:
+    median time, GB/s (read + written) and fraction of the copy rate measured in the same run."""
+    return [
+        {
+            "card": card_label(run),
+            "kernel": r["kernel"],
+            "launch": r["launch"],
+            "median_ms": r["median_ms"],
+            "GB_per_s": r["GB_per_s"],
+            "copy_GB_per_s": run["copy"]["GB_per_s"],
+            "fraction_of_copy": r["fraction_of_copy"],
+            "bit_identical": run["bit_identical_everywhere"],
+        }
+        for run in runs
+        for r in run["quantize"]
+    ]
+
+
+def nested_attention_rows(runs: list[dict]) -> list[dict]:
+    """Decode attention per (card, batch, context): fp16 SDPA, the int8 format's fused kernel and the
+    nested format's (default launch), with the speed-ups over SDPA in the same run."""
+    return [
+        {
+            "card": card_label(run),
+            "batch": s["batch"],
+            "context": s["context"],
+            "sdpa_ms": s["sdpa_ms"],
+            "int8_ms": s["int8_ms"],
+            "nested_ms": s["nested_default_ms"],
+            "int8_speedup": s["int8_speedup"],
+            "nested_speedup": s["speedup_default"],
+            "target": run["targets"]["attention_speedup"],
+            "met": s["speedup_default"] >= run["targets"]["attention_speedup"],
+        }
+        for run in runs
+        for s in run["attention_summary"]
+    ]
+
+
+def nested_decode_rows(runs: list[dict]) -> list[dict]:
+    """End-to-end greedy decode, one row per (card, context, batch, cache): ms per step, tokens/s, the
+    bandwidth floor (weights + KV read over the copy rate of the same run), the KV held, and the speed
+    over the one-graph float16 StaticCache of the same run (``static_attention`` says which attention
+    that baseline used: ``"sdpa"``, transformers' path that repeats K/V, or ``"lqlib_fp16_decode"``)."""
+    rows = []
+    for run in runs:
+        base = {(r["context"], r["batch"]): r for r in run["rows"] if r["cache"] == "static_graph"}
+        for r in run["rows"]:
+            if "ms_per_step" not in r:
+                continue
+            b = base.get((r["context"], r["batch"]))
+            rows.append(
+                {
+                    "card": card_label(run),
+                    "static_attention": run.get("static_graph_attention", "sdpa"),
+                    "context": r["context"],
+                    "batch": r["batch"],
+                    "cache": r["cache"],
+                    "ms_per_step": r["ms_per_step"],
+                    "tokens_per_s": r["tokens_per_s"],
+                    "floor_ms": r.get("floor_ms"),
+                    "kv_mib": r["kv_bytes"] / 2**20,
+                    "vs_static_graph": b["ms_per_step"] / r["ms_per_step"] if b else None,
+                    "kv_ratio_vs_fp16": b["kv_bytes"] / r["kv_bytes"] if b and r["kv_bytes"] else None,
+                }
+            )
+    return rows
+
+
+def nested_capacity_rows(runs: list[dict]) -> list[dict]:
+    """Longest batch-1 context that ran one decode step beside the weights: float16 StaticCache and the
+    nested cache, and their ratio (runs that measured it)."""
+    return [
+        {
+            "card": card_label(run),
+            "static_attention": run.get("static_graph_attention", "sdpa"),
+            "fp16_tokens": run["capacity"]["fp16_static"]["tokens"],
+            "nested_tokens": run["capacity"]["nested"]["tokens"],
+            "ratio": run["capacity"]["ratio"],
+            "target": run["targets"]["capacity"],
+            "met": bool(run["capacity"]["meets_target"]),
+        }
+        for run in runs
+        if "capacity" in run
+    ]
+
+
+def nested_decode_summary(rows: list[dict]) -> list[dict]:
+    """:func:`nested_decode_rows` folded to one row per (card, fp16 baseline attention, context, batch):
+    ms per step of each cache, the floors of the fp16 and nested caches, the nested cache's speed over
+    the one-graph fp16 StaticCache and its KV bytes against fp16."""
+    out: dict[tuple, dict] = {}
+    for r in rows:
+        key = (r["card"], r["static_attention"], r["context"], r["batch"])
+        row = out.setdefault(key, {"card": key[0], "static_attention": key[1], "context": key[2], "batch": key[3]})
+        row[f"{r['cache']}_ms"] = r["ms_per_step"]
+        if r["cache"] == "static_graph":
+            row["fp16_floor_ms"] = r["floor_ms"]
+        if r["cache"] == "nested_graph":
+            row["nested_floor_ms"] = r["floor_ms"]
+            row["nested_vs_static"] = r["vs_static_graph"]
+            row["kv_ratio_vs_fp16"] = r["kv_ratio_vs_fp16"]
+    return list(out.values())

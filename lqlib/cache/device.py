@@ -176,12 +176,7 @@ class DeviceKVLayer(CodedHistoryLayer):
         batch, heads, _, dim = key_states.shape
         if dim < 8 or dim & (dim - 1):
             raise InputError(f"the device cache needs a power-of-two head dim of at least 8, got {dim}")
-        for c in (self.codec, self.value_codec):
-            if kernels.code_dtype(c, dim) != CODES_DTYPE:
-                raise InputError(
-                    f"{c!r} at head dim {dim} needs codes wider than int8; the device cache stores "
-                    "int8 codes (lower the rate)"
-                )
+        self._check_code_width(dim)
         if self.key_scales is not None:
             if self.key_scales.shape != (heads, dim):
                 raise InputError(
@@ -197,6 +192,15 @@ class DeviceKVLayer(CodedHistoryLayer):
         self.lengths = torch.zeros(batch, dtype=torch.int32, device=self.device)
         self._graphs_on = self.cuda_graphs and self.device.type == "cuda"
         self.is_initialized = True
+
+    def _check_code_width(self, dim: int) -> None:
+        """Raise unless the codecs' codes at head dim ``dim`` fit the int8 storage."""
+        for c in (self.codec, self.value_codec):
+            if kernels.code_dtype(c, dim) != CODES_DTYPE:
+                raise InputError(
+                    f"{c!r} at head dim {dim} needs codes wider than int8; the device cache stores "
+                    "int8 codes (lower the rate)"
+                )
 
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
         """Quantize and append the new tokens (batch, kv_heads, tokens, head_dim); return the markers
@@ -393,6 +397,9 @@ class DeviceKVCache(Cache):
     capacity : tokens to reserve in every layer at the first update (0: grow as needed).
     page_size : the capacity's granularity in tokens.
     cuda_graphs : replay each layer's decode step as CUDA graphs (CUDA only; see the module docstring).
+    format : ``"int8"`` (the codec's int8 codes ``2·p`` and int16 step codes, 8 + 16/d bits/dim) or
+        ``"nested"`` (the fixed-rate nested E8 format of :mod:`lqlib.coding.nested`: int32 words of 8
+        coordinates, int16 step codes, scale-flag bytes; 4.25 bits/dim at d = 128; ``bits`` must be 4).
     """
 
     def __init__(
@@ -405,12 +412,26 @@ class DeviceKVCache(Cache):
         capacity: int = 0,
         page_size: int = 256,
         cuda_graphs: bool = False,
+        format: str = "int8",
     ) -> None:
         codecs = layer_codecs(config, bits, rotation, seed, key_scales, "DeviceKVCache")
+        if format == "nested":
+            from ..coding.nested import NestedE8Codec
+            from .nested_device import NestedDeviceKVLayer
+
+            if np.ndim(bits) or float(bits) != 4.0:
+                raise InputError(f"the nested format stores 4 bits/dim per coordinate; got bits={bits!r}")
+            nested = NestedE8Codec(rotation, seed)
+            codecs, layer_class = [(nested, nested)] * len(codecs), NestedDeviceKVLayer
+        elif format == "int8":
+            layer_class = DeviceKVLayer
+        else:
+            raise InputError(f"format must be 'int8' or 'nested', got {format!r}")
+        self.format = format
         register_attention()
         pool = torch.cuda.graph_pool_handle() if cuda_graphs and torch.cuda.is_available() else None
         layers = [
-            DeviceKVLayer(k, v, None if key_scales is None else key_scales[i], capacity, page_size, cuda_graphs, pool)
+            layer_class(k, v, None if key_scales is None else key_scales[i], capacity, page_size, cuda_graphs, pool)
             for i, (k, v) in enumerate(codecs)
         ]
         super().__init__(layers=layers)
@@ -470,8 +491,19 @@ def register_attention() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+    def decode_mask(*args, **kwargs):
+        """SDPA's mask builder, but no mask for one unpadded query token: transformers builds one
+        while a CUDA graph records (it cannot tell a capture from tracing), which the decode path refuses."""
+        q_length = kwargs.get("q_length")
+        if q_length is None:  # transformers before 5.2x: the query's cache positions
+            positions = kwargs.get("cache_position", args[1] if len(args) > 1 else None)
+            q_length = positions.shape[0] if isinstance(positions, Tensor) else positions
+        if q_length == 1 and kwargs.get("attention_mask") is None and kwargs.get("local_size") is None:
+            return None
+        return sdpa_mask(*args, **kwargs)
+
     AttentionInterface.register(ATTENTION, paged_attention_forward)
-    AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+    AttentionMaskInterface.register(ATTENTION, decode_mask)
 
 
 def cache_kwarg(model: torch.nn.Module) -> str:

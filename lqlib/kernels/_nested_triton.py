@@ -1,0 +1,470 @@
+"""Triton kernels of the nested E8 format (:mod:`lqlib.coding.nested`): quantize, dequantize, decode attention.
+
+Imported only through :mod:`lqlib.kernels.nested`. The quantize and dequantize kernels repeat
+:meth:`lqlib.coding.nested.NestedE8Codec.analyse` / ``synthesise`` operation for operation (the
+RHT's butterflies, the E8 rounding and the step code are those of :mod:`lqlib.kernels._e8_triton`),
+compiled without fused multiply-add, so their words, step codes, flags and values are the CPU
+reference's bits.
+
+A quantize tile holds ``BLOCK_V`` vectors as (d/8, BLOCK_V, 8), one vector per thread (as the E8
+codec's kernel). Per block: the nearest E8 point of ``y``; of ``y·(2/3)`` where that leaves the cube
+(scale flag); of ``y·(2/3)`` clamped to [-7, 6.5] where that leaves it too (computed only when some
+block of the tile needs it). The words are the nibbles' XOR (disjoint bits).
+
+Decode attention (``nested_attention_kernel``, grid (B·Hkv, splits)) is the split-K kernel of
+:mod:`lqlib.kernels._attention_triton` with the int8 codes replaced by words: per tile, the words
+and the flags of BLOCK_N tokens are loaded once and turned into float16 ``β·2p`` in registers
+(``_operand``; on the GPU four nibble pairs per word by ``lop3``/``sub.f16x2``/``fma.f16x2``, no
+integer-to-float conversions), which feed tl.dot against the rotated queries (keys) and the softmax
+weights (values). Nothing decoded is written to memory.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ._attention_triton import _row_max_abs, _step_factors
+from ._e8_triton import _fwht, _nearest_e8_codes, _round_to, _saturate, _step_code, _tile_offsets, _to_tile
+from ._e8_triton import _pow2 as _pow2
+
+_INV_BETA = tl.constexpr(0.6666666865348816)  # float32(2/3), as lqlib.coding.nested.INV_BETA
+_LIMIT = tl.constexpr(64.0)
+
+
+@triton.jit
+def _codes2p(y):
+    """Codes ``2·nearest_e8(y)`` of (c, B, 8) float32 (|y| <= 64) as int32 (sign-extended low 16 bits)."""
+    return (_nearest_e8_codes(y) << 16) >> 16
+
+
+@triton.jit
+def _inside(c):
+    """(c, B, 8) codes 2p → (c, B) int32: 1 where every code lies in [-16, 15] (floor(p) in [-8, 7])."""
+    ok = ((c >= -16) & (c <= 15)).to(tl.int32)
+    return tl.min(ok, axis=2)
+
+
+@triton.jit
+def _words(c):
+    """(c, B, 8) codes 2p inside the cube → (c, B) int32 words (see lqlib.coding.nested)."""
+    lane = tl.arange(0, 8)[None, None, :]
+    z = c >> 1  # floor(p)
+    par = tl.sum(tl.where(lane < 7, z, 0), axis=2) & 1
+    b = tl.sum(tl.where(lane == 7, c & 1, 0), axis=2)
+    nib = tl.where(lane == 7, z - par[:, :, None] + b[:, :, None] + 8, z + 8)
+    return tl.xor_sum(nib << (4 * lane), axis=2)
+
+
+@triton.jit
+def nested_quantize_kernel(
+    x_ptr,
+    words_ptr,
+    steps_ptr,
+    flags_ptr,
+    signs_ptr,
+    tables_ptr,
+    n_vectors,
+    n0,
+    t1,
+    t2,
+    t3,
+    t4,
+    D: tl.constexpr,
+    LOG2C: tl.constexpr,
+    SHIFT: tl.constexpr,
+    RHT: tl.constexpr,
+    FB: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    CHUNK_MAJOR: tl.constexpr,
+):
+    """x (n_vectors, D) → words (n_vectors, D/8) int32, step codes (n_vectors,) int16, flags (n_vectors, FB) uint8."""
+    C: tl.constexpr = D // 8
+    pid = tl.program_id(0)
+    offs, rows, row_ok, mask = _tile_offsets(pid, n_vectors, D, BLOCK_V, CHUNK_MAJOR)
+    x = _to_tile(tl.load(x_ptr + offs, mask=mask, other=0.0), CHUNK_MAJOR).to(tl.float32)
+    if RHT:
+        signs = tl.load(signs_ptr + tl.arange(0, C)[:, None, None] * 8 + tl.arange(0, 8)[None, None, :])
+        u = _fwht(x * signs, LOG2C)
+    else:
+        u = x
+    # step code of the largest |u| (float64 square: exact), as lqlib.coding.nested.NestedE8Codec.step_codes
+    m = tl.max(tl.max(tl.abs(u), axis=2), axis=0).to(tl.float64)
+    k = _step_code(m * m, n0, t1, t2, t3, t4)
+    g = k - 4 * SHIFT
+    factor = tl.load(tables_ptr + 8 + (g & 7)) * _pow2(-(g >> 3) - SHIFT)
+    y = u * factor[None, :, None]
+    y = tl.minimum(tl.maximum(y, -_LIMIT), _LIMIT)
+
+    first = _codes2p(y)
+    fits = _inside(first)
+    shrunk = y * _INV_BETA
+    second = _codes2p(shrunk)
+    fits2 = _inside(second)
+    if tl.max(tl.max((1 - fits) * (1 - fits2), axis=1), axis=0) != 0:  # rare: clamp into the safe box
+        third = _codes2p(tl.minimum(tl.maximum(shrunk, -7.0), 6.5))
+        second = tl.where(fits2[:, :, None] != 0, second, third)
+    codes = tl.where(fits[:, :, None] != 0, first, second)
+
+    block = tl.arange(0, C)
+    tl.store(words_ptr + rows.to(tl.int64)[None, :] * C + block[:, None], _words(codes), mask=row_ok[None, :])
+    tl.store(steps_ptr + rows, k.to(steps_ptr.dtype.element_ty), mask=row_ok)
+    bits = tl.xor_sum((1 - fits) << block[:, None], axis=0)  # (B,): block j's flag at bit j
+    for i in tl.static_range(FB):
+        tl.store(flags_ptr + rows.to(tl.int64) * FB + i, ((bits >> (8 * i)) & 255).to(tl.uint8), mask=row_ok)
+
+
+@triton.jit
+def _flag_bits(flags_ptr, rows, row_ok, FB: tl.constexpr):
+    """The flag bytes of ``rows`` as one int32 each (block j at bit j)."""
+    bits = tl.zeros(rows.shape, tl.int32)
+    for i in tl.static_range(FB):
+        byte = tl.load(flags_ptr + rows.to(tl.int64) * FB + i, mask=row_ok, other=0).to(tl.int32) & 255
+        bits = bits | (byte << (8 * i))
+    return bits
+
+
+@triton.jit
+def _unpack_codes(w):
+    """Words (..., C) int32 → codes 2p (..., C, 8) int32."""
+    lane = tl.arange(0, 8)
+    nib = (w[:, :, None] >> (4 * lane)[None, None, :]) & 15
+    b = ((w >> 28) & 1)[:, :, None]
+    x = w & 0x01111111  # the low bits of nibbles 0..6
+    x = x ^ (x >> 16)
+    x = x ^ (x >> 8)
+    x = x ^ (x >> 4)
+    par = (x & 1)[:, :, None]
+    return tl.where(lane[None, None, :] == 7, 2 * nib - 16 - b + 2 * par, 2 * nib - 16 + b)
+
+
+@triton.jit
+def nested_dequantize_kernel(
+    words_ptr,
+    steps_ptr,
+    flags_ptr,
+    out_ptr,
+    signs_ptr,
+    tables_ptr,
+    n_vectors,
+    D: tl.constexpr,
+    LOG2C: tl.constexpr,
+    SHIFT: tl.constexpr,
+    RHT: tl.constexpr,
+    FB: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    CHUNK_MAJOR: tl.constexpr,
+):
+    """words, step codes, flags → values (n_vectors, D) in out_ptr's dtype."""
+    C: tl.constexpr = D // 8
+    pid = tl.program_id(0)
+    offs, rows, row_ok, mask = _tile_offsets(pid, n_vectors, D, BLOCK_V, CHUNK_MAJOR)
+    block = tl.arange(0, C)
+    w = tl.load(words_ptr + rows.to(tl.int64)[:, None] * C + block[None, :], mask=row_ok[:, None], other=0)
+    codes = _unpack_codes(w)  # (B, C, 8)
+    flagged = (_flag_bits(flags_ptr, rows, row_ok, FB)[:, None] >> block[None, :]) & 1
+    beta = tl.where(flagged != 0, 1.5, 1.0)
+    p = tl.permute((codes.to(tl.float32) * 0.5) * beta[:, :, None], (1, 0, 2))  # (C, B, 8)
+    k = tl.load(steps_ptr + rows, mask=row_ok, other=0).to(tl.int32)
+    g = k - 4 * SHIFT
+    step = (tl.load(tables_ptr + (g & 7)) * _pow2(g >> 3))[None, :, None]
+    if RHT:
+        signs = tl.load(signs_ptr + tl.arange(0, C)[:, None, None] * 8 + tl.arange(0, 8)[None, None, :])
+        y = (_fwht(p, LOG2C) * step) * signs
+    else:
+        y = p * step
+    y = _saturate(y, out_ptr.dtype.element_ty)
+    if not CHUNK_MAJOR:
+        y = tl.permute(y, (1, 0, 2))
+    tl.store(out_ptr + offs, _round_to(y, out_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------- attention
+@triton.jit
+def _half_bits(v):
+    """float32 values exact in float16 → their float16 bit patterns in the low 16 bits of an int32."""
+    return v.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+
+
+@triton.jit
+def _operand(w, flags, FAST_CVT: tl.constexpr):
+    """Words (N, C) int32 and flag bits (N,) int32 → the float16 operand β·2p, (N, 8·C), exactly."""
+    N: tl.constexpr = w.shape[0]
+    C: tl.constexpr = w.shape[1]
+    beta_on = (flags[:, None] >> tl.arange(0, C)[None, :]) & 1
+    if FAST_CVT:
+        b = (w >> 28) & 1
+        x = w & 0x01111111
+        x = x ^ (x >> 16)
+        x = x ^ (x >> 8)
+        x = x ^ (x >> 4)
+        par = x & 1
+        beta = tl.where(beta_on != 0, 1.5, 1.0)
+        add = _half_bits(beta * b.to(tl.float32))
+        add7 = _half_bits(beta * (2 * par - b).to(tl.float32))
+        two_beta = _half_bits(2.0 * beta)
+        c0, c1, c2, c3, c4, c5, c6, c7 = tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 t0, t1, t2, t3, m, a, a7, s;
+            mov.b32 m, 0x64086408;
+            prmt.b32 s, $9, $9, 0x1010;
+            prmt.b32 a, $10, $10, 0x1010;
+            prmt.b32 a7, $10, $11, 0x5410;
+            lop3.b32 t0, $8, 0x000F000F, 0x64006400, 0xEA;
+            shr.u32 t1, $8, 4;
+            lop3.b32 t1, t1, 0x000F000F, 0x64006400, 0xEA;
+            shr.u32 t2, $8, 8;
+            lop3.b32 t2, t2, 0x000F000F, 0x64006400, 0xEA;
+            shr.u32 t3, $8, 12;
+            lop3.b32 t3, t3, 0x000F000F, 0x64006400, 0xEA;
+            sub.f16x2 t0, t0, m;
+            sub.f16x2 t1, t1, m;
+            sub.f16x2 t2, t2, m;
+            sub.f16x2 t3, t3, m;
+            fma.rn.f16x2 t0, t0, s, a;
+            fma.rn.f16x2 t1, t1, s, a;
+            fma.rn.f16x2 t2, t2, s, a;
+            fma.rn.f16x2 t3, t3, s, a7;
+            mov.b32 {$0, $4}, t0;
+            mov.b32 {$1, $5}, t1;
+            mov.b32 {$2, $6}, t2;
+            mov.b32 {$3, $7}, t3;
+            }""",
+            constraints="=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r",
+            args=[w, two_beta, add, add7],
+            dtype=(tl.float16,) * 8,
+            is_pure=True,
+            pack=1,
+        )
+        # nested joins put the innermost pair's index first when flattened: pair k with k + 4 innermost
+        v = tl.join(tl.join(tl.join(c0, c4), tl.join(c2, c6)), tl.join(tl.join(c1, c5), tl.join(c3, c7)))
+    else:
+        beta = tl.where(beta_on != 0, 1.5, 1.0)
+        v = (_unpack_codes(w).to(tl.float32) * beta[:, :, None]).to(tl.float16)
+    return tl.reshape(v, (N, 8 * C))
+
+
+@triton.jit
+def _tile(
+    qn,
+    factor,
+    m,
+    l,
+    acc,
+    kw_base,
+    vw_base,
+    ks_base,
+    vs_base,
+    kf_base,
+    vf_base,
+    tables_ptr,
+    s0,
+    end,
+    stride_kwn,
+    stride_vwn,
+    BLOCK_N: tl.constexpr,
+    C: tl.constexpr,
+    FB: tl.constexpr,
+    K_SHIFT: tl.constexpr,
+    V_SHIFT: tl.constexpr,
+    FAST_CVT: tl.constexpr,
+    MASKED: tl.constexpr,
+):
+    """One tile of BLOCK_N tokens from s0 (masked at ``end`` if MASKED): the online-softmax update."""
+    tok = s0 + tl.arange(0, BLOCK_N)
+    blocks = tl.arange(0, C)
+    k_ptrs = kw_base + tok[:, None].to(tl.int64) * stride_kwn + blocks[None, :]
+    v_ptrs = vw_base + tok[:, None].to(tl.int64) * stride_vwn + blocks[None, :]
+    if MASKED:
+        valid = tok < end
+        kw = tl.load(k_ptrs, mask=valid[:, None], other=0)
+        vw = tl.load(v_ptrs, mask=valid[:, None], other=0)
+        k_steps = tl.load(ks_base + tok, mask=valid, other=0).to(tl.int32)
+        v_steps = tl.load(vs_base + tok, mask=valid, other=0).to(tl.int32)
+    else:
+        valid = tok >= 0
+        kw = tl.load(k_ptrs)
+        vw = tl.load(v_ptrs)
+        k_steps = tl.load(ks_base + tok).to(tl.int32)
+        v_steps = tl.load(vs_base + tok).to(tl.int32)
+    kf = _flag_bits(kf_base, tok, valid, FB)
+    vf = _flag_bits(vf_base, tok, valid, FB)
+    fk = _step_factors(k_steps, tables_ptr, K_SHIFT) * factor
+    fv = _step_factors(v_steps, tables_ptr, V_SHIFT)
+    if MASKED:
+        fv = tl.where(valid, fv, 0.0)
+
+    s = tl.dot(qn, tl.trans(_operand(kw, kf, FAST_CVT)))  # (BLOCK_G, BLOCK_N)
+    s = s * fk[None, :]
+    if MASKED:
+        s = tl.where(valid[None, :], s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, axis=1))
+    alpha = tl.exp2(m - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l = l * alpha + tl.sum(p, axis=1)
+    fv_max = tl.max(fv, axis=0)
+    fv_max = tl.where(fv_max > 0, fv_max, 1.0)
+    pn = (p * (fv * (1.0 / fv_max))[None, :]).to(tl.float16)  # p·f/max f, at most 1
+    acc = acc * alpha[:, None] + tl.dot(pn, _operand(vw, vf, FAST_CVT)) * fv_max
+    return m_new, l, acc
+
+
+@triton.jit
+def nested_attention_kernel(
+    q_ptr,
+    kw_ptr,
+    ks_ptr,
+    kf_ptr,
+    vw_ptr,
+    vs_ptr,
+    vf_ptr,
+    scales_ptr,
+    k_signs_ptr,
+    v_signs_ptr,
+    had_ptr,
+    tables_ptr,
+    acc_ptr,
+    ml_ptr,
+    lengths_ptr,
+    length,
+    per_split,
+    qk_scale,
+    stride_qb,
+    stride_qh,
+    stride_kwb,
+    stride_kwh,
+    stride_kwn,
+    stride_ksb,
+    stride_ksh,
+    stride_kfb,
+    stride_kfh,
+    stride_vwb,
+    stride_vwh,
+    stride_vwn,
+    stride_vsb,
+    stride_vsh,
+    stride_vfb,
+    stride_vfh,
+    HKV: tl.constexpr,
+    G: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    D: tl.constexpr,
+    FB: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    K_SHIFT: tl.constexpr,
+    V_SHIFT: tl.constexpr,
+    K_RHT: tl.constexpr,
+    V_RHT: tl.constexpr,
+    HAS_SCALES: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr,
+    FAST_CVT: tl.constexpr,
+):
+    """Partial attention of one (batch row, KV head) over one range of tokens.
+
+    kw/vw: words (B, Hkv, capacity, D/8) int32; ks/vs: step codes (B, Hkv, capacity) int16;
+    kf/vf: flags (B, Hkv, capacity, FB) uint8 (token stride FB); acc_ptr: (B·Hq, splits, D) float32,
+    the value sums in the original domain (times 2); ml_ptr: (B·Hq, 2, splits), maxima (base 2) and sums."""
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    n_splits = tl.num_programs(1)
+    b = pid // HKV
+    h = pid % HKV
+    if HAS_LENGTHS:
+        n = tl.load(lengths_ptr + b).to(tl.int32)
+    else:
+        n = length
+    start = split * per_split
+    end = tl.minimum(start + per_split, n)
+
+    C: tl.constexpr = D // 8
+    rows = tl.arange(0, BLOCK_G)
+    row_ok = rows < G
+    dims = tl.arange(0, D)
+    q = tl.load(
+        q_ptr + b * stride_qb + (h * G + rows)[:, None] * stride_qh + dims[None, :], mask=row_ok[:, None], other=0.0
+    ).to(tl.float32)
+    if HAS_SCALES:
+        q = q * tl.load(scales_ptr + h * D + dims)[None, :]
+    if K_RHT:
+        q = q * tl.load(k_signs_ptr + dims)[None, :]
+        a = _row_max_abs(q)
+        had = tl.load(had_ptr + dims[:, None] * D + dims[None, :])
+        q = tl.dot((q / a[:, None]).to(tl.float16), had) * a[:, None]
+    q_max = tl.max(_row_max_abs(q), axis=0)  # one scale for the group: it folds into the step factors
+    qn = (q / q_max).to(tl.float16)
+    factor = q_max * qk_scale  # scores = (qn · β·2p) · factor · f(k)
+
+    m = tl.full((BLOCK_G,), float("-inf"), tl.float32)
+    l = tl.zeros((BLOCK_G,), tl.float32)
+    acc = tl.zeros((BLOCK_G, D), tl.float32)
+    kw_base = kw_ptr + b.to(tl.int64) * stride_kwb + h.to(tl.int64) * stride_kwh
+    vw_base = vw_ptr + b.to(tl.int64) * stride_vwb + h.to(tl.int64) * stride_vwh
+    ks_base = ks_ptr + b.to(tl.int64) * stride_ksb + h.to(tl.int64) * stride_ksh
+    vs_base = vs_ptr + b.to(tl.int64) * stride_vsb + h.to(tl.int64) * stride_vsh
+    kf_base = kf_ptr + b.to(tl.int64) * stride_kfb + h.to(tl.int64) * stride_kfh
+    vf_base = vf_ptr + b.to(tl.int64) * stride_vfb + h.to(tl.int64) * stride_vfh
+    full_end = start + tl.maximum(end - start, 0) // BLOCK_N * BLOCK_N
+    for s0 in range(start, full_end, BLOCK_N):  # whole tiles, no masks
+        m, l, acc = _tile(
+            qn,
+            factor,
+            m,
+            l,
+            acc,
+            kw_base,
+            vw_base,
+            ks_base,
+            vs_base,
+            kf_base,
+            vf_base,
+            tables_ptr,
+            s0,
+            end,
+            stride_kwn,
+            stride_vwn,
+            BLOCK_N,
+            C,
+            FB,
+            K_SHIFT,
+            V_SHIFT,
+            FAST_CVT,
+            False,
+        )
+    if full_end < end:  # the last, partial tile
+        m, l, acc = _tile(
+            qn,
+            factor,
+            m,
+            l,
+            acc,
+            kw_base,
+            vw_base,
+            ks_base,
+            vs_base,
+            kf_base,
+            vf_base,
+            tables_ptr,
+            full_end,
+            end,
+            stride_kwn,
+            stride_vwn,
+            BLOCK_N,
+            C,
+            FB,
+            K_SHIFT,
+            V_SHIFT,
+            FAST_CVT,
+            True,
+        )
+
+    if V_RHT:
+        a = _row_max_abs(acc)
+        an = acc / a[:, None]
+        hi = an.to(tl.float16)
+        lo = (an - hi.to(tl.float32)).to(tl.float16)
+        had = tl.load(had_ptr + dims[:, None] * D + dims[None, :])
+        acc = (tl.dot(hi, had) + tl.dot(lo, had)) * a[:, None] * tl.load(v_signs_ptr + dims)[None, :]
+    out_rows = (pid * G + rows).to(tl.int64)
+    tl.store(acc_ptr + (out_rows[:, None] * n_splits + split) * D + dims[None, :], acc, mask=row_ok[:, None])
+    tl.store(ml_ptr + (out_rows * 2) * n_splits + split, m, mask=row_ok)
+    tl.store(ml_ptr + (out_rows * 2 + 1) * n_splits + split, l, mask=row_ok)

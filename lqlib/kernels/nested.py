@@ -1,0 +1,352 @@
+"""GPU kernels of the nested E8 format (:mod:`lqlib.coding.nested`): quantize, dequantize, decode attention.
+
+* :func:`quantize` ``x`` (..., d) → (words (..., d/8) int32, step codes (...) int16, flags (..., ceil(d/64))
+  uint8), bit for bit :meth:`lqlib.coding.nested.NestedE8Codec.encode`;
+* :func:`dequantize` → values (..., d), bit for bit :meth:`~lqlib.coding.nested.NestedE8Codec.decode`;
+* :func:`decode_attention` — one query token per batch row attends to the cached words, steps and
+  flags without decoding them to memory (split-K, as :func:`lqlib.kernels.attention.decode_attention`,
+  whose math it shares: scores are dot products of the rotated query with ``β·2p``, values are summed
+  in the rotated domain and rotated back once per head); :func:`reference_decode_attention` computes
+  the same with torch operations from :func:`dequantize`'s reference, the tests' ground truth.
+
+Triton is optional, as for :mod:`lqlib.kernels`; the kernels run on CUDA tensors or, under
+``TRITON_INTERPRET=1``, on CPU tensors (tests). Head dims: powers of two from 8 to 256 (attention: 16 to 256).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ..coding.nested import NestedCodes, NestedE8Codec, flag_bytes
+from ..errors import InputError
+from . import KERNEL_DTYPES, _constants, _launch_config, _tables, check_kernel_device, triton_cdiv
+from .attention import AttentionConfig, choose_splits, hadamard_matrix, triton_next_pow2
+
+__all__ = [
+    "quantize",
+    "dequantize",
+    "decode_attention",
+    "reference_decode_attention",
+    "QUERY_DTYPES",
+    "MAX_DIM",
+]
+
+QUERY_DTYPES = (torch.float16, torch.bfloat16)
+MAX_DIM = 256  # flag bits of a vector fit one int32
+MAX_SPLITS = 128
+FAST_CVT_ON_CUDA = True
+"""Whether :func:`decode_attention` decodes words with inline PTX on CUDA when ``fast_cvt`` is not given
+(a benchmark that finds the PTX path failing on its card turns this off and records it)."""
+
+
+def _kernels():
+    try:
+        from . import _nested_triton
+    except ImportError as err:
+        raise ImportError(
+            "lqlib.kernels.nested needs Triton: pip install 'lqlib[gpu]' (or pip install triton)"
+        ) from err
+    return _nested_triton
+
+
+def _check(codec: NestedE8Codec, dim: int) -> None:
+    if not isinstance(codec, NestedE8Codec):
+        raise InputError(f"expected a NestedE8Codec, got {type(codec).__name__}")
+    if dim < 8 or dim > MAX_DIM or dim & (dim - 1):
+        raise InputError(f"the nested kernels need a power-of-two head dim in [8, {MAX_DIM}], got {dim}")
+
+
+def _shift(codec: NestedE8Codec, dim: int) -> int:
+    return codec._codec._log2_dim(dim)
+
+
+def quantize(
+    codec: NestedE8Codec, x: Tensor, *, block_v: int | None = None, num_warps: int | None = None
+) -> NestedCodes:
+    """Kernel: ``x`` (..., d) float16/bfloat16/float32, finite (not checked: no host synchronisation)
+    → :class:`~lqlib.coding.nested.NestedCodes`. ``block_v``/``num_warps`` change the speed only."""
+    if not isinstance(x, Tensor) or x.dtype not in KERNEL_DTYPES or x.dim() == 0:
+        raise InputError(f"expected a (..., d) tensor of one of {KERNEL_DTYPES}, got {getattr(x, 'dtype', type(x))}")
+    d = x.shape[-1]
+    _check(codec, d)
+    kernels = _kernels()
+    x2 = x.detach().contiguous().reshape(-1, d)
+    n = x2.shape[0]
+    fb = flag_bytes(d)
+    words = torch.empty(n, d // 8, dtype=torch.int32, device=x.device)
+    steps = torch.empty(n, dtype=torch.int16, device=x.device)
+    flags = torch.empty(n, fb, dtype=torch.uint8, device=x.device)
+    if n:
+        check_kernel_device(x2, kernels.nested_quantize_kernel)
+        bv, warps, cm = _launch_config("quantize", x.device, block_v, num_warps, None)
+        shift = _shift(codec, d)
+        n0, t = _constants(codec.peak_bits, 1 << shift)
+        kernels.nested_quantize_kernel[(triton_cdiv(n, bv),)](
+            x2,
+            words,
+            steps,
+            flags,
+            codec._codec._signs(d, x.device, torch.float32),
+            _tables(x.device),
+            n,
+            n0,
+            *t,
+            D=d,
+            LOG2C=(d // 8).bit_length() - 1,
+            SHIFT=shift,
+            RHT=codec.rotation == "rht",
+            FB=fb,
+            BLOCK_V=bv,
+            CHUNK_MAJOR=cm,
+            num_warps=warps,
+            enable_fp_fusion=False,
+        )
+    lead = x.shape[:-1]
+    return NestedCodes(words.reshape(*lead, d // 8), steps.reshape(lead), flags.reshape(*lead, fb))
+
+
+def dequantize(
+    codec: NestedE8Codec,
+    coded: NestedCodes,
+    dtype: torch.dtype = torch.float16,
+    *,
+    block_v: int | None = None,
+    num_warps: int | None = None,
+) -> Tensor:
+    """Kernel: nested codes → values (..., d) in ``dtype``, bit for bit ``codec.decode(coded, dtype)``."""
+    if dtype not in KERNEL_DTYPES:
+        raise InputError(f"dtype {dtype} is not supported by the kernels; use one of {KERNEL_DTYPES}")
+    words, steps, flags = coded.words, coded.steps, coded.flags
+    d = 8 * words.shape[-1]
+    _check(codec, d)
+    lead = tuple(words.shape[:-1])
+    if tuple(steps.shape) != lead or tuple(flags.shape) != (*lead, flag_bytes(d)):
+        raise InputError(
+            f"words {tuple(words.shape)}, steps {tuple(steps.shape)} and flags {tuple(flags.shape)} do not match"
+        )
+    if words.dtype != torch.int32 or steps.dtype != torch.int16 or flags.dtype != torch.uint8:
+        raise InputError("nested codes are int32 words, int16 step codes and uint8 flags")
+    kernels = _kernels()
+    w2 = words.contiguous().reshape(-1, d // 8)
+    n = w2.shape[0]
+    out = torch.empty(n, d, dtype=dtype, device=words.device)
+    if n:
+        check_kernel_device(w2, kernels.nested_dequantize_kernel)
+        bv, warps, cm = _launch_config("dequantize", words.device, block_v, num_warps, None)
+        kernels.nested_dequantize_kernel[(triton_cdiv(n, bv),)](
+            w2,
+            steps.contiguous().reshape(-1),
+            flags.contiguous().reshape(-1),
+            out,
+            codec._codec._signs(d, words.device, torch.float32),
+            _tables(words.device),
+            n,
+            D=d,
+            LOG2C=(d // 8).bit_length() - 1,
+            SHIFT=_shift(codec, d),
+            RHT=codec.rotation == "rht",
+            FB=flag_bytes(d),
+            BLOCK_V=bv,
+            CHUNK_MAJOR=cm,
+            num_warps=warps,
+            enable_fp_fusion=False,
+        )
+    return out.reshape(*lead, d)
+
+
+def _validate_attention(
+    q: Tensor, keys: NestedCodes, values: NestedCodes, length, k_codec, v_codec, key_scales
+) -> tuple[int, int, int, int, int]:
+    """Check shapes, dtypes and devices; return (B, Hq, Hkv, cap, d)."""
+    if not isinstance(q, Tensor) or q.dim() != 3 or q.dtype not in QUERY_DTYPES:
+        raise InputError(f"q must be a (batch, q_heads, head_dim) tensor of {QUERY_DTYPES}")
+    b, hq, d = q.shape
+    for name, coded in (("keys", keys), ("values", values)):
+        w, s, f = coded.words, coded.steps, coded.flags
+        if w.dim() != 4 or w.shape[0] != b or 8 * w.shape[-1] != d:
+            raise InputError(f"{name}' words must be (batch={b}, kv_heads, capacity, {d // 8}), got {tuple(w.shape)}")
+        if w.dtype != torch.int32 or s.dtype != torch.int16 or f.dtype != torch.uint8:
+            raise InputError(f"{name} must be int32 words, int16 step codes and uint8 flags")
+        if tuple(s.shape) != tuple(w.shape[:-1]) or tuple(f.shape) != (*w.shape[:-1], flag_bytes(d)):
+            raise InputError(f"{name}' words, steps and flags do not describe one cache")
+        if w.stride(-1) != 1 or s.stride(-1) != 1 or f.stride(-1) != 1 or f.stride(-2) != f.shape[-1]:
+            raise InputError(f"{name}' words, steps and flags must be contiguous along tokens and their last dim")
+    if tuple(keys.words.shape) != tuple(values.words.shape):
+        raise InputError(f"keys {tuple(keys.words.shape)} and values {tuple(values.words.shape)} differ in shape")
+    _, hkv, cap, _ = keys.words.shape
+    if hkv == 0 or hq % hkv:
+        raise InputError(f"q_heads ({hq}) must be a multiple of kv_heads ({hkv})")
+    _check(k_codec, d)
+    _check(v_codec, d)
+    if d < 16:
+        raise InputError(f"decode attention needs head_dim >= 16, got {d}")
+    devices = {t.device for t in (q, keys.words, keys.steps, keys.flags, values.words, values.steps, values.flags)}
+    if key_scales is not None:
+        if not isinstance(key_scales, Tensor) or tuple(key_scales.shape) != (hkv, d):
+            raise InputError(f"key_scales must be a ({hkv}, {d}) tensor")
+        devices.add(key_scales.device)
+    if isinstance(length, Tensor):
+        if tuple(length.shape) != (b,) or length.dtype not in (torch.int32, torch.int64):
+            raise InputError(f"a length tensor must be ({b},) int32/int64, got {tuple(length.shape)} {length.dtype}")
+        devices.add(length.device)
+    elif isinstance(length, int) and not isinstance(length, bool):
+        if not 1 <= length <= cap:
+            raise InputError(f"length must be in [1, capacity={cap}], got {length}")
+    else:
+        raise InputError(f"length must be an int or a (batch,) tensor, got {type(length).__name__}")
+    if len(devices) != 1:
+        raise InputError(f"all tensors must be on one device, got {sorted(str(x) for x in devices)}")
+    return b, hq, hkv, cap, d
+
+
+def reference_decode_attention(
+    q: Tensor,
+    keys: NestedCodes,
+    values: NestedCodes,
+    length: int | Tensor,
+    k_codec: NestedE8Codec,
+    v_codec: NestedE8Codec,
+    *,
+    key_scales: Tensor | None = None,
+    sm_scale: float | None = None,
+) -> Tensor:
+    """What :func:`decode_attention` computes, with torch operations: decode the cache with the CPU
+    reference (float32), multiply the keys by the key scales, float32 softmax attention over the
+    first ``length`` tokens. Returns (B, Hq, d) in q.dtype."""
+    b, hq, hkv, cap, d = _validate_attention(q, keys, values, length, k_codec, v_codec, key_scales)
+    k = k_codec.decode(keys, torch.float32)
+    v = v_codec.decode(values, torch.float32)
+    if key_scales is not None:
+        k = k * key_scales.to(torch.float32)[None, :, None, :]
+    g = hq // hkv
+    qf = q.to(torch.float32).reshape(b, hkv, g, d)
+    scale = 1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale)
+    scores = torch.einsum("bhgd,bhnd->bhgn", qf, k) * scale
+    lengths = (torch.full((b,), length, device=q.device) if isinstance(length, int) else length).to(q.device)
+    valid = torch.arange(cap, device=q.device)[None, :] < lengths[:, None]
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    out = torch.einsum("bhgn,bhnd->bhgd", torch.softmax(scores, dim=-1), v)
+    return out.reshape(b, hq, d).to(q.dtype)
+
+
+def decode_attention(
+    q: Tensor,
+    keys: NestedCodes,
+    values: NestedCodes,
+    length: int | Tensor,
+    k_codec: NestedE8Codec,
+    v_codec: NestedE8Codec,
+    *,
+    key_scales: Tensor | None = None,
+    sm_scale: float | None = None,
+    config: AttentionConfig | None = None,
+    fast_cvt: bool | None = None,
+) -> Tensor:
+    """Fused decode attention on a nested-format cache (Triton; CUDA, or CPU under ``TRITON_INTERPRET=1``).
+
+    Parameters
+    ----------
+    q : (B, Hq, d) float16/bfloat16, one query token per batch row.
+    keys, values : :class:`~lqlib.coding.nested.NestedCodes` of shape (B, Hkv, capacity, d): words
+        (B, Hkv, capacity, d/8), steps (B, Hkv, capacity), flags (B, Hkv, capacity, ceil(d/64)),
+        contiguous along tokens and their last dim.
+    length : int in [1, capacity], or a (B,) int32/int64 tensor on q's device (each in [1, capacity],
+        not checked: no host synchronisation).
+    k_codec, v_codec : the formats that wrote the keys and values (their RHT signs).
+    key_scales : optional (Hkv, d) per-channel scales the keys were divided by before coding.
+    sm_scale : softmax scale (default 1/sqrt(d)).
+    config : launch parameters (default :class:`lqlib.kernels.attention.AttentionConfig`).
+    fast_cvt : decode the words with inline PTX (``lop3``/``f16x2``; default: on CUDA) or with plain
+        integer operations and conversions (the interpreter's path; same values, slower on a GPU).
+
+    Returns
+    -------
+    (B, Hq, d) in q.dtype: softmax attention over the decoded cache (keys times the key scales).
+    """
+    b, hq, hkv, cap, d = _validate_attention(q, keys, values, length, k_codec, v_codec, key_scales)
+    kernels = _kernels()
+    from . import _attention_triton
+
+    cfg = config or AttentionConfig()
+    if cfg.block_n < 16 or cfg.block_n & (cfg.block_n - 1):
+        raise InputError(f"block_n must be a power of two >= 16, got {cfg.block_n}")
+    dev = q.device
+    g = hq // hkv
+    tokens = length if isinstance(length, int) else cap
+    if cfg.splits is not None:
+        if cfg.splits < 1:
+            raise InputError(f"splits must be >= 1, got {cfg.splits}")
+        per_split = triton_cdiv(triton_cdiv(tokens, min(cfg.splits, MAX_SPLITS)), cfg.block_n) * cfg.block_n
+        splits = triton_cdiv(tokens, per_split)
+    else:
+        splits, per_split = choose_splits(b * hkv, tokens, cfg.block_n, dev)
+    q = q.contiguous()
+    part_acc = torch.empty((b * hq, splits, d), dtype=torch.float32, device=dev)
+    part_ml = torch.empty((b * hq, 2, splits), dtype=torch.float32, device=dev)
+    out = torch.empty_like(q)
+    signs_k = k_codec._codec._signs(d, dev, torch.float32)
+    signs_v = v_codec._codec._signs(d, dev, torch.float32)
+    scales = key_scales.to(device=dev, dtype=torch.float32).contiguous() if key_scales is not None else signs_k
+    lengths = length if isinstance(length, Tensor) else part_ml  # a placeholder pointer when unused
+    scale = 1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale)
+    kw, vw, ks, vs, kf, vf = keys.words, values.words, keys.steps, values.steps, keys.flags, values.flags
+    check_kernel_device(q, kernels.nested_attention_kernel)
+    kernels.nested_attention_kernel[(b * hkv, splits)](
+        q,
+        kw,
+        ks,
+        kf,
+        vw,
+        vs,
+        vf,
+        scales,
+        signs_k,
+        signs_v,
+        hadamard_matrix(d, dev, torch.float16),
+        _tables(dev),
+        part_acc,
+        part_ml,
+        lengths,
+        tokens,
+        per_split,
+        scale * math.log2(math.e) * 0.5,
+        q.stride(0),
+        q.stride(1),
+        kw.stride(0),
+        kw.stride(1),
+        kw.stride(2),
+        ks.stride(0),
+        ks.stride(1),
+        kf.stride(0),
+        kf.stride(1),
+        vw.stride(0),
+        vw.stride(1),
+        vw.stride(2),
+        vs.stride(0),
+        vs.stride(1),
+        vf.stride(0),
+        vf.stride(1),
+        HKV=hkv,
+        G=g,
+        BLOCK_G=max(16, triton_next_pow2(g)),
+        D=d,
+        FB=flag_bytes(d),
+        BLOCK_N=cfg.block_n,
+        K_SHIFT=_shift(k_codec, d),
+        V_SHIFT=_shift(v_codec, d),
+        K_RHT=k_codec.rotation == "rht",
+        V_RHT=v_codec.rotation == "rht",
+        HAS_SCALES=key_scales is not None,
+        HAS_LENGTHS=isinstance(length, Tensor),
+        FAST_CVT=(dev.type == "cuda" and FAST_CVT_ON_CUDA) if fast_cvt is None else bool(fast_cvt),
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    block_d = min(d, 32)
+    _attention_triton.combine_splits_kernel[(b * hq, d // block_d)](
+        part_acc, part_ml, out, splits, D=d, BLOCK_S=triton_next_pow2(splits), BLOCK_D=block_d, num_warps=1
+    )
+    return out

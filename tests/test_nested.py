@@ -1,0 +1,362 @@
+"""The fixed-rate nested E8 format: its CPU reference (exact word packing, a fixed size, the E8
+codec's rotation and step grid), the Triton kernels bit for bit against it, the device cache that
+stores it and the one-graph greedy decoder.
+
+Without CUDA the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, set by conftest) on CPU
+tensors, at small shapes. Attention tolerances are those of ``tests/test_device_cache.py``: the fused
+kernel rounds the rotated query to float16 and sums in float32 (relative error about 5e-4).
+"""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import lqlib
+from lqlib.cache.quantized import QuantizeDequantizeCache
+from lqlib.coding.nested import (
+    BETA,
+    NestedCodes,
+    NestedE8Codec,
+    bits_per_dim,
+    flag_bytes,
+    pack_flags,
+    pack_words,
+    unpack_flags,
+    unpack_words,
+)
+from lqlib.core.lattices import nearest_e8
+from lqlib.core.rht import fwht
+from lqlib.evaluation.fixed_rate import NestedE8, verdict
+from lqlib.evaluation.stats import Estimate, RatioEstimate
+
+triton = pytest.importorskip("triton")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+_BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}
+
+
+def bits_of(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(_BITS[t.dtype])
+
+
+def wide_range(n: int, d: int, seed: int, dtype=torch.float32) -> torch.Tensor:
+    """Heavy-tailed vectors of norms 1e-3 to 1e3 (every step code and many flagged blocks)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=gen) * torch.exp(torch.randn(n, d, generator=gen))
+    return (x * torch.logspace(-3, 3, n)[:, None]).to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------- CPU reference
+@given(st.integers(0, 2**31 - 1))
+def test_every_word_is_one_e8_point_in_the_cube_and_packs_back(seed):
+    """The 2^32 words and the E8 points modulo 16·Z^8 (cube floor(p) in [-8, 7]) are in bijection."""
+    gen = torch.Generator().manual_seed(seed)
+    words = torch.randint(-(2**31), 2**31, (64, 3), generator=gen, dtype=torch.int64).to(torch.int32)
+    points = unpack_words(words)
+    assert points.shape == (64, 24)
+    blocks = points.reshape(64, 3, 8)
+    assert torch.equal(nearest_e8(blocks), blocks)  # each block is an E8 point
+    assert bool((blocks.floor() >= -8).all() and (blocks.floor() <= 7).all())
+    assert torch.equal(pack_words(points), words)
+
+
+def test_pack_words_refuses_points_outside_the_cube():
+    p = torch.zeros(8)
+    p[0], p[1] = 8.0, 0.0  # floor 8: outside (sum 8 is even: an E8 point)
+    with pytest.raises(lqlib.InputError, match="cube"):
+        pack_words(p)
+
+
+@given(st.integers(1, 40), st.integers(0, 2**31 - 1))
+def test_flags_pack_and_unpack(blocks, seed):
+    flags = torch.rand(3, blocks, generator=torch.Generator().manual_seed(seed)) < 0.3
+    packed = pack_flags(flags)
+    assert packed.shape == (3, -(-blocks // 8)) and packed.dtype == torch.uint8
+    assert torch.equal(unpack_flags(packed, blocks), flags)
+
+
+def test_stored_size_is_fixed_and_counts_all_side_information():
+    assert bits_per_dim(128) == 4.25 and bits_per_dim(64) == 4.375 and flag_bytes(256) == 4
+    assert 16 / bits_per_dim(128) >= 3.7  # the issue's bound on the cache size against float16
+    codec = NestedE8Codec()
+    coded = codec.encode(wide_range(50, 128, 0))
+    assert coded.nbytes() * 8 == 50 * 128 * 4.25
+    assert codec.bits_per_dim(128) == 4.25
+
+
+@pytest.mark.parametrize("rotation", ["rht", "none"])
+@pytest.mark.parametrize("d", [8, 64, 128])
+def test_decode_is_quantize_bit_for_bit(rotation, d):
+    codec = NestedE8Codec(rotation)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        x = wide_range(60, d, d, dtype)
+        coded = codec.encode(x)
+        assert coded.shape == x.shape and coded.steps.shape == x.shape[:-1]
+        y = codec.decode(coded, dtype)
+        assert y.dtype == dtype and torch.equal(bits_of(y), bits_of(codec.quantize(x)))
+
+
+def test_scaling_by_two_moves_the_step_code_by_eight_and_keeps_the_words():
+    codec = NestedE8Codec()
+    x = wide_range(80, 64, 1, torch.float64)
+    a, b = codec.encode(x), codec.encode(2 * x)
+    assert torch.equal(b.steps.long(), a.steps.long() + 8)
+    assert torch.equal(a.words, b.words) and torch.equal(a.flags, b.flags)
+
+
+def test_unflagged_blocks_are_the_nearest_e8_points_and_flagged_ones_left_the_cube():
+    codec = NestedE8Codec()
+    x = wide_range(200, 64, 2)
+    points, flags, codes = codec.analyse(x)
+    y = codec._codec._to_lattice_units(fwht(x * codec._codec._signs(64, x.device, x.dtype)), codes)
+    blocks, pts = y.reshape(200, 8, 8), points.reshape(200, 8, 8)
+    nearest = nearest_e8(blocks)
+    assert torch.equal(pts[~flags], nearest[~flags])
+    outside = (nearest[flags] < -8).any(-1) | (nearest[flags] >= 8).any(-1)
+    assert bool(outside.all()) and 0.05 < flags.float().mean() < 0.6
+    # the largest coordinate sits near the peak: the step is the smallest with max |y| <= peak
+    peak = blocks.abs().amax((-1, -2))
+    assert bool((peak <= codec.peak + 1e-4).all() and (peak > codec.peak * 2 ** (-1 / 8) - 1e-4).all())
+
+
+def test_gaussian_error_between_the_bound_and_a_scalar_code():
+    """Mean squared error per coordinate over 4^-4 (the Gaussian bound at 4 bits): above 1 (it cannot
+    beat the bound), below 2 (a 4-bit Lloyd-Max scalar code is about 2.4)."""
+    x = torch.randn(4000, 128, generator=torch.Generator().manual_seed(3))
+    mse = float((NestedE8Codec().quantize(x).double() - x.double()).square().mean())
+    assert 1.2 < mse / 4.0**-4 < 2.0
+
+
+def test_in_loop_method_and_verdicts():
+    x = wide_range(10, 64, 4)
+    method = NestedE8()
+    assert torch.equal(method.quantize(x), NestedE8Codec().quantize(x)) and method.bits_per_dim(x) == 4.375
+    baseline = Estimate(value=2.0, low=1.0, high=3.0, n=24)
+    cases = {(0.9, 1.1): "met", (1.2, 1.5): "not met", (1.0, 1.3): "inconclusive"}
+    for (low, high), expected in cases.items():
+        ratio = RatioEstimate(value=(low + high) / 2, low=low, high=high, n=24, denominator=baseline)
+        assert verdict(ratio, 1.15) == expected
+    reaches_zero = Estimate(value=0.5, low=-0.1, high=1.0, n=24)
+    assert verdict(RatioEstimate(value=1.0, low=0.5, high=2.0, n=24, denominator=reaches_zero), 1.15) == "undefined"
+
+
+def test_clear_errors():
+    with pytest.raises(lqlib.InputError, match="peak"):
+        NestedE8Codec(peak=2.0)
+    with pytest.raises(lqlib.InputError, match="power-of-two|power of two|head dim"):
+        NestedE8Codec().encode(torch.randn(3, 24))
+    coded = NestedE8Codec().encode(torch.randn(3, 64))
+    with pytest.raises(lqlib.FormatError, match="int32"):
+        NestedE8Codec().decode(NestedCodes(coded.words.long(), coded.steps, coded.flags))
+    with pytest.raises(lqlib.FormatError, match="one tensor"):
+        NestedE8Codec().decode(NestedCodes(coded.words, coded.steps[:2], coded.flags))
+
+
+# ---------------------------------------------------------------------------------------------- kernels
+kernels_ok = DEVICE == "cuda" or __import__("os").environ.get("TRITON_INTERPRET") == "1"
+needs_kernels = pytest.mark.skipif(not kernels_ok, reason="the kernels need CUDA or TRITON_INTERPRET=1")
+
+
+@needs_kernels
+@pytest.mark.parametrize("rotation", ["rht", "none"])
+def test_kernels_are_the_cpu_reference_bit_for_bit(rotation):
+    from lqlib.kernels import nested as kn
+
+    codec = NestedE8Codec(rotation)
+    for d, dtype in ((16, torch.float32), (64, torch.bfloat16), (128, torch.float16)):
+        x = wide_range(33, d, d, dtype).clamp(-6e4, 6e4)
+        got, ref = kn.quantize(codec, x.to(DEVICE)), codec.encode(x)
+        assert torch.equal(got.words.cpu(), ref.words) and got.words.shape == (33, d // 8)
+        assert torch.equal(got.steps.cpu(), ref.steps) and torch.equal(got.flags.cpu(), ref.flags)
+        y = kn.dequantize(codec, got, dtype)
+        assert torch.equal(bits_of(y.cpu()), bits_of(codec.decode(ref, dtype)))
+
+
+@needs_kernels
+def test_fused_attention_matches_the_reference():
+    from lqlib.kernels import nested as kn
+    from lqlib.kernels.attention import AttentionConfig
+
+    b, hkv, hq, n, d = 2, 2, 4, 45, 64
+    gen = torch.Generator().manual_seed(5)
+    kc, vc = NestedE8Codec(seed=0), NestedE8Codec(seed=1)
+    k, v = torch.randn(2, b, hkv, n, d, generator=gen) * 2
+    scales = torch.rand(hkv, d, generator=gen) + 0.5
+    keys, values = kn.quantize(kc, (k / scales[:, None]).to(DEVICE)), kn.quantize(vc, v.to(DEVICE))
+    q = torch.randn(b, hq, d, generator=gen).half().to(DEVICE)
+    lengths = torch.tensor([n, 29], device=DEVICE)
+    cfg = AttentionConfig(block_n=16, splits=2)
+    got = kn.decode_attention(q, keys, values, lengths, kc, vc, key_scales=scales.to(DEVICE), config=cfg)
+    ref = kn.reference_decode_attention(q, keys, values, lengths, kc, vc, key_scales=scales.to(DEVICE))
+    err = (got.float() - ref.float()).abs().max()
+    assert err <= 5e-4 * ref.float().abs().max() + 2e-3, err
+    # one token fewer changes the result by far more than the tolerance
+    fewer = kn.reference_decode_attention(q, keys, values, lengths - 1, kc, vc, key_scales=scales.to(DEVICE))
+    assert (fewer.float() - ref.float()).abs().max() > 20 * err
+    with pytest.raises(lqlib.InputError, match="kv_heads|multiple"):
+        kn.decode_attention(q[:, :3], keys, values, n, kc, vc)
+    with pytest.raises(lqlib.InputError, match="length"):
+        kn.decode_attention(q, keys, values, n + 1, kc, vc)
+    with pytest.raises(lqlib.InputError, match="NestedE8Codec"):
+        kn.decode_attention(q, keys, values, n, lqlib.E8Codec(4.0), vc)
+
+
+# ---------------------------------------------------------------------------------------------- device cache
+def tiny_llama(layers: int = 2):
+    config = LlamaConfig(
+        vocab_size=97,
+        hidden_size=256,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+    )
+    torch.manual_seed(0)
+    return config, LlamaForCausalLM(config).eval().to(device=DEVICE)
+
+
+@pytest.mark.slow
+@needs_kernels
+def test_nested_device_cache_matches_the_format_in_the_loop():
+    """Prefill logits bit for bit those of a quantize-dequantize cache through the format (both SDPA
+    over the same values); decode through the fused kernel within float16 precision; the stored words
+    are the CPU reference's; bytes held are 4.375 bits/dim at d = 64."""
+    from lqlib.cache.device import ATTENTION, DeviceKVCache, cache_kwarg
+
+    config, model = tiny_llama()
+    codec = NestedE8Codec()
+    kw = cache_kwarg(model)
+    ids = torch.randint(0, 97, (2, 13), generator=torch.Generator().manual_seed(6)).to(DEVICE)
+
+    def greedy(cache, impl, steps=2):
+        model.set_attn_implementation(impl)
+        out, logits = model(ids, **{kw: cache}).logits[:, -1], []
+        for _ in range(steps):
+            logits.append(out.float())
+            out = model(out.argmax(-1, keepdim=True), **{kw: cache}).logits[:, -1]
+        logits.append(out.float())
+        return torch.stack(logits).cpu()
+
+    with torch.inference_mode():
+        ref = greedy(QuantizeDequantizeCache(codec.quantize, config), "sdpa")
+        cache = DeviceKVCache(config, 4.0, format="nested")
+        got = greedy(cache, ATTENTION)
+    assert torch.equal(got[0], ref[0])
+    assert 0 < (got[1:] - ref[1:]).abs().max() <= 5e-3
+    layer = cache.layers[0]
+    assert layer.n_tokens == 15 and cache.get_seq_length() == 15
+    assert cache.nbytes() == 2 * 2 * 2 * 15 * (32 + 2 + 1) * 2  # layers·(K,V)·batch·heads·tokens·bytes
+    assert cache.nbytes() * 8 / (2 * 2 * 2 * 2 * 15 * 64) == bits_per_dim(64)
+    keys, values = layer.dequantized(torch.float32)
+    coded = NestedCodes(layer.words[0, ..., :15, :], layer.steps[0, ..., :15], layer.flags[0, ..., :15, :])
+    assert torch.equal(
+        keys.cpu(), codec.decode(NestedCodes(*(t.cpu() for t in (coded.words, coded.steps, coded.flags))))
+    )
+    assert values.shape == keys.shape == (2, 2, 15, 64)
+
+
+def test_nested_device_cache_errors():
+    from lqlib.cache.device import DeviceKVCache
+
+    config, _ = tiny_llama(1)
+    with pytest.raises(lqlib.InputError, match="4 bits"):
+        DeviceKVCache(config, 3.0, format="nested")
+    with pytest.raises(lqlib.InputError, match="format"):
+        DeviceKVCache(config, 4.0, format="int4")
+    from lqlib.cache.nested_device import NestedDeviceKVLayer
+
+    with pytest.raises(lqlib.InputError, match="NestedE8Codec"):
+        NestedDeviceKVLayer(lqlib.E8Codec(4.0))
+
+
+# ---------------------------------------------------------------------------------------------- one-graph decoder
+def test_graphed_decoder_steps_are_a_plain_greedy_loop():
+    """On the CPU the decoder runs its step eagerly: the same tokens and logits as a plain loop with
+    transformers' StaticCache (the graph on CUDA replays exactly this function)."""
+    from transformers import StaticCache
+
+    from lqlib.cache.decode_graph import GraphedDecoder
+
+    config, model = tiny_llama()
+    model.set_attn_implementation("sdpa")
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(8)).to(DEVICE)
+    with torch.inference_mode():
+        cache = StaticCache(config=config, max_cache_len=20)
+        out = model(ids, past_key_values=cache, use_cache=True).logits[:, -1]
+        tokens, logits = [], []
+        for _ in range(4):
+            tok = out.argmax(-1, keepdim=True)
+            tokens.append(tok)
+            out = model(tok, past_key_values=cache, use_cache=True).logits[:, -1]
+            logits.append(out.float())
+    decoder = GraphedDecoder(model, StaticCache(config=config, max_cache_len=20), warmup=1)
+    first = decoder.prefill(ids)
+    assert torch.equal(first, tokens[0]) and torch.equal(decoder.logits.float(), logits[0])
+    for i in range(1, 4):
+        assert torch.equal(decoder.ids, tokens[i])
+        decoder.step()
+        assert torch.equal(decoder.logits.float(), logits[i])
+    assert decoder.steps == 4 and decoder.graphed == (DEVICE == "cuda")
+    with pytest.raises(lqlib.InputError, match="warmup"):
+        GraphedDecoder(model, StaticCache(config=config, max_cache_len=20), warmup=0)
+    with pytest.raises(lqlib.InputError, match="prefill"):
+        GraphedDecoder(model, StaticCache(config=config, max_cache_len=20)).step()
+
+
+def test_fixed_rate_size_constant():
+    assert math.isclose(16 / bits_per_dim(128), 3.765, abs_tol=1e-3) and BETA == 1.5
+
+
+def test_fp16_baseline_attention_reads_each_kv_head_once_and_matches_sdpa():
+    """The float16 baseline's decode attention (query heads of a KV head as SDPA rows) gives
+    transformers' SDPA logits with StaticCache (float32 model: within 1e-5)."""
+    from transformers import StaticCache
+
+    from lqlib.cache.decode_graph import GraphedDecoder, register_fp16_decode_attention
+
+    config, model = tiny_llama()
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(9)).to(DEVICE)
+    logits = {}
+    for impl in ("sdpa", register_fp16_decode_attention()):
+        model.set_attn_implementation(impl)
+        decoder = GraphedDecoder(model, StaticCache(config=config, max_cache_len=20), warmup=1)
+        decoder.prefill(ids)
+        steps = [decoder.logits.float().clone()]
+        for _ in range(3):
+            decoder.step()
+            steps.append(decoder.logits.float().clone())
+        logits[impl] = torch.stack(steps)
+    a, b = logits.values()
+    assert torch.allclose(a, b, atol=1e-5, rtol=0) and a.abs().max() > 0.1
+
+
+def test_recorded_gpu_runs_read_for_the_book():
+    """The recorded H100 runs (results/gpu_nested*_*.json) as the book's rows: each ratio is its two
+    times of the same run, the cache sizes count every side byte, the kernels matched the CPU."""
+    from pathlib import Path
+
+    from lqlib.book import gpu_results as g
+
+    results = Path(__file__).resolve().parent.parent / "results"
+    kernels = g.nested_runs(results, "gpu_nested")
+    decode = g.nested_runs(results, "gpu_nested_decode")
+    assert all(run["benchmark"] == "benchmarks/gpu_nested_decode.py" for run in decode)
+    assert all(r["bit_identical"] for r in g.nested_kernel_rows(kernels))
+    for r in g.nested_attention_rows(kernels):
+        assert math.isclose(r["nested_speedup"], r["sdpa_ms"] / r["nested_ms"], rel_tol=1e-9)
+        assert r["met"] == (r["nested_speedup"] >= 2.5)
+    rows = g.nested_decode_rows(decode)
+    nested = [r for r in rows if r["cache"] == "nested_graph"]
+    assert nested and all(3.7 <= r["kv_ratio_vs_fp16"] <= 16 / bits_per_dim(128) + 1e-3 for r in nested)
+    assert all(r["floor_ms"] < r["ms_per_step"] for r in rows)
+    summary = g.nested_decode_summary(rows)
+    assert len(summary) == len({(r["card"], r["static_attention"], r["context"], r["batch"]) for r in rows})
+    for s in summary:
+        assert math.isclose(s["nested_vs_static"], s["static_graph_ms"] / s["nested_graph_ms"], rel_tol=1e-9)
+    capacity = [r for r in g.nested_capacity_rows(decode) if r["static_attention"] == "lqlib_fp16_decode"]
+    assert capacity and all(r["nested_tokens"] > r["fp16_tokens"] > 0 for r in capacity)
