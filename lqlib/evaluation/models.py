@@ -14,6 +14,7 @@ about 15 s; the same weights and tokenizer, tested). ``LQLIB_STORE=off`` skips t
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.util
@@ -62,6 +63,20 @@ class LoadedModel:
         """A key for results computed with this model: its weights' identity, dtype and device type."""
         parameter = next(self.model.parameters())
         return fingerprint(self.name, self.source_id, str(parameter.dtype), parameter.device.type)
+
+
+@contextlib.contextmanager
+def _quiet_loading():
+    """transformers' weight-loading progress bars off (a book page would show them as widgets), then restored."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
 
 
 def default_model_file() -> Path:
@@ -139,8 +154,9 @@ def _converted(gguf: Path) -> Path | None:
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        with _quiet_loading():
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
         # the weights are de-quantized already: save them as plain float32, without the GGUF marker
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
@@ -196,8 +212,9 @@ def load(
             raise ResourceNotFoundError(f"no model folder at {folder}")
         source_id = _folder_id(Path(folder)) if Path(folder).is_dir() else f"hub:{folder}"
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
+        with _quiet_loading():
+            tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
     except (OSError, ValueError) as exc:  # transformers: OSError if absent, ValueError if incomplete
         raise ResourceNotFoundError(f"cannot load model {name_or_path!r}: {exc}") from exc
     if source_id.startswith("hub:"):
