@@ -134,11 +134,15 @@ def test_missing_models_are_clear_errors(tmp_path, monkeypatch):
 
 
 @pytest.mark.model
-def test_the_converted_model_cache_gives_the_same_model(default_model, monkeypatch):
+def test_the_converted_model_cache_gives_the_same_model(default_model, monkeypatch, capfd):
     """The default model loaded from its converted cache folder (the fixture's) has the GGUF file's exact
-    weights, tokenizer and logits, and the same fingerprint; LQLIB_STORE=off reads the GGUF directly."""
+    weights, tokenizer and logits, and the same fingerprint; LQLIB_STORE=off reads the GGUF directly, without
+    drawing transformers' progress bars (a book page shows them as widgets)."""
     monkeypatch.setenv("LQLIB_STORE", "off")
+    capfd.readouterr()
     direct = models.load()
+    drawn = capfd.readouterr()
+    assert "it/s" not in drawn.err + drawn.out and "GGUF tensors" not in drawn.err + drawn.out
     cached, plain = default_model.model.state_dict(), direct.model.state_dict()
     assert cached.keys() == plain.keys() and all(torch.equal(cached[k], plain[k]) for k in cached)
     text = corpus.load_corpus().text[:20_000]

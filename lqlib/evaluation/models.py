@@ -67,14 +67,26 @@ class LoadedModel:
 
 @contextlib.contextmanager
 def _quiet_loading():
-    """transformers' weight-loading progress bars off (a book page would show them as widgets), then restored."""
+    """transformers' progress bars (loading, GGUF conversion, saving) off, then restored: a book page would
+    show each one as a widget."""
     from transformers.utils import logging as hf_logging
 
     was_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
+    # the GGUF reader draws its own tqdm bar ("Converting and de-quantizing GGUF tensors"), which the switch
+    # above does not reach: give that module a bar that is switched off, and put its own back afterwards
+    try:
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:  # a transformers without GGUF support: nothing to silence
+        gguf_utils = None
+    gguf_bar = getattr(gguf_utils, "tqdm", None)
+    if gguf_bar is not None:
+        gguf_utils.tqdm = functools.partial(gguf_bar, disable=True)
     try:
         yield
     finally:
+        if gguf_bar is not None:
+            gguf_utils.tqdm = gguf_bar
         if was_on:
             hf_logging.enable_progress_bar()
 
@@ -157,12 +169,12 @@ def _converted(gguf: Path) -> Path | None:
         with _quiet_loading():
             tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
             model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-        # the weights are de-quantized already: save them as plain float32, without the GGUF marker
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.save_pretrained(staging, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
+            # the weights are de-quantized already: save them as plain float32, without the GGUF marker
+            model.hf_quantizer = None
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            model.save_pretrained(staging, safe_serialization=True)
+            tokenizer.save_pretrained(staging)
         try:
             os.replace(staging, target)  # atomic; another process may have won the race
         except OSError:
