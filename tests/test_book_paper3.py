@@ -45,7 +45,7 @@ def test_words_are_grammatical_in_every_branch():
     assert p3.fmt(Estimate(1.234, 1.0, 1.5)) == "1.23 [1.00, 1.50]"
     assert "undefined" in p3.fmt(_ratio(NAN, NAN, NAN, den_low=-1.0))
     verdicts = p3.theorem_b_verdicts({})
-    assert p3.verdict_counts(verdicts) == "6 not run here" and p3.verdict_counts([]) == "no claims"
+    assert p3.verdict_counts(verdicts) == "6 inconclusive" and p3.verdict_counts([]) == "no claims"
 
 
 def test_chapter_windows_are_disjoint():
@@ -112,7 +112,7 @@ def test_permutation_rows_summary_and_each_verdict_outcome():
     assert undecided.outcome == "inconclusive" and "undefined" in undecided.ours
     # a bit width the build did not run
     missing = p3.permutation_verdicts(summary, bits=3.0)
-    assert {v.outcome for v in missing} == {"not run here"}
+    assert {v.outcome for v in missing} == {"inconclusive"}
 
 
 def test_pinned_mse_and_risk_comparisons():
@@ -184,7 +184,7 @@ def test_theorem_a_verdicts_reach_every_outcome():
     assert verdicts["III.theorem_a.tr(MΣ)"].outcome == "differs"
     assert verdicts["III.theorem_a.tr(Σ)"].outcome == "inconclusive"
     assert verdicts["III.theorem_a.Q1.3b"].outcome == "differs"
-    assert verdicts["III.theorem_a.Q1.5b"].outcome == "not run here"  # no 5-bit configurations in this build
+    assert verdicts["III.theorem_a.Q1.5b"].outcome == "inconclusive"  # no 5-bit configurations in this build
     assert verdicts["III.k_path_share"].outcome == "reproduced" and verdicts["III.bias_drift"].outcome == "differs"
     for qwen in ("III.theorem_a.qwen", "III.k_path_share.qwen", "III.bias_drift.qwen"):
         assert verdicts[qwen].outcome == "not run here" and "--model Qwen/Qwen2.5-7B" in verdicts[qwen].why
@@ -325,7 +325,7 @@ def test_theorem_c_rows_readings_and_verdicts():
     assert verdicts["III.theorem_c.top"].outcome == "reproduced"
     assert verdicts["III.theorem_c.bottom"].outcome == "inconclusive"
     assert verdicts["III.theorem_c.actual.qwen"].outcome == "not run here"
-    assert p3.theorem_c_verdicts(ranges, gaps, MODEL, bits=3.0)[4].outcome == "not run here"
+    assert p3.theorem_c_verdicts(ranges, gaps, MODEL, bits=3.0)[4].outcome == "inconclusive"
     finding = p3.theorem_c_finding(list(verdicts.values()))
     assert finding.startswith("Range/iso with the actual M: 0.200 [0.180, 0.220] (median of 180 heads) (reproduced)")
     assert p3.theorem_c_finding([]) == "No claim was judged."

@@ -19,7 +19,7 @@ from ..errors import InputError
 from ..evaluation.stats import Estimate, RatioEstimate, paired_delta_pct, paired_gap_pp, paired_ratio, pearson, spearman
 from . import paper_values as pv
 from .claims import CLAIMS, claims_of_page, command_for, runs_here
-from .verdicts import Band, Claim, Verdict, judge, not_run_here
+from .verdicts import Band, Claim, Verdict, judge, not_run_here, unmeasured
 
 __all__ = [
     "PAGE_PERMUTATION",
@@ -449,7 +449,8 @@ def permutation_finding(verdicts: Sequence[Verdict]) -> str:
 
 
 def _missing(claim: Claim, what: str) -> Verdict:
-    return Verdict(claim, "not run here", "—", f"this build has no {what}; set the page's parameters to include it")
+    """Inconclusive: a setting of this model that the build left out ("not run here" is for other models)."""
+    return unmeasured(claim, f"this build has no {what}; set the page's parameters to include it")
 
 
 def permutation_verdicts(spreads, bits: float = 4.0) -> list[Verdict]:
