@@ -169,8 +169,8 @@ class ChannelKVLayer(CompressedKVLayer):
         return torch.stack([keys, values])
 
     def _check_codable(self, keys: Tensor, values: Tensor) -> None:
-        self.key_quantizer.codec._check(keys)
-        self.value_quantizer.codec._check(values)
+        self.key_quantizer.codec.check(keys)
+        self.value_quantizer.codec.check(values)
 
     def _read(self, pages: list[tuple[bytes, ...]], key_tail: Tensor, value_tail: Tensor) -> tuple[Tensor, Tensor]:
         """Sink tokens, every decoded page, the quantized pending tail and the recent window."""

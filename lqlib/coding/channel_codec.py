@@ -206,6 +206,10 @@ class ChannelCodec:
             )
         return self._cache[key]
 
+    def check(self, x: Tensor) -> None:
+        """Raise :class:`InputError` unless ``x`` (batch, heads, tokens, d) can be coded: shape, dtype, finite."""
+        self._check(x)
+
     def _check(self, x: Tensor) -> Tensor:
         if not isinstance(x, Tensor) or x.dim() != 4 or tuple(x.shape[1::2]) != self.tables.shape:
             raise InputError(
