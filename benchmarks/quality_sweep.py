@@ -41,6 +41,7 @@ from lqlib.alloc.beyond import ABLATIONS, FULL, ablation_rows, layer_groups, par
 from lqlib.alloc.calibrate import calibrate, calibration_statistics
 from lqlib.alloc.schedule import fit_schedule, schedule_quantizers, uniform_schedule
 from lqlib.alloc.sensitivity import measure_sensitivity
+from lqlib.book.beyond import ABLATION_COLUMNS
 from lqlib.book.tables import write_table
 from lqlib.cache.quantized import QuantizeDequantizeCache
 from lqlib.evaluation.baselines import KiviStyle, TurboQuantStyle
@@ -51,19 +52,7 @@ from lqlib.evaluation.models import load
 from lqlib.evaluation.perplexity import perplexity, token_windows
 
 CURVE_BITS = [2.5, 3.0, 3.5, 4.0, 4.5, 5.0]
-COLUMNS = {
-    "part": "part",
-    "method": "method",
-    "budget": ("budget", 2),
-    "bits_calibration": ("bits (calibration)", 3),
-    "bits_heldout": ("bits (held-out)", 3),
-    "delta_pct": ("ΔPPL %", 2),
-    "low": ("low", 2),
-    "high": ("high", 2),
-    "gap_pp": ("gap to full (pp)", 2),
-    "gap_low": ("gap low", 2),
-    "gap_high": ("gap high", 2),
-}
+COLUMNS = {"part": "part", **ABLATION_COLUMNS}
 
 
 class Sweep:
@@ -81,17 +70,13 @@ class Sweep:
         self.held_kv = [capture_kv(self.loaded, self.ids[i : i + 1]) for i in range(self.ids.shape[0])]
         self.calib_kv = [capture_kv(self.loaded, self.calibration[i : i + 1]) for i in range(self.calibration.shape[0])]
         self.log_path = Path(args.log)
-        self.done = {}
-        for path in [*args.extra_logs, self.log_path]:  # runs found in any log are not repeated
-            if Path(path).exists():
-                for line in Path(path).read_text().splitlines():
-                    row = json.loads(line)
-                    self.done[self._key(row)] = row
+        self.done = read_logs([*args.extra_logs, self.log_path])  # runs found in any log are not repeated
         fp = self.run("reference", "full precision", 16.0, None, lambda kv: 16.0, {})
         self.fp_nll, self.tokens = fp["window_nll"], fp["window_tokens"]
         self.stats: dict[tuple[bool, int], object] = {}
 
-    def _key(self, row: dict) -> str:
+    @staticmethod
+    def _key(row: dict) -> str:
         return json.dumps([row["part"], row["method"], row["budget"], row["windows"], row["eval_start"]])
 
     def run(self, part, method, budget, make_cache, rate, extra, chunk_size=None, all_rates=False) -> dict:
@@ -176,9 +161,9 @@ class Sweep:
         return self._weights
 
 
-def ablation(sweep: Sweep, budgets) -> None:
+def ablation(sweep: Sweep, budgets, alone_only: bool = False) -> None:
     """Baselines and leave-one-out rows at every budget first, then the rows that add one idea alone."""
-    for budget in budgets:
+    for budget in [] if alone_only else budgets:
         kv = sweep.calib_kv[0]
         sweep.e8("ablation", "uniform E8 + RHT", budget, uniform_schedule(budget, kv))
         weights = sweep.sensitivity_weights()
@@ -202,7 +187,7 @@ def split(sweep: Sweep, budgets, groups: int = 6) -> None:
             sweep.calibrated("split", name, budget, {}, lambda f, g=group: partial_quantizers(f, layers=g))
 
 
-def curve(sweep: Sweep, bits_list) -> None:
+def curve(sweep: Sweep, bits_list, baselines: bool = True) -> None:
     kv = sweep.calib_kv[0]
     for budget in bits_list:
         sweep.calibrated("curve", FULL, budget, {})
@@ -210,6 +195,8 @@ def curve(sweep: Sweep, bits_list) -> None:
         sweep.e8(
             "curve", "allocated E8 + RHT (Paper IV)", budget, fit_schedule(sweep.sensitivity_weights(), budget, kv)[0]
         )
+    if not baselines:
+        return
     for b in (2, 3, 4, 5):
         for name, key, value in (
             ("TurboQuant-style", TurboQuantStyle(b), TurboQuantStyle(b)),
@@ -238,6 +225,33 @@ def curve(sweep: Sweep, bits_list) -> None:
         )
 
 
+def read_logs(paths) -> dict:
+    """Every run found in the JSON-lines logs ``paths`` (missing ones skipped), keyed as :class:`Sweep` keys them."""
+    done = {}
+    for path in paths:
+        if Path(path).exists():
+            for line in Path(path).read_text().splitlines():
+                row = json.loads(line)
+                done[Sweep._key(row)] = row
+    return done
+
+
+PART_ORDER = ("ablation", "split", "curve")
+BASELINES = ("uniform E8 + RHT", "allocated E8 + RHT (Paper IV)")
+
+
+def row_order(row: dict) -> tuple:
+    """The order a one-process sweep writes: by part; ablation rows by budget, baselines, then
+    :data:`ABLATIONS` (each real-cache check after its row); split rows by budget; curve rows by family."""
+    method = row["method"].removesuffix(" [real cache]")
+    names = [*BASELINES, *ABLATIONS]
+    rank = names.index(method) if method in names else len(names)
+    real = row["method"].endswith("[real cache]")
+    if row["part"] == "curve":
+        return (PART_ORDER.index("curve"), rank, row["method"], row["budget"])
+    return (PART_ORDER.index(row["part"]), row["budget"], rank, real)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: a check that the script runs")
@@ -257,6 +271,18 @@ def main(argv=None) -> int:
     date = datetime.date.today().isoformat()
     parser.add_argument("--out", default=f"results/quality_sweep_{date}.json")
     parser.add_argument("--log", default="results/quality_sweep_log.jsonl")
+    parser.add_argument(
+        "--assemble", action="store_true", help="write the record from the logs alone (a sweep run elsewhere)"
+    )
+    parser.add_argument("--machine", default="", help="with --assemble: the machine the logs ran on (JSON)")
+    parser.add_argument(
+        "--alone-only", action="store_true", help="ablation: only the rows that add one idea to the minimal one"
+    )
+    parser.add_argument(
+        "--no-curve-baselines",
+        action="store_true",
+        help="curve: only the E8 rows (the scalar baselines run in another process of a parallel sweep)",
+    )
     parser.add_argument("--extra-logs", nargs="*", default=[], help="more logs to read (e.g. of a parallel run)")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -267,18 +293,26 @@ def main(argv=None) -> int:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.log).parent.mkdir(parents=True, exist_ok=True)
-    sweep = Sweep(args)
-    for part in args.parts:
-        {
-            "ablation": lambda: ablation(sweep, args.budgets),
-            "split": lambda: split(sweep, args.budgets),
-            "curve": lambda: curve(sweep, args.curve_bits),
-        }[part]()
-    results = [r for r in sweep.done.values() if r["part"] != "reference" and r["windows"] == args.windows]
-    results = [r for r in results if r["eval_start"] == args.eval_start]
+    machine = {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    if args.assemble:  # the record from the logs of a (parallel) sweep that ran elsewhere: no model, no runs
+        done = read_logs([*args.extra_logs, args.log])
+        model_name, machine = "smollm2-135m-instruct", json.loads(args.machine) if args.machine else machine
+    else:
+        sweep = Sweep(args)
+        for part in args.parts:
+            {
+                "ablation": lambda: ablation(sweep, args.budgets, args.alone_only),
+                "split": lambda: split(sweep, args.budgets),
+                "curve": lambda: curve(sweep, args.curve_bits, not args.no_curve_baselines),
+            }[part]()
+        done, model_name = sweep.done, sweep.loaded.name
+    same = [r for r in done.values() if r["windows"] == args.windows and r["eval_start"] == args.eval_start]
+    reference = next(r for r in same if r["part"] == "reference")
+    fp_nll, tokens = reference["window_nll"], reference["window_tokens"]
+    results = sorted((r for r in same if r["part"] != "reference"), key=row_order)
     rows = []
     for part in ("ablation", "split", "curve"):
-        part_rows = ablation_rows([r for r in results if r["part"] == part], sweep.fp_nll, sweep.tokens)
+        part_rows = ablation_rows([r for r in results if r["part"] == part], fp_nll, tokens)
         for row, source in zip(part_rows, [r for r in results if r["part"] == part]):
             row["part"] = part
             row["kind"] = ABLATIONS.get(source["method"], ("baseline" if part == "ablation" else part,))[0]
@@ -301,7 +335,7 @@ def main(argv=None) -> int:
     record = {
         "date": datetime.date.today().isoformat(),
         "protocol": {
-            "model": sweep.loaded.name,
+            "model": model_name,
             "corpus": "pydoc",
             "window": args.window,
             "calibration_windows": args.calibration_windows,
@@ -309,12 +343,12 @@ def main(argv=None) -> int:
             "windows": args.windows,
             "rates": "bytes the real cache holds, calibration and held-out windows (batch 1)",
         },
-        "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()},
+        "machine": machine,
         "rows": rows,
         "verdicts": verdicts,
         "ratio_to_allocated": ratios,
         "results": results,
-        "reference": {"window_nll": sweep.fp_nll, "window_tokens": sweep.tokens},
+        "reference": {"window_nll": fp_nll, "window_tokens": tokens},
     }
     Path(args.out).write_text(json.dumps(record, indent=1))
     write_table(rows, Path(args.out).with_suffix(""), COLUMNS)

@@ -15,11 +15,14 @@ from lqlib.alloc.beyond import (
     FULL,
     MINIMAL,
     ablation_rows,
+    headline_rows,
     layer_groups,
     partial_quantizers,
     target_verdicts,
 )
 from lqlib.alloc.calibrate import calibration_statistics, channel_weights, rate_margin
+from lqlib.alloc.schedule import schedule_quantizers, uniform_schedule
+from lqlib.cache.quantized import QuantizeDequantizeCache
 from lqlib.evaluation.capture import capture_kv
 from lqlib.evaluation.corpus import load_corpus
 from lqlib.evaluation.perplexity import perplexity, token_windows
@@ -119,3 +122,22 @@ def test_bad_calls_are_refused(default_model, calibration):
         lqlib.calibrate(default_model, 0.1, statistics=stats)
     with pytest.raises(InputError):
         lqlib.calibrate(default_model, 4.0, statistics=stats, sink=0)  # statistics measured with sink 1
+
+
+@pytest.mark.model
+def test_headline_rows_score_held_out_windows_at_their_measured_rates(default_model, calibration):
+    ids, labels, stats = calibration
+    rows = headline_rows(default_model, ids[:1], ids[1:], labels[1:], [3.25], statistics=stats)
+    assert [(r["method"], r["budget"]) for r in rows] == [(FULL, 3.25), ("uniform E8 + RHT", 3.25)]
+    calibrated, uniform = rows
+    assert calibrated["bits_calibration"] <= 3.25 and abs(uniform["bits_calibration"] - 3.25) < 0.02
+    for row in rows:  # held-out rates are measured, so near the budget but not equal to it
+        assert abs(row["bits_heldout"] - 3.25) < 0.25 and row["bits_heldout"] != row["bits_calibration"]
+        assert row["low"] <= row["delta_pct"] <= row["high"]
+    # the uniform row is the in-loop E8 + RHT cache run by hand on the same windows
+    keys, values = schedule_quantizers(uniform_schedule(3.25, stats.windows[0]))
+    clean = perplexity(default_model.model, ids[1:], labels[1:], progress=False)
+    make = lambda: QuantizeDequantizeCache(keys, default_model.config, values)  # noqa: E731
+    run = perplexity(default_model.model, ids[1:], labels[1:], make, progress=False)
+    assert uniform["delta_pct"] == pytest.approx(100 * math.expm1((run.nll - clean.nll) / clean.tokens), rel=1e-9)
+    assert math.isfinite(uniform["gap_pp"])

@@ -8,6 +8,8 @@ and where the remaining error sits.
   gap to the full configuration with its paired interval, the measured rates.
 * :func:`target_verdicts` — whether the issue's targets (ΔPPL ≤ +1.5% at ≤ 4.25 measured bits/dim,
   ≤ +8% at ≤ 3.25, on held-out text) are met, with the upper interval ends.
+* :func:`headline_rows` — the calibrated cache against uniform E8 + RHT at a few budgets, calibrated on
+  some windows and scored on others: the ablation's headline, recomputed at any size.
 * :func:`partial_quantizers` — in-loop quantizers that code only keys, only values or only some
   layers (the rest at full precision), to see where the remaining error sits.
 """
@@ -17,9 +19,16 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import numpy as np
+from torch import Tensor
 
+from ..cache.quantized import QuantizeDequantizeCache
+from ..evaluation.capture import capture_kv
+from ..evaluation.harness import compressed_cache_rate
+from ..evaluation.models import LoadedModel
+from ..evaluation.perplexity import perplexity
 from ..evaluation.stats import paired_delta_pct, paired_gap_pp
-from .calibrate import CalibratedCache
+from .calibrate import CalibratedCache, calibrate, calibration_statistics
+from .schedule import schedule_quantizers, uniform_schedule
 
 __all__ = [
     "FULL",
@@ -28,6 +37,7 @@ __all__ = [
     "TARGETS",
     "ablation_rows",
     "target_verdicts",
+    "headline_rows",
     "partial_quantizers",
     "layer_groups",
 ]
@@ -108,6 +118,54 @@ def target_verdicts(rows: Iterable[dict], method: str = FULL, targets=TARGETS) -
             }
         )
     return verdicts
+
+
+def headline_rows(
+    loaded: LoadedModel,
+    calibration_ids: Tensor,
+    held_ids: Tensor,
+    held_labels: Tensor,
+    budgets: Iterable[float],
+    statistics=None,
+) -> list[dict]:
+    """The calibrated cache (:data:`FULL`) and uniform E8 + RHT at each budget (bits/dim), both calibrated on
+    ``calibration_ids`` (n, T) and scored in-loop on ``held_ids`` / ``held_labels`` (m, T'), the windows
+    never used for calibration: rows of :func:`ablation_rows` (ΔPPL against full precision on the same
+    windows, paired 95% intervals, measured rates on the calibration and held-out windows).
+    ``statistics``: :func:`~lqlib.alloc.calibrate.calibration_statistics` of ``calibration_ids`` if
+    already measured."""
+    held_kv = [capture_kv(loaded, held_ids[i : i + 1]) for i in range(held_ids.shape[0])]
+    fp = perplexity(loaded.model, held_ids, held_labels, progress=False)
+    stats = statistics if statistics is not None else calibration_statistics(loaded, calibration_ids)
+    results = []
+    for bits in budgets:
+        factory = calibrate(loaded, bits, statistics=stats)
+        run = perplexity(loaded.model, held_ids, held_labels, factory.in_loop_cache, progress=False)
+        rates = (factory.bits_per_dim, factory.rate(held_kv))
+        results.append(_result(FULL, bits, rates, run.window_nll))
+        schedule = uniform_schedule(bits, stats.windows[0])
+        keys, values = schedule_quantizers(schedule)
+        run = perplexity(
+            loaded.model,
+            held_ids,
+            held_labels,
+            lambda keys=keys, values=values: QuantizeDequantizeCache(keys, loaded.config, values),
+            progress=False,
+        )
+        held = float(np.mean([compressed_cache_rate(kv, schedule) for kv in held_kv]))
+        rates = (compressed_cache_rate(stats.windows[0], schedule), held)
+        results.append(_result("uniform E8 + RHT", bits, rates, run.window_nll))
+    return ablation_rows(results, fp.window_nll, fp.window_tokens)
+
+
+def _result(method: str, budget: float, rates: tuple[float, float], window_nll) -> dict:
+    return {
+        "method": method,
+        "budget": float(budget),
+        "bits_calibration": rates[0],
+        "bits_heldout": rates[1],
+        "window_nll": list(window_nll),
+    }
 
 
 def _identity(x, start: int = 0):

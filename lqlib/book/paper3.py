@@ -19,6 +19,7 @@ from ..errors import InputError
 from ..evaluation.stats import Estimate, RatioEstimate, paired_delta_pct, paired_gap_pp, paired_ratio, pearson, spearman
 from . import paper_values as pv
 from .claims import CLAIMS, claims_of_page, command_for, runs_here
+from .prose import windows_text
 from .verdicts import Band, Claim, Verdict, judge, not_run_here, unmeasured
 
 __all__ = [
@@ -95,11 +96,6 @@ def plural(n: int, noun: str, many: str | None = None) -> str:
     """``"1 window"``, ``"2 windows"`` (``many`` for irregular plurals); thousands separated."""
     word = noun if n == 1 else (many or noun + "s")
     return f"{n:,} {word}"
-
-
-def windows_text(n: int, tokens: int) -> str:
-    """``"16 windows of 512 tokens"`` / ``"1 window of 512 tokens"``."""
-    return f"{plural(n, 'window')} of {tokens:,} tokens"
 
 
 def listing(items: Sequence[str]) -> str:
@@ -450,7 +446,7 @@ def permutation_finding(verdicts: Sequence[Verdict]) -> str:
 
 def _missing(claim: Claim, what: str) -> Verdict:
     """Inconclusive: a setting of this model that the build left out ("not run here" is for other models)."""
-    return unmeasured(claim, f"this build has no {what}; set the page's parameters to include it")
+    return unmeasured(claim, f"no {what}")
 
 
 def permutation_verdicts(spreads, bits: float = 4.0) -> list[Verdict]:

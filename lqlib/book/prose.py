@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-__all__ = ["plural", "listing"]
+__all__ = ["plural", "listing", "windows_text"]
 
 _IRREGULAR = {"is": "are", "was": "were", "has": "have", "differs": "differ"}
 
@@ -14,6 +14,11 @@ def plural(n: int, word: str, plural_form: str | None = None) -> str:
     if n == 1:
         return f"{n:,} {word}"
     return f"{n:,} {plural_form or _IRREGULAR.get(word, word + 's')}"
+
+
+def windows_text(n: int, tokens: int) -> str:
+    """``"16 windows of 512 tokens"`` / ``"1 window of 512 tokens"``."""
+    return f"{plural(n, 'window')} of {tokens:,} tokens"
 
 
 def listing(items: Sequence[str], conjunction: str = "and") -> str:
