@@ -38,6 +38,7 @@ def rel_mse(method, x):
     return ((method.quantize(x) - x).square().mean() / x.square().mean()).item()
 
 
+@pytest.mark.slow
 def test_shapes_dtypes_and_rates(x):
     for bits in (3, 4, 5):
         for _, _, key, value in standard_methods(bits):

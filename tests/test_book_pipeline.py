@@ -31,6 +31,7 @@ def test_jobs_follow_the_toc(tmp_path):
     assert jobs[0].output == root / "book" / "part" / "second.ipynb"
 
 
+@pytest.mark.slow
 def test_parameters_reach_the_notebook_and_runs_are_cached(tmp_path, monkeypatch):
     root = make_root(
         tmp_path,
@@ -122,6 +123,7 @@ def test_smoke_sizes_are_injected_and_shown(tmp_path):
     assert "n = 20" in injected.source and injected.source.startswith("# the parameters this page was built with")
 
 
+@pytest.mark.slow
 def test_parts_run_side_by_side_and_a_failure_stops_the_rest(tmp_path):
     """jobs=2: two parts run concurrently, each in order; the book-level notebook runs after both; a
     failing notebook stops its part and nothing after it starts."""

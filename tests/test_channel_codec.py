@@ -88,6 +88,7 @@ def test_per_channel_widths_code_below_one_width():
 
 @settings(max_examples=15)
 @given(seed=st.integers(0, 10_000), tokens=st.integers(1, 33), scale=st.floats(0.5, 64.0))
+@pytest.mark.slow
 def test_page_round_trip_equals_quantize(seed, tokens, scale):
     t = tables(seed, scale)
     key_codec, value_codec = ChannelCodec(t), ChannelCodec(tables(seed + 1, scale))

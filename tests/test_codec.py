@@ -74,6 +74,7 @@ def test_gaussian_gap_and_rate_on_small_sample(bits):
     assert codec.bits_per_dim(enc) == pytest.approx(TABLE3_CODED_RATE[bits], rel=0.015)
 
 
+@pytest.mark.slow
 def test_gaussian_validation_acceptance():
     """Paper I, Table 3 on 10^6 blocks: gap within 0.5% of 2πe·G(E8), rate within 1.5% of the paper's."""
     rows = table3_rows(gaussian_validation(n_blocks=1_000_000, progress=False))

@@ -76,6 +76,7 @@ def greedy(model, cache, impl: str, ids: torch.Tensor, steps: int) -> tuple[torc
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.slow
 def test_prefill_and_greedy_decode_match_the_cpu_cache(dtype):
     config, model = tiny_llama(dtype)
     ids = torch.randint(0, 97, (2, 20), generator=torch.Generator().manual_seed(1))
@@ -108,6 +109,7 @@ def test_stored_codes_are_the_codecs_points_and_dequantize_to_the_cpu_cache():
     assert layer.position.item() == 19 and layer.lengths.tolist() == [19, 19]
 
 
+@pytest.mark.slow
 def test_bit_schedule_and_key_scales_match_the_cpu_cache():
     """Keys and values at different rates (two quantize calls per update) and per-channel key scales."""
     config, model = tiny_llama()
@@ -134,6 +136,7 @@ def test_bit_schedule_and_key_scales_match_the_cpu_cache():
     assert torch.equal(layer.codes[1, ..., :6, :].cpu(), reference_quantize(E8Codec(3.0), v)[0])
 
 
+@pytest.mark.slow
 def test_bytes_held_and_capacity_growth():
     config, model = tiny_llama()
     ids = torch.randint(0, 97, (2, 20), generator=torch.Generator().manual_seed(5))
@@ -159,6 +162,7 @@ def test_bytes_held_and_capacity_growth():
     assert scaled.nbytes() == 2 * 2 * 64  # float16 key scales count even before any token
 
 
+@pytest.mark.slow
 def test_generate_and_two_caches_in_one_process():
     config, model = tiny_llama()
     kw = cache_kwarg(model)
@@ -181,6 +185,7 @@ def test_generate_and_two_caches_in_one_process():
     assert not torch.equal(alone[4.0], alone[2.0])
 
 
+@pytest.mark.slow
 def test_cuda_graph_bookkeeping_records_once_and_replays(monkeypatch):
     """The decode step as the CUDA graphs replay it (graphs stood in by a recorder on CPU): one eager
     step per storage address, then one recording, then replays into the same output buffer;
@@ -225,6 +230,7 @@ def test_cuda_graph_bookkeeping_records_once_and_replays(monkeypatch):
     assert len(recorded) == 4 and len({k[0] for k in recorded}) == 2
 
 
+@pytest.mark.slow
 def test_unsupported_uses_are_clear_errors():
     config, model = tiny_llama()
     kw = cache_kwarg(model)

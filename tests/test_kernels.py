@@ -71,6 +71,7 @@ def sample(n: int, d: int, seed: int, dtype: torch.dtype = torch.float32) -> tor
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.slow
 def test_random_vectors_match_the_codec(d, dtype):
     codec = E8Codec(4.0, rotation="rht", seed=d)
     check(codec, sample(300, d, seed=d + len(str(dtype)), dtype=dtype))
@@ -78,12 +79,14 @@ def test_random_vectors_match_the_codec(d, dtype):
 
 @pytest.mark.parametrize("rotation", ["rht", "none"])
 @pytest.mark.parametrize("bits", [0.5, 2.5, 5.5, 9.0])
+@pytest.mark.slow
 def test_rates_and_rotations(bits, rotation):
     codec = E8Codec(bits, rotation=rotation, seed=3)
     codes, _ = check(codec, sample(130, 64, seed=int(bits * 10), dtype=torch.float16))
     assert codes.dtype == K.code_dtype(codec, 64)
 
 
+@pytest.mark.slow
 def test_launch_layouts_agree():
     """Block size, warps, load order and the split of the E8 stage change nothing."""
     codec = E8Codec(3.0, seed=9)
@@ -96,6 +99,7 @@ def test_launch_layouts_agree():
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast")  # float16 near 65504 rounds to inf, on both sides
+@pytest.mark.slow
 def test_edge_cases():
     """Zero, one-hot, constant and dyadic vectors (exact ties in the rounding and between the E8
     cosets), tiny and huge norms, subnormals, one huge coordinate among tiny ones."""
@@ -235,6 +239,7 @@ def test_large_sample_on_the_gpu():
             check(E8Codec(4.0, seed=d), sample(20_000, d, seed=d, dtype=dtype))
 
 
+@pytest.mark.slow
 def test_step_codes_at_their_boundaries():
     """Sums of squares within float32 rounding of each step-code boundary (the kernel's float32
     estimate cannot tell the side, so the program recomputes in float64), among ordinary vectors."""
@@ -265,6 +270,7 @@ def _e8_codes_kernel(x_ptr, out_ptr, B: tl.constexpr):
     tl.store(out_ptr + offs, _nearest_e8_codes(tl.load(x_ptr + offs)))
 
 
+@pytest.mark.slow
 def test_nearest_e8_adversarial():
     """The kernel's E8 rounding against :func:`lqlib.core.lattices.nearest_e8` on blocks built for its
     tie rules: equal largest errors, exact halves, integers (cosets at equal distance), tiny and

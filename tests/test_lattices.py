@@ -111,6 +111,7 @@ def textbook_e8(x):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.slow
 def test_e8_coset_choice_agrees_with_summed_distances(dtype):
     """The choice by Σ|e| (no squares) against summed squared distances: the same points except at
     ties (quarter and half-integer inputs: other points at exactly the same distance) and, in

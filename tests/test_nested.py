@@ -163,6 +163,7 @@ needs_kernels = pytest.mark.skipif(not kernels_ok, reason="the kernels need CUDA
 
 @needs_kernels
 @pytest.mark.parametrize("rotation", ["rht", "none"])
+@pytest.mark.slow
 def test_kernels_are_the_cpu_reference_bit_for_bit(rotation):
     from lqlib.kernels import nested as kn
 
@@ -177,6 +178,7 @@ def test_kernels_are_the_cpu_reference_bit_for_bit(rotation):
 
 
 @needs_kernels
+@pytest.mark.slow
 def test_fused_attention_matches_the_reference():
     from lqlib.kernels import nested as kn
     from lqlib.kernels.attention import AttentionConfig

@@ -152,6 +152,7 @@ def test_no_library_code_imports_transformers_in_the_math_core():
     assert subprocess.run(["python", "-c", probe], cwd=ROOT).returncode == 0
 
 
+@pytest.mark.slow
 def test_cli_evaluate(tmp_path, capsys):
     """The harness's command line on the default model: tidy CSV and JSON with every method."""
     import json

@@ -193,6 +193,7 @@ needs_kernels = pytest.mark.skipif(
 
 
 @needs_kernels
+@pytest.mark.slow
 def test_kernels_match_the_cpu_coder_both_ways():
     from lqlib.kernels import rans as KR
 
@@ -221,6 +222,7 @@ def test_kernels_match_the_cpu_coder_both_ways():
 
 
 @needs_kernels
+@pytest.mark.slow
 def test_kernel_decoder_flags_corrupted_pages():
     from lqlib.kernels import rans as KR
 

@@ -65,6 +65,7 @@ def _noisy_attention_output(loaded, ids, layer, path, sigma, trials=200):
 
 
 @pytest.mark.parametrize("path", [0, 1])
+@pytest.mark.slow
 def test_weights_match_noise_simulation(tiny, path):
     """V: the first-order formula is exact (attention is linear in V); K: small noise, first order."""
     loaded, ids = tiny
