@@ -27,8 +27,16 @@ def protocol_rows(rows: Sequence[Mapping[str, object]]) -> list[dict[str, str]]:
     return out
 
 
-def show_protocol(rows: Sequence[Mapping[str, object]], page: str, caption: str, out_dir: str | Path = "tables"):
-    """Write ``protocol_<page>.csv`` and return a MyST table of the protocol (paper against this build)."""
+def show_protocol(
+    rows: Sequence[Mapping[str, object]],
+    page: str,
+    caption: str,
+    out_dir: str | Path = "tables",
+    collapsed: str = "The paper's protocol beside this build's (table)",
+):
+    """Write ``protocol_<page>.csv`` and return a MyST table of the protocol (paper against this build),
+    closed under ``collapsed`` (empty: open)."""
     from .tables import show_table
 
-    return show_table(protocol_rows(rows), "protocol_" + page.replace("/", "_"), PROTOCOL_COLUMNS, caption, out_dir)
+    name = "protocol_" + page.replace("/", "_")
+    return show_table(protocol_rows(rows), name, PROTOCOL_COLUMNS, caption, out_dir, collapsed=collapsed)
