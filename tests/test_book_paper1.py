@@ -132,6 +132,7 @@ def _within(estimate: Estimate, value: float, widths: float = 3.0) -> bool:
     return abs(estimate.value - value) <= widths * half + 1e-12
 
 
+@pytest.mark.slow
 def test_ladder_at_high_rate_meets_the_closed_forms(ladders):
     lad = ladders[6.0]
     assert [r.rung for r in lad.rungs] == list(LADDER_RUNGS)
@@ -444,3 +445,15 @@ def test_notebook_conventions(path):
         assert f'PAGE = "{page}"' in code and "show_criteria(" in code and "show_verdicts(" in code
         criteria, verdicts = code.index("show_criteria("), code.index("show_verdicts(")
         assert criteria < verdicts  # the rule is stated before the result
+
+
+def test_student_t_is_seeded_and_heavy_tailed():
+    from lqlib.book.paper1 import student_t
+
+    a = student_t(20000, 4, 3, torch.Generator().manual_seed(7))
+    b = student_t(20000, 4, 3, torch.Generator().manual_seed(7))
+    assert a.shape == (20000, 4) and torch.equal(a, b)  # the generator alone decides the draw
+    # t3: P(|T| > 3.182) = 0.05 (the 97.5% quantile); a normal would give 0.0015
+    tail = (a.abs() > 3.182).double().mean().item()
+    assert abs(tail - 0.05) < 0.005
+    assert abs(a.median().item()) < 0.02

@@ -11,6 +11,7 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
+import torch
 
 from ..core.lattices import LATTICES, E8Trace, normalized_second_moment
 from ..core.rht import RandomizedHadamard
@@ -22,6 +23,7 @@ from .paper_values import TABLE1_G, TABLE3_CODED_RATE, TABLE3_GAP, TABLE5_PPL, T
 from .verdicts import Claim, Verdict, judge, not_run_here
 
 __all__ = [
+    "student_t",
     "TABLE3_COLUMNS",
     "table3_rows",
     "TABLE3_BOOK_COLUMNS",
@@ -677,3 +679,13 @@ def memory_rows(
                 row[f"e8_{bits:g}_GiB"] = kv_cache_bytes(layers, heads, dim, t, rate) / 2**30
             rows.append(row)
     return rows
+
+
+def student_t(n: int, d: int, dof: int, generator: torch.Generator) -> torch.Tensor:
+    """(n, d) i.i.d. Student-t samples with ``dof`` degrees of freedom, drawn from ``generator`` only
+    (Z / sqrt(χ²/dof) with χ² a sum of ``dof`` squared normals), so a seeded page draws the same ones."""
+    if dof < 1:
+        raise InputError(f"dof must be a positive integer, got {dof}")
+    z = torch.randn(n, d, generator=generator)
+    chi2 = torch.randn(n, d, dof, generator=generator).square().sum(-1)
+    return z / (chi2 / dof).sqrt()
