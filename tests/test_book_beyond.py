@@ -45,3 +45,13 @@ def test_verdict_text_states_the_numbers():
     assert "≤ +1.5% at ≤ 4.25 bits/dim met: +1.20%" in text and "is not within" in text
     assert "≤ +8% at ≤ 3.25 bits/dim met: +2.00%" in text and "is also within" in text
     assert "no calibrated run" in verdict_text(target_verdicts([row(FULL, 4.3, 1.0, part="ablation")]))
+
+
+def test_curve_figure_draws_one_line_per_family_with_its_intervals():
+    from lqlib.book.beyond import curve_figure
+
+    series = curve_series([row(FULL, 4.0, 1.0), row(FULL, 3.0, 3.0, low=2.0, high=4.5), row("KIVI-style", 4.25, 9.0)])
+    ax = curve_figure(series).axes[0]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [FULL, "KIVI-style"]
+    assert list(ax.lines[0].get_xdata()) == [3.0, 4.0] and list(ax.lines[0].get_ydata()) == [3.0, 1.0]
+    assert ax.get_yscale() == "log"
