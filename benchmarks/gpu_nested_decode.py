@@ -11,6 +11,12 @@ steps after the warm-up, CUDA events) with
 * ``static_graph``: ``StaticCache`` (capacity = prompt + steps), SDPA with the query heads of a KV
   head as its rows (:func:`lqlib.cache.decode_graph.gqa_decode_attention_forward`: K/V read once), the
   whole step recorded once as a CUDA graph by :class:`lqlib.cache.decode_graph.GraphedDecoder` and replayed;
+  SDPA with a mask does not split the sequence across programs and reads the whole capacity;
+* ``static_split_k_graph``: the same with the float16 split-K kernel
+  (:func:`lqlib.cache.decode_graph.split_k_decode_attention_forward`: the coded caches' kernel design
+  on the float16 cache, reading only the tokens written) — the strongest float16 baseline we have;
+* ``static_compile``: ``StaticCache`` with transformers' SDPA and the forward compiled by
+  ``torch.compile(mode="reduce-overhead")`` (Inductor's kernels and CUDA graphs), prefill eager;
 * ``nested_graph``: :class:`lqlib.cache.device.DeviceKVCache` with ``format="nested"`` (capacity
   reserved), decode attention over the words, the whole step in one graph;
 * ``int8_graph``: the same with the int8 format (for reference).
@@ -56,8 +62,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_decode import Timer, build_model, llama_8b_config  # noqa: E402
 
-KINDS = ("dynamic_eager", "static_graph", "nested_graph", "int8_graph")
+KINDS = ("dynamic_eager", "static_graph", "static_split_k_graph", "static_compile", "nested_graph", "int8_graph")
 ALL_KINDS = (*KINDS, "static_graph_sdpa")
+FP16_KINDS = ("static_graph", "static_split_k_graph", "static_compile")
+"""The float16 one-graph baselines: the ratios are against the fastest of them in the same case."""
 TARGETS = {1: 1.0, 8: 1.5}  # nested_graph tokens/s over static_graph's at 32K, per batch
 TARGET_CAPACITY = 3.5
 
@@ -79,7 +87,12 @@ def make_cache(kind: str, model, capacity: int):
 
         model.set_attn_implementation(register_fp16_decode_attention())
         return StaticCache(config=model.config, max_cache_len=capacity)
-    if kind == "static_graph_sdpa":  # transformers' SDPA path (repeats K/V for its mask)
+    if kind == "static_split_k_graph":
+        from lqlib.cache.decode_graph import register_fp16_decode_attention
+
+        model.set_attn_implementation(register_fp16_decode_attention(split_k=True))
+        return StaticCache(config=model.config, max_cache_len=capacity)
+    if kind in ("static_graph_sdpa", "static_compile"):  # transformers' SDPA path (repeats K/V for its mask)
         model.set_attn_implementation("sdpa")
         return StaticCache(config=model.config, max_cache_len=capacity)
     model.set_attn_implementation(ATTENTION)
@@ -93,7 +106,8 @@ def kv_bytes(kind: str, cache, config, batch: int, tokens: int, capacity: int) -
         held = cache.nbytes()
         return held, held
     per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 2 * batch
-    return per_token * tokens, per_token * (capacity if kind.startswith("static_graph") else tokens)
+    whole = kind in ("static_graph", "static_graph_sdpa", "static_compile")  # SDPA with a mask reads it all
+    return per_token * tokens, per_token * (capacity if whole else tokens)
 
 
 @torch.inference_mode()
@@ -138,6 +152,21 @@ def run_case(kind, model, ids, args, timer, device) -> dict:
             state["tok"] = t
 
         decode(args.warmup)
+    elif kind == "static_compile":
+        tok = prefill(model, cache, ids, args.chunk, kw)
+        step = torch.compile(model.forward, mode="reduce-overhead", fullgraph=False)
+        state = {"tok": tok, "pos": torch.full((1,), n, device=ids.device, dtype=torch.long)}
+
+        @torch.inference_mode()
+        def decode(k: int) -> None:
+            t, pos = state["tok"], state["pos"]
+            for _ in range(k):
+                out = step(input_ids=t, cache_position=pos, use_cache=True, **{kw: cache})
+                t = out.logits[:, -1].argmax(-1, keepdim=True)
+                pos = pos + 1
+            state["tok"], state["pos"] = t, pos
+
+        decode(args.warmup)  # compiles (and records its graphs) here
     else:
         decoder = GraphedDecoder(model, cache, warmup=args.warmup)
         decoder.prefill(ids, chunk=args.chunk)
@@ -145,7 +174,7 @@ def run_case(kind, model, ids, args, timer, device) -> dict:
     prefill_s = time.time() - t0
     blocks = [timer(lambda: decode(args.new_tokens)) for _ in range(args.repeats)]
     med = statistics.median(blocks)
-    tokens_held = cache.get_seq_length() if not kind.startswith("static_graph") else n + steps
+    tokens_held = cache.get_seq_length() if not kind.startswith("static") else n + steps
     held, read = kv_bytes(kind, cache, model.config, batch, tokens_held, capacity)
     row = {
         "cache": kind,
@@ -416,9 +445,10 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 result["rows"] = rows
                 write(result, path)
-            base = case.get("static_graph")
+            fp16 = [case[k] for k in FP16_KINDS if k in case]
+            base = min(fp16, key=lambda r: r["ms_per_step"]) if fp16 else None
             for kind, row in case.items():
-                if base is None or kind == "static_graph":
+                if base is None or kind == base["cache"]:
                     continue
                 summary.append(
                     {
@@ -426,6 +456,7 @@ def main(argv: list[str] | None = None) -> int:
                         "batch": b,
                         "cache": kind,
                         "ms_per_step": row["ms_per_step"],
+                        "baseline": base["cache"],
                         "static_graph_ms_per_step": base["ms_per_step"],
                         "speedup_vs_static_graph": base["ms_per_step"] / row["ms_per_step"],
                         "floor_ms": row.get("floor_ms"),

@@ -24,10 +24,21 @@ from torch import Tensor
 from ..errors import InputError
 from .device import DeviceKVCache, cache_kwarg
 
-__all__ = ["GraphedDecoder", "FP16_DECODE_ATTENTION", "gqa_decode_attention_forward", "register_fp16_decode_attention"]
+__all__ = [
+    "GraphedDecoder",
+    "FP16_DECODE_ATTENTION",
+    "FP16_SPLIT_K_ATTENTION",
+    "gqa_decode_attention_forward",
+    "split_k_decode_attention_forward",
+    "mask_lengths",
+    "register_fp16_decode_attention",
+]
 
 FP16_DECODE_ATTENTION = "lqlib_fp16_decode"
-"""The attention implementation of the float16 baseline (:func:`gqa_decode_attention_forward`)."""
+"""The attention implementation of the float16 baseline with SDPA (:func:`gqa_decode_attention_forward`)."""
+FP16_SPLIT_K_ATTENTION = "lqlib_fp16_split_k"
+"""The attention implementation of the float16 baseline with the split-K kernel
+(:func:`split_k_decode_attention_forward`)."""
 
 
 def gqa_decode_attention_forward(
@@ -58,15 +69,60 @@ def gqa_decode_attention_forward(
     return out.reshape(b, hq, 1, d).transpose(1, 2).contiguous(), None
 
 
-def register_fp16_decode_attention() -> str:
-    """Register :func:`gqa_decode_attention_forward` (with SDPA's mask builder) with transformers as
-    :data:`FP16_DECODE_ATTENTION`; returns the name. Idempotent."""
+def mask_lengths(attention_mask: Tensor | None, kv_length: int, batch: int) -> Tensor | int:
+    """Tokens each row attends to, from SDPA's decode mask (B, 1, 1, L) (boolean, True = attend, or
+    additive, 0 = attend), as a (B,) int64 tensor computed on the device (no host synchronisation);
+    ``kv_length`` when there is no mask. The count equals the valid prefix only when the attended
+    positions are a prefix (no padding), as in greedy decoding from unpadded prompts."""
+    if attention_mask is None:
+        return kv_length
+    row = attention_mask[:, 0, -1, :kv_length]
+    attend = row if row.dtype == torch.bool else row == 0
+    return attend.sum(-1).expand(batch)
+
+
+def split_k_decode_attention_forward(
+    module: torch.nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[Tensor, None]:
+    """transformers attention for the float16 baseline: one float16 query token per row attends with
+    :func:`lqlib.kernels.fp16_attention.decode_attention` (split-K, K/V read once, only the tokens the
+    mask lets it see: :func:`mask_lengths`); anything else goes to :func:`gqa_decode_attention_forward`.
+    Returns (B, q_len, Hq, d) and no weights."""
+    b, hq, q_len, d = query.shape
+    if q_len != 1 or dropout or query.dtype != torch.float16 or hq % key.shape[1] or d < 16 or d & (d - 1):
+        return gqa_decode_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
+    from ..kernels import fp16_attention
+
+    lengths = mask_lengths(attention_mask, key.shape[-2], b)
+    out = fp16_attention.decode_attention(query[:, :, 0], key, value, lengths, sm_scale=scaling)
+    return out[:, None], None
+
+
+def register_fp16_decode_attention(split_k: bool = False) -> str:
+    """Register the float16 baseline's attention with transformers (with SDPA's mask builder):
+    :func:`gqa_decode_attention_forward` as :data:`FP16_DECODE_ATTENTION`, or with ``split_k``
+    :func:`split_k_decode_attention_forward` as :data:`FP16_SPLIT_K_ATTENTION`; returns the name.
+    Idempotent."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    AttentionInterface.register(FP16_DECODE_ATTENTION, gqa_decode_attention_forward)
-    AttentionMaskInterface.register(FP16_DECODE_ATTENTION, sdpa_mask)
-    return FP16_DECODE_ATTENTION
+    name, forward = (
+        (FP16_SPLIT_K_ATTENTION, split_k_decode_attention_forward)
+        if split_k
+        else (FP16_DECODE_ATTENTION, gqa_decode_attention_forward)
+    )
+    AttentionInterface.register(name, forward)
+    AttentionMaskInterface.register(name, sdpa_mask)
+    return name
 
 
 class GraphedDecoder:

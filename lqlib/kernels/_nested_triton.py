@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from ._attention_triton import _row_max_abs, _step_factors
-from ._e8_triton import _fwht, _nearest_e8_codes, _round_to, _saturate, _step_code, _tile_offsets, _to_tile
+from ._e8_triton import _fwht, _nearest_e8_codes, _part, _round_to, _saturate, _step_code, _tile_offsets, _to_tile
 from ._e8_triton import _pow2 as _pow2
 
 _INV_BETA = tl.constexpr(0.6666666865348816)  # float32(2/3), as lqlib.coding.nested.INV_BETA
@@ -57,6 +57,22 @@ def _words(c):
 
 
 @triton.jit
+def _choose(y):
+    """(c, B, 8) lattice units → (codes 2p (c, B, 8) inside the cube, flags (c, B) int32): the nearest
+    E8 point of y; of y·(2/3) where that leaves the cube (flag 1); of y·(2/3) clamped to [-7, 6.5]
+    where that leaves it too (computed only when some block of the part needs it)."""
+    first = _codes2p(y)
+    fits = _inside(first)
+    shrunk = y * _INV_BETA
+    second = _codes2p(shrunk)
+    fits2 = _inside(second)
+    if tl.max(tl.max((1 - fits) * (1 - fits2), axis=1), axis=0) != 0:  # rare: clamp into the safe box
+        third = _codes2p(tl.minimum(tl.maximum(shrunk, -7.0), 6.5))
+        second = tl.where(fits2[:, :, None] != 0, second, third)
+    return tl.where(fits[:, :, None] != 0, first, second), 1 - fits
+
+
+@triton.jit
 def nested_quantize_kernel(
     x_ptr,
     words_ptr,
@@ -77,6 +93,7 @@ def nested_quantize_kernel(
     FB: tl.constexpr,
     BLOCK_V: tl.constexpr,
     CHUNK_MAJOR: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
     """x (n_vectors, D) → words (n_vectors, D/8) int32, step codes (n_vectors,) int16, flags (n_vectors, FB) uint8."""
     C: tl.constexpr = D // 8
@@ -96,20 +113,15 @@ def nested_quantize_kernel(
     y = u * factor[None, :, None]
     y = tl.minimum(tl.maximum(y, -_LIMIT), _LIMIT)
 
-    first = _codes2p(y)
-    fits = _inside(first)
-    shrunk = y * _INV_BETA
-    second = _codes2p(shrunk)
-    fits2 = _inside(second)
-    if tl.max(tl.max((1 - fits) * (1 - fits2), axis=1), axis=0) != 0:  # rare: clamp into the safe box
-        third = _codes2p(tl.minimum(tl.maximum(shrunk, -7.0), 6.5))
-        second = tl.where(fits2[:, :, None] != 0, second, third)
-    codes = tl.where(fits[:, :, None] != 0, first, second)
-
-    block = tl.arange(0, C)
-    tl.store(words_ptr + rows.to(tl.int64)[None, :] * C + block[:, None], _words(codes), mask=row_ok[None, :])
+    bits = tl.zeros((BLOCK_V,), tl.int32)  # block j's scale flag at bit j
+    for j in tl.static_range(1 << SPLIT):  # a part of the tile at a time: fewer values live at once
+        yj = _part(y, j, SPLIT)
+        codes, flagged = _choose(yj)
+        part_blocks = j * (C >> SPLIT) + tl.arange(0, C >> SPLIT)
+        w_offs = rows.to(tl.int64)[None, :] * C + part_blocks[:, None]
+        tl.store(words_ptr + w_offs, _words(codes), mask=row_ok[None, :])
+        bits = bits | tl.xor_sum(flagged << part_blocks[:, None], axis=0)
     tl.store(steps_ptr + rows, k.to(steps_ptr.dtype.element_ty), mask=row_ok)
-    bits = tl.xor_sum((1 - fits) << block[:, None], axis=0)  # (B,): block j's flag at bit j
     for i in tl.static_range(FB):
         tl.store(flags_ptr + rows.to(tl.int64) * FB + i, ((bits >> (8 * i)) & 255).to(tl.uint8), mask=row_ok)
 
@@ -245,6 +257,171 @@ def _operand(w, flags, FAST_CVT: tl.constexpr):
 
 
 @triton.jit
+def _lanes(w, beta_on, FAST_CVT: tl.constexpr):
+    """Words (N, C) int32 and their blocks' flag bits (N, C) int32 (0/1) → the float16 operand β·2p as
+    eight (N, C) tensors, lane i holding coordinate i of every block. On the GPU one word takes 21
+    integer and 8 f16x2 instructions (no conversions): each nibble pair ``(n_i, n_{i+4})`` is masked,
+    shifted to bits 1..4 of two halves under the exponent of 1024 (float16 1024 + 2n, exact), minus
+    1040 − b (lane 7: 1040 + b − 2·par, the constants' bit patterns are 0x6410 ∓ …), times β; the
+    parity of nibbles 0..6 is bit 28 of ``(w & 0x01111111)·0x11111111``."""
+    if FAST_CVT:
+        c0, c1, c2, c3, c4, c5, c6, c7 = tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 t0, t1, t2, t3, b, x, p, m, m7, beta, lo;
+            shr.u32 b, $8, 28;
+            and.b32 b, b, 1;
+            and.b32 x, $8, 0x01111111;
+            mul.lo.u32 x, x, 0x11111111;
+            shr.u32 p, x, 28;
+            and.b32 p, p, 1;
+            mul.lo.u32 lo, b, 0x00010001;
+            mov.b32 m, 0x64106410;
+            sub.u32 m, m, lo;
+            sub.u32 x, b, p;
+            shl.b32 x, x, 17;
+            add.u32 m7, m, x;
+            mul.lo.u32 beta, $9, 0x02000200;
+            or.b32 beta, beta, 0x3C003C00;
+            shl.b32 t0, $8, 1;
+            lop3.b32 t0, t0, 0x001E001E, 0x64006400, 0xEA;
+            shr.u32 t1, $8, 3;
+            lop3.b32 t1, t1, 0x001E001E, 0x64006400, 0xEA;
+            shr.u32 t2, $8, 7;
+            lop3.b32 t2, t2, 0x001E001E, 0x64006400, 0xEA;
+            shr.u32 t3, $8, 11;
+            lop3.b32 t3, t3, 0x001E001E, 0x64006400, 0xEA;
+            sub.f16x2 t0, t0, m;
+            sub.f16x2 t1, t1, m;
+            sub.f16x2 t2, t2, m;
+            sub.f16x2 t3, t3, m7;
+            mul.f16x2 t0, t0, beta;
+            mul.f16x2 t1, t1, beta;
+            mul.f16x2 t2, t2, beta;
+            mul.f16x2 t3, t3, beta;
+            mov.b32 {$0, $4}, t0;
+            mov.b32 {$1, $5}, t1;
+            mov.b32 {$2, $6}, t2;
+            mov.b32 {$3, $7}, t3;
+            }""",
+            constraints="=h,=h,=h,=h,=h,=h,=h,=h,r,r",
+            args=[w, beta_on],
+            dtype=(tl.float16,) * 8,
+            is_pure=True,
+            pack=1,
+        )
+    else:
+        beta = tl.where(beta_on != 0, 1.5, 1.0)
+        b = (w >> 28) & 1
+        x = w & 0x01111111
+        x = x ^ (x >> 16)
+        x = x ^ (x >> 8)
+        x = x ^ (x >> 4)
+        par = x & 1
+        c0 = ((2 * (w & 15) - 16 + b).to(tl.float32) * beta).to(tl.float16)
+        c1 = ((2 * ((w >> 4) & 15) - 16 + b).to(tl.float32) * beta).to(tl.float16)
+        c2 = ((2 * ((w >> 8) & 15) - 16 + b).to(tl.float32) * beta).to(tl.float16)
+        c3 = ((2 * ((w >> 12) & 15) - 16 + b).to(tl.float32) * beta).to(tl.float16)
+        c4 = ((2 * ((w >> 16) & 15) - 16 + b).to(tl.float32) * beta).to(tl.float16)
+        c5 = ((2 * ((w >> 20) & 15) - 16 + b).to(tl.float32) * beta).to(tl.float16)
+        c6 = ((2 * ((w >> 24) & 15) - 16 + b).to(tl.float32) * beta).to(tl.float16)
+        c7 = ((2 * ((w >> 28) & 15) - 16 - b + 2 * par).to(tl.float32) * beta).to(tl.float16)
+    return c0, c1, c2, c3, c4, c5, c6, c7
+
+
+@triton.jit
+def _pair(a, b):
+    """Lanes i and i + 4, (N, C) each → (N, 2C): column 2j is block j's coordinate i, 2j + 1 its i + 4."""
+    return tl.reshape(tl.join(a, b), (a.shape[0], 2 * a.shape[1]))
+
+
+@triton.jit
+def _pair_columns(K: tl.constexpr, C: tl.constexpr):
+    """The coordinates (2C,) that pair K's columns hold: 8·(m // 2) + K + 4·(m % 2)."""
+    m = tl.arange(0, 2 * C)
+    return 8 * (m // 2) + K + 4 * (m % 2)
+
+
+@triton.jit
+def _tile_pairs(
+    q0,
+    q1,
+    q2,
+    q3,
+    factor,
+    m,
+    l,
+    a0,
+    a1,
+    a2,
+    a3,
+    kw_base,
+    vw_base,
+    ks_base,
+    vs_base,
+    kf_base,
+    vf_base,
+    tables_ptr,
+    s0,
+    end,
+    stride_kwn,
+    stride_vwn,
+    BLOCK_N: tl.constexpr,
+    C: tl.constexpr,
+    FB: tl.constexpr,
+    K_SHIFT: tl.constexpr,
+    V_SHIFT: tl.constexpr,
+    FAST_CVT: tl.constexpr,
+    MASKED: tl.constexpr,
+):
+    """:func:`_tile` with the operands split in four pairs of lanes (four dots of depth 2C for keys and
+    for values, no reshaping of the decoded words into one (N, D) operand)."""
+    tok = s0 + tl.arange(0, BLOCK_N)
+    blocks = tl.arange(0, C)
+    k_ptrs = kw_base + tok[:, None].to(tl.int64) * stride_kwn + blocks[None, :]
+    v_ptrs = vw_base + tok[:, None].to(tl.int64) * stride_vwn + blocks[None, :]
+    if MASKED:
+        valid = tok < end
+        kw = tl.load(k_ptrs, mask=valid[:, None], other=0)
+        vw = tl.load(v_ptrs, mask=valid[:, None], other=0)
+        k_steps = tl.load(ks_base + tok, mask=valid, other=0).to(tl.int32)
+        v_steps = tl.load(vs_base + tok, mask=valid, other=0).to(tl.int32)
+    else:
+        valid = tok >= 0
+        kw = tl.load(k_ptrs)
+        vw = tl.load(v_ptrs)
+        k_steps = tl.load(ks_base + tok).to(tl.int32)
+        v_steps = tl.load(vs_base + tok).to(tl.int32)
+    kf = (_flag_bits(kf_base, tok, valid, FB)[:, None] >> blocks[None, :]) & 1
+    vf = (_flag_bits(vf_base, tok, valid, FB)[:, None] >> blocks[None, :]) & 1
+    fk = _step_factors(k_steps, tables_ptr, K_SHIFT) * factor
+    fv = _step_factors(v_steps, tables_ptr, V_SHIFT)
+    if MASKED:
+        fv = tl.where(valid, fv, 0.0)
+
+    k0, k1, k2, k3, k4, k5, k6, k7 = _lanes(kw, kf, FAST_CVT)
+    s = tl.dot(q0, tl.trans(_pair(k0, k4)))
+    s = tl.dot(q1, tl.trans(_pair(k1, k5)), s)
+    s = tl.dot(q2, tl.trans(_pair(k2, k6)), s)
+    s = tl.dot(q3, tl.trans(_pair(k3, k7)), s)
+    s = s * fk[None, :]
+    if MASKED:
+        s = tl.where(valid[None, :], s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, axis=1))
+    alpha = tl.exp2(m - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l = l * alpha + tl.sum(p, axis=1)
+    fv_max = tl.max(fv, axis=0)
+    fv_max = tl.where(fv_max > 0, fv_max, 1.0)
+    pn = (p * (fv * (1.0 / fv_max))[None, :]).to(tl.float16)  # p·f/max f, at most 1
+    v0, v1, v2, v3, v4, v5, v6, v7 = _lanes(vw, vf, FAST_CVT)
+    a0 = a0 * alpha[:, None] + tl.dot(pn, _pair(v0, v4)) * fv_max
+    a1 = a1 * alpha[:, None] + tl.dot(pn, _pair(v1, v5)) * fv_max
+    a2 = a2 * alpha[:, None] + tl.dot(pn, _pair(v2, v6)) * fv_max
+    a3 = a3 * alpha[:, None] + tl.dot(pn, _pair(v3, v7)) * fv_max
+    return m_new, l, a0, a1, a2, a3
+
+
+@triton.jit
 def _tile(
     qn,
     factor,
@@ -310,6 +487,150 @@ def _tile(
 
 
 @triton.jit
+def _pair_query(
+    qn,
+    a,
+    had_ptr,
+    q_ptr,
+    scales_ptr,
+    b,
+    h,
+    stride_qb,
+    stride_qh,
+    rows,
+    row_ok,
+    K: tl.constexpr,
+    G: tl.constexpr,
+    D: tl.constexpr,
+    K_RHT: tl.constexpr,
+    HAS_SCALES: tl.constexpr,
+):
+    """Pair K's columns (:func:`_pair_columns`) of the query times the key scales, rotated if K_RHT:
+    (BLOCK_G, 2C) float32."""
+    cols = _pair_columns(K, D // 8)
+    if K_RHT:
+        dims = tl.arange(0, D)
+        had = tl.load(had_ptr + dims[:, None] * D + cols[None, :])
+        return tl.dot(qn, had) * a[:, None]
+    else:
+        v = tl.load(
+            q_ptr + b * stride_qb + (h * G + rows)[:, None] * stride_qh + cols[None, :], mask=row_ok[:, None], other=0.0
+        ).to(tl.float32)
+        if HAS_SCALES:
+            v = v * tl.load(scales_ptr + h * D + cols)[None, :]
+        return v
+
+
+@triton.jit
+def _pair_queries(
+    q_ptr,
+    scales_ptr,
+    k_signs_ptr,
+    had_ptr,
+    b,
+    h,
+    stride_qb,
+    stride_qh,
+    G: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    D: tl.constexpr,
+    K_RHT: tl.constexpr,
+    HAS_SCALES: tl.constexpr,
+):
+    """The group's queries times the key scales (times the signs and rotated, if K_RHT) as four pairs
+    of lanes (BLOCK_G, 2C) float16, divided by their common largest |value|; and that value."""
+    rows = tl.arange(0, BLOCK_G)
+    row_ok = rows < G
+    dims = tl.arange(0, D)
+    a = tl.full((BLOCK_G,), 1.0, tl.float32)
+    qn = tl.zeros((BLOCK_G, D), tl.float16)
+    if K_RHT:
+        q = tl.load(
+            q_ptr + b * stride_qb + (h * G + rows)[:, None] * stride_qh + dims[None, :], mask=row_ok[:, None], other=0.0
+        ).to(tl.float32)
+        if HAS_SCALES:
+            q = q * tl.load(scales_ptr + h * D + dims)[None, :]
+        q = q * tl.load(k_signs_ptr + dims)[None, :]
+        a = _row_max_abs(q)
+        qn = (q / a[:, None]).to(tl.float16)
+    p0 = _pair_query(
+        qn, a, had_ptr, q_ptr, scales_ptr, b, h, stride_qb, stride_qh, rows, row_ok, 0, G, D, K_RHT, HAS_SCALES
+    )
+    p1 = _pair_query(
+        qn, a, had_ptr, q_ptr, scales_ptr, b, h, stride_qb, stride_qh, rows, row_ok, 1, G, D, K_RHT, HAS_SCALES
+    )
+    p2 = _pair_query(
+        qn, a, had_ptr, q_ptr, scales_ptr, b, h, stride_qb, stride_qh, rows, row_ok, 2, G, D, K_RHT, HAS_SCALES
+    )
+    p3 = _pair_query(
+        qn, a, had_ptr, q_ptr, scales_ptr, b, h, stride_qb, stride_qh, rows, row_ok, 3, G, D, K_RHT, HAS_SCALES
+    )
+    top = tl.maximum(tl.maximum(_row_max_abs(p0), _row_max_abs(p1)), tl.maximum(_row_max_abs(p2), _row_max_abs(p3)))
+    q_max = tl.max(top, axis=0)  # one scale for the group: it folds into the step factors
+    return (
+        (p0 / q_max).to(tl.float16),
+        (p1 / q_max).to(tl.float16),
+        (p2 / q_max).to(tl.float16),
+        (p3 / q_max).to(tl.float16),
+        q_max,
+    )
+
+
+@triton.jit
+def _unrotate_pair(acc, a, had_ptr, K: tl.constexpr, D: tl.constexpr):
+    """Pair K's share of ``acc·H`` (BLOCK_G, D): its columns' rows of H, in float16 high and low parts."""
+    an = acc / a[:, None]
+    hi = an.to(tl.float16)
+    lo = (an - hi.to(tl.float32)).to(tl.float16)
+    cols = _pair_columns(K, D // 8)
+    dims = tl.arange(0, D)
+    had = tl.load(had_ptr + cols[:, None] * D + dims[None, :])
+    return tl.dot(hi, had) + tl.dot(lo, had)
+
+
+@triton.jit
+def _store_pairs(
+    acc_ptr,
+    ml_ptr,
+    v_signs_ptr,
+    had_ptr,
+    a0,
+    a1,
+    a2,
+    a3,
+    m,
+    l,
+    pid,
+    split,
+    n_splits,
+    G: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    D: tl.constexpr,
+    V_RHT: tl.constexpr,
+):
+    """Write a program's partial (acc in the original coordinates, m, l) from the four pairs' sums."""
+    rows = tl.arange(0, BLOCK_G)
+    row_ok = rows < G
+    out_rows = (pid * G + rows).to(tl.int64)
+    base = acc_ptr + (out_rows[:, None] * n_splits + split) * D
+    if V_RHT:
+        a = tl.maximum(tl.maximum(_row_max_abs(a0), _row_max_abs(a1)), tl.maximum(_row_max_abs(a2), _row_max_abs(a3)))
+        acc = _unrotate_pair(a0, a, had_ptr, 0, D) + _unrotate_pair(a1, a, had_ptr, 1, D)
+        acc = acc + _unrotate_pair(a2, a, had_ptr, 2, D) + _unrotate_pair(a3, a, had_ptr, 3, D)
+        dims = tl.arange(0, D)
+        acc = acc * a[:, None] * tl.load(v_signs_ptr + dims)[None, :]
+        tl.store(base + dims[None, :], acc, mask=row_ok[:, None])
+    else:
+        C: tl.constexpr = D // 8
+        tl.store(base + _pair_columns(0, C)[None, :], a0, mask=row_ok[:, None])
+        tl.store(base + _pair_columns(1, C)[None, :], a1, mask=row_ok[:, None])
+        tl.store(base + _pair_columns(2, C)[None, :], a2, mask=row_ok[:, None])
+        tl.store(base + _pair_columns(3, C)[None, :], a3, mask=row_ok[:, None])
+    tl.store(ml_ptr + (out_rows * 2) * n_splits + split, m, mask=row_ok)
+    tl.store(ml_ptr + (out_rows * 2 + 1) * n_splits + split, l, mask=row_ok)
+
+
+@triton.jit
 def nested_attention_kernel(
     q_ptr,
     kw_ptr,
@@ -358,6 +679,7 @@ def nested_attention_kernel(
     HAS_SCALES: tl.constexpr,
     HAS_LENGTHS: tl.constexpr,
     FAST_CVT: tl.constexpr,
+    PAIRS: tl.constexpr,
 ):
     """Partial attention of one (batch row, KV head) over one range of tokens.
 
@@ -377,94 +699,174 @@ def nested_attention_kernel(
     end = tl.minimum(start + per_split, n)
 
     C: tl.constexpr = D // 8
-    rows = tl.arange(0, BLOCK_G)
-    row_ok = rows < G
-    dims = tl.arange(0, D)
-    q = tl.load(
-        q_ptr + b * stride_qb + (h * G + rows)[:, None] * stride_qh + dims[None, :], mask=row_ok[:, None], other=0.0
-    ).to(tl.float32)
-    if HAS_SCALES:
-        q = q * tl.load(scales_ptr + h * D + dims)[None, :]
-    if K_RHT:
-        q = q * tl.load(k_signs_ptr + dims)[None, :]
-        a = _row_max_abs(q)
-        had = tl.load(had_ptr + dims[:, None] * D + dims[None, :])
-        q = tl.dot((q / a[:, None]).to(tl.float16), had) * a[:, None]
-    q_max = tl.max(_row_max_abs(q), axis=0)  # one scale for the group: it folds into the step factors
-    qn = (q / q_max).to(tl.float16)
-    factor = q_max * qk_scale  # scores = (qn · β·2p) · factor · f(k)
-
-    m = tl.full((BLOCK_G,), float("-inf"), tl.float32)
-    l = tl.zeros((BLOCK_G,), tl.float32)
-    acc = tl.zeros((BLOCK_G, D), tl.float32)
     kw_base = kw_ptr + b.to(tl.int64) * stride_kwb + h.to(tl.int64) * stride_kwh
     vw_base = vw_ptr + b.to(tl.int64) * stride_vwb + h.to(tl.int64) * stride_vwh
     ks_base = ks_ptr + b.to(tl.int64) * stride_ksb + h.to(tl.int64) * stride_ksh
     vs_base = vs_ptr + b.to(tl.int64) * stride_vsb + h.to(tl.int64) * stride_vsh
     kf_base = kf_ptr + b.to(tl.int64) * stride_kfb + h.to(tl.int64) * stride_kfh
     vf_base = vf_ptr + b.to(tl.int64) * stride_vfb + h.to(tl.int64) * stride_vfh
-    full_end = start + tl.maximum(end - start, 0) // BLOCK_N * BLOCK_N
-    for s0 in range(start, full_end, BLOCK_N):  # whole tiles, no masks
-        m, l, acc = _tile(
-            qn,
-            factor,
-            m,
-            l,
-            acc,
-            kw_base,
-            vw_base,
-            ks_base,
-            vs_base,
-            kf_base,
-            vf_base,
-            tables_ptr,
-            s0,
-            end,
-            stride_kwn,
-            stride_vwn,
-            BLOCK_N,
-            C,
-            FB,
-            K_SHIFT,
-            V_SHIFT,
-            FAST_CVT,
-            False,
+    if PAIRS:  # four dots of depth 2C per operand (D >= 64)
+        q0, q1, q2, q3, q_max = _pair_queries(
+            q_ptr, scales_ptr, k_signs_ptr, had_ptr, b, h, stride_qb, stride_qh, G, BLOCK_G, D, K_RHT, HAS_SCALES
         )
-    if full_end < end:  # the last, partial tile
-        m, l, acc = _tile(
-            qn,
-            factor,
-            m,
-            l,
-            acc,
-            kw_base,
-            vw_base,
-            ks_base,
-            vs_base,
-            kf_base,
-            vf_base,
-            tables_ptr,
-            full_end,
-            end,
-            stride_kwn,
-            stride_vwn,
-            BLOCK_N,
-            C,
-            FB,
-            K_SHIFT,
-            V_SHIFT,
-            FAST_CVT,
-            True,
+        factor = q_max * qk_scale  # scores = (qn · β·2p) · factor · f(k)
+        m = tl.full((BLOCK_G,), float("-inf"), tl.float32)
+        l = tl.zeros((BLOCK_G,), tl.float32)
+        a0 = tl.zeros((BLOCK_G, 2 * C), tl.float32)
+        a1 = tl.zeros((BLOCK_G, 2 * C), tl.float32)
+        a2 = tl.zeros((BLOCK_G, 2 * C), tl.float32)
+        a3 = tl.zeros((BLOCK_G, 2 * C), tl.float32)
+        full_end = start + tl.maximum(end - start, 0) // BLOCK_N * BLOCK_N
+        for s0 in range(start, full_end, BLOCK_N):  # whole tiles, no masks
+            m, l, a0, a1, a2, a3 = _tile_pairs(
+                q0,
+                q1,
+                q2,
+                q3,
+                factor,
+                m,
+                l,
+                a0,
+                a1,
+                a2,
+                a3,
+                kw_base,
+                vw_base,
+                ks_base,
+                vs_base,
+                kf_base,
+                vf_base,
+                tables_ptr,
+                s0,
+                end,
+                stride_kwn,
+                stride_vwn,
+                BLOCK_N,
+                C,
+                FB,
+                K_SHIFT,
+                V_SHIFT,
+                FAST_CVT,
+                False,
+            )
+        if full_end < end:  # the last, partial tile
+            m, l, a0, a1, a2, a3 = _tile_pairs(
+                q0,
+                q1,
+                q2,
+                q3,
+                factor,
+                m,
+                l,
+                a0,
+                a1,
+                a2,
+                a3,
+                kw_base,
+                vw_base,
+                ks_base,
+                vs_base,
+                kf_base,
+                vf_base,
+                tables_ptr,
+                full_end,
+                end,
+                stride_kwn,
+                stride_vwn,
+                BLOCK_N,
+                C,
+                FB,
+                K_SHIFT,
+                V_SHIFT,
+                FAST_CVT,
+                True,
+            )
+        _store_pairs(
+            acc_ptr, ml_ptr, v_signs_ptr, had_ptr, a0, a1, a2, a3, m, l, pid, split, n_splits, G, BLOCK_G, D, V_RHT
         )
+    else:  # one dot of depth D per operand
+        rows = tl.arange(0, BLOCK_G)
+        row_ok = rows < G
+        dims = tl.arange(0, D)
+        q = tl.load(
+            q_ptr + b * stride_qb + (h * G + rows)[:, None] * stride_qh + dims[None, :], mask=row_ok[:, None], other=0.0
+        ).to(tl.float32)
+        if HAS_SCALES:
+            q = q * tl.load(scales_ptr + h * D + dims)[None, :]
+        if K_RHT:
+            q = q * tl.load(k_signs_ptr + dims)[None, :]
+            a = _row_max_abs(q)
+            had = tl.load(had_ptr + dims[:, None] * D + dims[None, :])
+            q = tl.dot((q / a[:, None]).to(tl.float16), had) * a[:, None]
+        q_max = tl.max(_row_max_abs(q), axis=0)  # one scale for the group: it folds into the step factors
+        qn = (q / q_max).to(tl.float16)
+        factor = q_max * qk_scale  # scores = (qn · β·2p) · factor · f(k)
 
-    if V_RHT:
-        a = _row_max_abs(acc)
-        an = acc / a[:, None]
-        hi = an.to(tl.float16)
-        lo = (an - hi.to(tl.float32)).to(tl.float16)
-        had = tl.load(had_ptr + dims[:, None] * D + dims[None, :])
-        acc = (tl.dot(hi, had) + tl.dot(lo, had)) * a[:, None] * tl.load(v_signs_ptr + dims)[None, :]
-    out_rows = (pid * G + rows).to(tl.int64)
-    tl.store(acc_ptr + (out_rows[:, None] * n_splits + split) * D + dims[None, :], acc, mask=row_ok[:, None])
-    tl.store(ml_ptr + (out_rows * 2) * n_splits + split, m, mask=row_ok)
-    tl.store(ml_ptr + (out_rows * 2 + 1) * n_splits + split, l, mask=row_ok)
+        m = tl.full((BLOCK_G,), float("-inf"), tl.float32)
+        l = tl.zeros((BLOCK_G,), tl.float32)
+        acc = tl.zeros((BLOCK_G, D), tl.float32)
+        full_end = start + tl.maximum(end - start, 0) // BLOCK_N * BLOCK_N
+        for s0 in range(start, full_end, BLOCK_N):  # whole tiles, no masks
+            m, l, acc = _tile(
+                qn,
+                factor,
+                m,
+                l,
+                acc,
+                kw_base,
+                vw_base,
+                ks_base,
+                vs_base,
+                kf_base,
+                vf_base,
+                tables_ptr,
+                s0,
+                end,
+                stride_kwn,
+                stride_vwn,
+                BLOCK_N,
+                C,
+                FB,
+                K_SHIFT,
+                V_SHIFT,
+                FAST_CVT,
+                False,
+            )
+        if full_end < end:  # the last, partial tile
+            m, l, acc = _tile(
+                qn,
+                factor,
+                m,
+                l,
+                acc,
+                kw_base,
+                vw_base,
+                ks_base,
+                vs_base,
+                kf_base,
+                vf_base,
+                tables_ptr,
+                full_end,
+                end,
+                stride_kwn,
+                stride_vwn,
+                BLOCK_N,
+                C,
+                FB,
+                K_SHIFT,
+                V_SHIFT,
+                FAST_CVT,
+                True,
+            )
+
+        if V_RHT:
+            a = _row_max_abs(acc)
+            an = acc / a[:, None]
+            hi = an.to(tl.float16)
+            lo = (an - hi.to(tl.float32)).to(tl.float16)
+            had = tl.load(had_ptr + dims[:, None] * D + dims[None, :])
+            acc = (tl.dot(hi, had) + tl.dot(lo, had)) * a[:, None] * tl.load(v_signs_ptr + dims)[None, :]
+        out_rows = (pid * G + rows).to(tl.int64)
+        tl.store(acc_ptr + (out_rows[:, None] * n_splits + split) * D + dims[None, :], acc, mask=row_ok[:, None])
+        tl.store(ml_ptr + (out_rows * 2) * n_splits + split, m, mask=row_ok)
+        tl.store(ml_ptr + (out_rows * 2 + 1) * n_splits + split, l, mask=row_ok)

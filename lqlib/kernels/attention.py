@@ -53,13 +53,22 @@ class AttentionConfig:
     """Launch parameters of the split-K kernel (they change the speed, not the result beyond rounding).
 
     block_n: tokens per tile (a power of two, >= 16); num_warps, num_stages: Triton's;
-    splits: programs per (batch row, KV head) along the sequence (None: from the SM count).
+    splits: programs per (batch row, KV head) along the sequence (None: from the SM count);
+    maxnreg: a cap on registers per thread (None: the compiler's choice; the nested kernel only),
+    which lets more programs reside on an SM (their number sizes the default splits).
     """
 
     block_n: int = 256
     num_warps: int = 4
     num_stages: int = 2
     splits: int | None = None
+    maxnreg: int | None = None
+
+    def resident_per_sm(self) -> int:
+        """Programs an SM holds at once, as far as registers go (2 without a cap: ~255 registers)."""
+        if self.maxnreg is None:
+            return 2
+        return max(2, 65536 // (self.maxnreg * 32 * self.num_warps))
 
 
 def _validate(
@@ -179,12 +188,14 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNT[device]
 
 
-def choose_splits(batch_heads: int, tokens: int, block_n: int, device: torch.device) -> tuple[int, int]:
-    """(splits, tokens per split): about one wave of programs (B·Hkv per split; two resident per SM
-    with the default launch, 255 registers and 2 × 64 KB of shared memory each), each with at least
-    two tiles, at most ``MAX_SPLITS``. One wave measured best on an H200 (a partial second wave
-    costs a whole tile loop: 0.79 ms → 0.57 ms at batch 8, 128K)."""
-    slots = 2 * _sm_count(device)
+def choose_splits(
+    batch_heads: int, tokens: int, block_n: int, device: torch.device, per_sm: int = 2
+) -> tuple[int, int]:
+    """(splits, tokens per split): about one wave of programs (B·Hkv per split; ``per_sm`` resident
+    per SM: two with the default launch, 255 registers and 2 × 64 KB of shared memory each), each with
+    at least two tiles, at most ``MAX_SPLITS``. One wave measured best on an H200 (a partial second
+    wave costs a whole tile loop: 0.79 ms → 0.57 ms at batch 8, 128K)."""
+    slots = per_sm * _sm_count(device)
     splits = max(1, min(MAX_SPLITS, round(slots / batch_heads), triton_cdiv(tokens, 2 * block_n)))
     per_split = triton_cdiv(triton_cdiv(tokens, splits), block_n) * block_n
     return triton_cdiv(tokens, per_split), per_split

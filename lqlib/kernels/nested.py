@@ -32,11 +32,21 @@ __all__ = [
     "reference_decode_attention",
     "QUERY_DTYPES",
     "MAX_DIM",
+    "NESTED_CONFIG",
+    "QUANTIZE_SPLIT",
 ]
 
 QUERY_DTYPES = (torch.float16, torch.bfloat16)
 MAX_DIM = 256  # flag bits of a vector fit one int32
 MAX_SPLITS = 128
+NESTED_CONFIG = AttentionConfig(block_n=128, num_warps=4, num_stages=3)
+"""Default launch of :func:`decode_attention`: the fastest of eight launches at 32K and 128K tokens,
+batch 1 and 8 (H100, 2026-12-06, results/gpu_nested_*.json), with the operands in pairs of lanes."""
+QUANTIZE_SPLIT = 3
+"""Halvings of a quantize tile whose parts the E8 stage takes in turn: three roundings per block of a
+whole tile (128 values a thread at d = 128) spilled registers to local memory (ptxas: a 10 KB stack);
+with 2^3 or 2^4 parts few or none do (Triton 3.9, sm_90), and 2^3 ran fastest on an H100 (5.3 times the
+whole tile's speed, 2026-12-06)."""
 FAST_CVT_ON_CUDA = True
 """Whether :func:`decode_attention` decodes words with inline PTX on CUDA when ``fast_cvt`` is not given
 (a benchmark that finds the PTX path failing on its card turns this off and records it)."""
@@ -64,10 +74,18 @@ def _shift(codec: NestedE8Codec, dim: int) -> int:
 
 
 def quantize(
-    codec: NestedE8Codec, x: Tensor, *, block_v: int | None = None, num_warps: int | None = None
+    codec: NestedE8Codec,
+    x: Tensor,
+    *,
+    block_v: int | None = None,
+    num_warps: int | None = None,
+    split: int | None = None,
+    maxnreg: int | None = None,
 ) -> NestedCodes:
     """Kernel: ``x`` (..., d) float16/bfloat16/float32, finite (not checked: no host synchronisation)
-    → :class:`~lqlib.coding.nested.NestedCodes`. ``block_v``/``num_warps`` change the speed only."""
+    → :class:`~lqlib.coding.nested.NestedCodes`. ``block_v``/``num_warps`` and ``split`` (the E8 stage
+    runs on 2^split parts of a tile in turn, default :data:`QUANTIZE_SPLIT`) and ``maxnreg`` (a cap on
+    registers per thread) change the speed only."""
     if not isinstance(x, Tensor) or x.dtype not in KERNEL_DTYPES or x.dim() == 0:
         raise InputError(f"expected a (..., d) tensor of one of {KERNEL_DTYPES}, got {getattr(x, 'dtype', type(x))}")
     d = x.shape[-1]
@@ -101,8 +119,10 @@ def quantize(
             FB=fb,
             BLOCK_V=bv,
             CHUNK_MAJOR=cm,
+            SPLIT=min(QUANTIZE_SPLIT if split is None else int(split), (d // 8).bit_length() - 1),
             num_warps=warps,
             enable_fp_fusion=False,
+            **({} if maxnreg is None else {"maxnreg": maxnreg}),
         )
     lead = x.shape[:-1]
     return NestedCodes(words.reshape(*lead, d // 8), steps.reshape(lead), flags.reshape(*lead, fb))
@@ -244,6 +264,7 @@ def decode_attention(
     sm_scale: float | None = None,
     config: AttentionConfig | None = None,
     fast_cvt: bool | None = None,
+    pairs: bool | None = None,
 ) -> Tensor:
     """Fused decode attention on a nested-format cache (Triton; CUDA, or CPU under ``TRITON_INTERPRET=1``).
 
@@ -258,9 +279,12 @@ def decode_attention(
     k_codec, v_codec : the formats that wrote the keys and values (their RHT signs).
     key_scales : optional (Hkv, d) per-channel scales the keys were divided by before coding.
     sm_scale : softmax scale (default 1/sqrt(d)).
-    config : launch parameters (default :class:`lqlib.kernels.attention.AttentionConfig`).
+    config : launch parameters (default :data:`NESTED_CONFIG`).
     fast_cvt : decode the words with inline PTX (``lop3``/``f16x2``; default: on CUDA) or with plain
         integer operations and conversions (the interpreter's path; same values, slower on a GPU).
+    pairs : feed the tensor cores four operands of depth d/4, each a pair of lanes of the blocks
+        (default, needs d >= 64), or one operand of depth d assembled from all eight lanes (the
+        earlier kernel; d of 16 and 32 use it). Same values up to float32 summation order.
 
     Returns
     -------
@@ -270,7 +294,10 @@ def decode_attention(
     kernels = _kernels()
     from . import _attention_triton
 
-    cfg = config or AttentionConfig()
+    cfg = config or NESTED_CONFIG
+    use_pairs = d >= 64 if pairs is None else bool(pairs)
+    if use_pairs and d < 64:
+        raise InputError(f"pairs of lanes need head_dim >= 64 (depth d/4 >= 16), got {d}")
     if cfg.block_n < 16 or cfg.block_n & (cfg.block_n - 1):
         raise InputError(f"block_n must be a power of two >= 16, got {cfg.block_n}")
     dev = q.device
@@ -282,7 +309,7 @@ def decode_attention(
         per_split = triton_cdiv(triton_cdiv(tokens, min(cfg.splits, MAX_SPLITS)), cfg.block_n) * cfg.block_n
         splits = triton_cdiv(tokens, per_split)
     else:
-        splits, per_split = choose_splits(b * hkv, tokens, cfg.block_n, dev)
+        splits, per_split = choose_splits(b * hkv, tokens, cfg.block_n, dev, cfg.resident_per_sm())
     q = q.contiguous()
     part_acc = torch.empty((b * hq, splits, d), dtype=torch.float32, device=dev)
     part_ml = torch.empty((b * hq, 2, splits), dtype=torch.float32, device=dev)
@@ -342,8 +369,10 @@ def decode_attention(
         HAS_SCALES=key_scales is not None,
         HAS_LENGTHS=isinstance(length, Tensor),
         FAST_CVT=(dev.type == "cuda" and FAST_CVT_ON_CUDA) if fast_cvt is None else bool(fast_cvt),
+        PAIRS=use_pairs,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
+        **({} if cfg.maxnreg is None else {"maxnreg": cfg.maxnreg}),
     )
     block_d = min(d, 32)
     _attention_triton.combine_splits_kernel[(b * hq, d // block_d)](
