@@ -362,6 +362,14 @@ def test_recorded_gpu_runs_read_for_the_book():
         assert math.isclose(r["nested_speedup"], r["sdpa_ms"] / r["nested_ms"], rel_tol=1e-9)
         assert r["met"] == (r["nested_speedup"] >= 2.5)
     assert all(r["fp16_split_k_ms"] > 0 and r["nested_launch"] for r in attention)
+    gains = g.nested_layout_gain(kernels)
+    assert {(r["batch"], r["context"]) for r in gains} == {(r["batch"], r["context"]) for r in attention}
+    for r in gains:
+        timed = [x for x in kernels[-1]["attention"] if (x["batch"], x["context"]) == (r["batch"], r["context"])]
+        assert r["pairs_ms"] == min(
+            x["median_ms"] for x in timed if x["method"].startswith("nested fused") and " pairs" in x["method"]
+        )
+        assert math.isclose(r["gain"], r["joined_ms"] / r["pairs_ms"])
     rows = g.nested_decode_rows(decode)
     nested = [r for r in rows if r["cache"] == "nested_graph"]
     assert nested and all(3.7 <= r["kv_ratio_vs_fp16"] <= 16 / bits_per_dim(128) + 1e-3 for r in nested)

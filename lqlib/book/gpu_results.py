@@ -25,6 +25,7 @@ __all__ = [
     "nested_runs",
     "nested_kernel_rows",
     "nested_attention_rows",
+    "nested_layout_gain",
     "nested_decode_rows",
     "fair_decode_runs",
     "FP16_GRAPH_CACHES",
@@ -319,4 +320,39 @@ def nested_decode_summary(rows: list[dict]) -> list[dict]:
             row["nested_floor_ms"] = r["floor_ms"]
             row["nested_vs_fp16"] = r["vs_fp16"]
             row["kv_ratio_vs_fp16"] = r["kv_ratio_vs_fp16"]
-    return list(out.values())
+    caches = {r["cache"] for r in rows} | {*FP16_GRAPH_CACHES, "dynamic_eager", "int8_graph", "nested_graph"}
+    keys = {f"{c}_ms" for c in caches} | {"baseline", "fp16_ms", "fp16_floor_ms", "nested_floor_ms"}
+    keys |= {"nested_vs_fp16", "kv_ratio_vs_fp16"}
+    return [{**dict.fromkeys(sorted(keys)), **row} for row in out.values()]  # None: not timed in that run
+
+
+def nested_layout_gain(runs: list[dict]) -> list[dict]:
+    """Per (card, batch, context) of the runs that timed both operand layouts of the nested attention
+    kernel: the fastest launch with one operand of depth d assembled from all eight lanes
+    (``joined``), the fastest with four operands of pairs of lanes (``pairs``), and joined ÷ pairs."""
+    out = []
+    for run in runs:
+        shapes = sorted({(r["batch"], r["context"]) for r in run.get("attention", []) if "median_ms" in r})
+        for b, n in shapes:
+            rows = [r for r in run["attention"] if (r["batch"], r["context"]) == (b, n) and "median_ms" in r]
+            best = {}
+            for layout in ("joined", "pairs"):
+                times = [
+                    r["median_ms"]
+                    for r in rows
+                    if r["method"].startswith("nested fused ") and f" {layout}" in r["method"]
+                ]
+                if times:
+                    best[layout] = min(times)
+            if len(best) == 2:
+                out.append(
+                    {
+                        "card": card_label(run),
+                        "batch": b,
+                        "context": n,
+                        "joined_ms": best["joined"],
+                        "pairs_ms": best["pairs"],
+                        "gain": best["joined"] / best["pairs"],
+                    }
+                )
+    return out

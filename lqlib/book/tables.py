@@ -15,6 +15,8 @@ def _escape(text: str) -> str:
 
 
 def _cell(value: object, digits: int) -> str:
+    if value is None:  # not measured
+        return "—"
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, float):
