@@ -73,7 +73,6 @@ ATTENTION_CONFIGS = [
     (128, 4, 3, True, 168),
     (64, 4, 3, True, 128),
     (64, 2, 3, True, 128),
-    (32, 2, 3, True, 128),
     (128, 4, 2, False),
 ]
 """(block_n, warps, stages, pairs[, maxnreg]); the first is the default, the last the earlier one-operand

@@ -107,5 +107,9 @@ def test_split_k_baseline_in_a_model_gives_sdpa_logits(monkeypatch):
         logits[impl] = torch.stack(steps)
     a, b = logits.values()
     assert torch.allclose(a, b, atol=2e-2, rtol=0) and a.abs().max() > 0.1, (a - b).abs().max()
-    # the kernel served every decode step of both layers, with the lengths the mask allows (10 .. 13)
-    assert len(calls) == 2 * 4 and [int(c[0]) for c in calls[::2]] == [10, 11, 12, 13]
+    # the kernel served every decode step of both layers, with the lengths the mask allows (10 .. 13);
+    # on CUDA the steps after the recorded one replay its graph without calling Python
+    if DEVICE == "cpu":
+        assert len(calls) == 2 * 4 and [int(c[0]) for c in calls[::2]] == [10, 11, 12, 13]
+    else:
+        assert len(calls) >= 2 * 2 and int(calls[0][0]) == 10

@@ -180,10 +180,18 @@ def test_kernels_are_the_cpu_reference_bit_for_bit(rotation):
 @needs_kernels
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "d, rotation, pairs, with_scales",
-    [(64, "rht", True, True), (64, "rht", False, True), (128, "none", True, False), (32, "rht", False, False)],
+    "d, rotation, pairs, with_scales, block_n",
+    [
+        (64, "rht", None, True, 16),
+        (64, "rht", False, True, 64),
+        (128, "rht", True, True, 64),
+        (128, "none", None, False, 64),
+        (32, "rht", False, False, 16),
+    ],
 )
-def test_fused_attention_matches_the_reference(d, rotation, pairs, with_scales):
+def test_fused_attention_matches_the_reference(d, rotation, pairs, with_scales, block_n):
+    """Both operand layouts (the library's choice where ``pairs`` is None) against the reference; on the
+    GPU the default decoding (inline PTX from 64 tokens a tile), on the CPU the interpreter's."""
     from lqlib.kernels import nested as kn
     from lqlib.kernels.attention import AttentionConfig
 
@@ -195,7 +203,7 @@ def test_fused_attention_matches_the_reference(d, rotation, pairs, with_scales):
     keys, values = kn.quantize(kc, (k / scales[:, None]).to(DEVICE)), kn.quantize(vc, v.to(DEVICE))
     q = torch.randn(b, hq, d, generator=gen).half().to(DEVICE)
     lengths = torch.tensor([n, 29], device=DEVICE)
-    cfg = AttentionConfig(block_n=16, splits=2)
+    cfg = AttentionConfig(block_n=block_n, splits=2)
     key_scales = scales.to(DEVICE) if with_scales else None
     got = kn.decode_attention(q, keys, values, lengths, kc, vc, key_scales=key_scales, config=cfg, pairs=pairs)
     ref = kn.reference_decode_attention(q, keys, values, lengths, kc, vc, key_scales=key_scales)
@@ -210,9 +218,12 @@ def test_fused_attention_matches_the_reference(d, rotation, pairs, with_scales):
         kn.decode_attention(q, keys, values, n + 1, kc, vc)
     with pytest.raises(lqlib.InputError, match="NestedE8Codec"):
         kn.decode_attention(q, keys, values, n, lqlib.E8Codec(4.0), vc)
-    if d < 64:
+    if d < 64 or (DEVICE == "cuda" and d < kn.PAIRS_MIN_DIM):
         with pytest.raises(lqlib.InputError, match="pairs"):
             kn.decode_attention(q, keys, values, n, kc, vc, pairs=True)
+    if DEVICE == "cuda":  # the GPU-only decoding refuses the tiles it got wrong on an H100
+        with pytest.raises(lqlib.InputError, match="block_n"):
+            kn.decode_attention(q, keys, values, n, kc, vc, config=AttentionConfig(block_n=16), fast_cvt=True)
 
 
 # ---------------------------------------------------------------------------------------------- device cache

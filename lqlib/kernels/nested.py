@@ -34,6 +34,8 @@ __all__ = [
     "MAX_DIM",
     "NESTED_CONFIG",
     "QUANTIZE_SPLIT",
+    "GPU_MIN_BLOCK_N",
+    "PAIRS_MIN_DIM",
 ]
 
 QUERY_DTYPES = (torch.float16, torch.bfloat16)
@@ -42,6 +44,14 @@ MAX_SPLITS = 128
 NESTED_CONFIG = AttentionConfig(block_n=128, num_warps=4, num_stages=3)
 """Default launch of :func:`decode_attention`: the fastest of eight launches at 32K and 128K tokens,
 batch 1 and 8 (H100, 2026-12-06, results/gpu_nested_*.json), with the operands in pairs of lanes."""
+GPU_MIN_BLOCK_N = 64
+PAIRS_MIN_DIM = 128
+"""The launch shapes the GPU-only paths are used with. On an H100 with Triton 3.6 (2026-12-06,
+results/cuda_nested_attention_configs_h100_2026-12-06.log) the inline-PTX word decoding gave wrong
+results with tiles of 16 tokens, and the pairs-of-lanes layout (portable decoding too) with tiles of 16
+tokens and at head dim 64; the shapes of few words per thread, where Triton's layouts replicate
+elements across threads, are the common factor (the interpreter, which has no layouts, gets them
+right). The portable, joined path was right at every shape tried; smaller tiles or head dims use it."""
 QUANTIZE_SPLIT = 3
 """Halvings of a quantize tile whose parts the E8 stage takes in turn: three roundings per block of a
 whole tile (128 values a thread at d = 128) spilled registers to local memory (ptxas: a 10 KB stack);
@@ -280,11 +290,13 @@ def decode_attention(
     key_scales : optional (Hkv, d) per-channel scales the keys were divided by before coding.
     sm_scale : softmax scale (default 1/sqrt(d)).
     config : launch parameters (default :data:`NESTED_CONFIG`).
-    fast_cvt : decode the words with inline PTX (``lop3``/``f16x2``; default: on CUDA) or with plain
-        integer operations and conversions (the interpreter's path; same values, slower on a GPU).
+    fast_cvt : decode the words with inline PTX (``lop3``/``f16x2``; default: on CUDA with block_n >=
+        :data:`GPU_MIN_BLOCK_N`) or with plain integer operations and conversions (the interpreter's
+        path; same values, slower on a GPU).
     pairs : feed the tensor cores four operands of depth d/4, each a pair of lanes of the blocks
-        (default, needs d >= 64), or one operand of depth d assembled from all eight lanes (the
-        earlier kernel; d of 16 and 32 use it). Same values up to float32 summation order.
+        (default where d >= :data:`PAIRS_MIN_DIM` and block_n >= :data:`GPU_MIN_BLOCK_N`; on the CPU
+        interpreter d >= 64 may ask for it), or one operand of depth d assembled from all eight lanes.
+        Same values up to float32 summation order.
 
     Returns
     -------
@@ -295,12 +307,22 @@ def decode_attention(
     from . import _attention_triton
 
     cfg = config or NESTED_CONFIG
-    use_pairs = d >= 64 if pairs is None else bool(pairs)
-    if use_pairs and d < 64:
-        raise InputError(f"pairs of lanes need head_dim >= 64 (depth d/4 >= 16), got {d}")
     if cfg.block_n < 16 or cfg.block_n & (cfg.block_n - 1):
         raise InputError(f"block_n must be a power of two >= 16, got {cfg.block_n}")
     dev = q.device
+    on_gpu = dev.type == "cuda"
+    use_pairs = (d >= PAIRS_MIN_DIM and cfg.block_n >= GPU_MIN_BLOCK_N) if pairs is None else bool(pairs)
+    if use_pairs and (d < 64 or (on_gpu and (d < PAIRS_MIN_DIM or cfg.block_n < GPU_MIN_BLOCK_N))):
+        raise InputError(
+            f"pairs of lanes need head_dim >= 64, and on the GPU head_dim >= {PAIRS_MIN_DIM} and block_n >= "
+            f"{GPU_MIN_BLOCK_N} (smaller shapes gave wrong results on an H100), got head_dim {d}, block_n {cfg.block_n}"
+        )
+    fast = (on_gpu and FAST_CVT_ON_CUDA and cfg.block_n >= GPU_MIN_BLOCK_N) if fast_cvt is None else bool(fast_cvt)
+    if fast and on_gpu and cfg.block_n < GPU_MIN_BLOCK_N:
+        raise InputError(
+            f"the inline-PTX word decoding needs block_n >= {GPU_MIN_BLOCK_N} on the GPU (smaller tiles gave wrong "
+            f"results on an H100), got {cfg.block_n}"
+        )
     g = hq // hkv
     tokens = length if isinstance(length, int) else cap
     if cfg.splits is not None:
@@ -368,7 +390,7 @@ def decode_attention(
         V_RHT=v_codec.rotation == "rht",
         HAS_SCALES=key_scales is not None,
         HAS_LENGTHS=isinstance(length, Tensor),
-        FAST_CVT=(dev.type == "cuda" and FAST_CVT_ON_CUDA) if fast_cvt is None else bool(fast_cvt),
+        FAST_CVT=fast,
         PAIRS=use_pairs,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
