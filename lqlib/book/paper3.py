@@ -19,7 +19,7 @@ from ..errors import InputError
 from ..evaluation.stats import Estimate, RatioEstimate, paired_delta_pct, paired_gap_pp, paired_ratio, pearson, spearman
 from . import paper_values as pv
 from .claims import CLAIMS, claims_of_page, command_for, runs_here
-from .prose import windows_text
+from .prose import plural, windows_text
 from .verdicts import Band, Claim, Verdict, judge, not_run_here, unmeasured
 
 __all__ = [
@@ -92,12 +92,6 @@ PAGE_THEOREM_C = "paper3/04_theorem_c"
 
 
 # --------------------------------------------------------------------------------------------- words
-def plural(n: int, noun: str, many: str | None = None) -> str:
-    """``"1 window"``, ``"2 windows"`` (``many`` for irregular plurals); thousands separated."""
-    word = noun if n == 1 else (many or noun + "s")
-    return f"{n:,} {word}"
-
-
 def listing(items: Sequence[str]) -> str:
     """``"a"``, ``"a and b"``, ``"a, b and c"``; ``"none"`` for no items."""
     items = [str(i) for i in items]
