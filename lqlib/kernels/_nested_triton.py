@@ -7,16 +7,23 @@ compiled without fused multiply-add, so their words, step codes, flags and value
 reference's bits.
 
 A quantize tile holds ``BLOCK_V`` vectors as (d/8, BLOCK_V, 8), one vector per thread (as the E8
-codec's kernel). Per block: the nearest E8 point of ``y``; of ``y·(2/3)`` where that leaves the cube
-(scale flag); of ``y·(2/3)`` clamped to [-7, 6.5] where that leaves it too (computed only when some
-block of the tile needs it). The words are the nibbles' XOR (disjoint bits).
+codec's kernel). The E8 stage takes the tile in 2^SPLIT parts of blocks in turn (three roundings of a
+whole tile spill registers). Per block: the nearest E8 point of ``y``; of ``y·(2/3)`` where that
+leaves the cube (scale flag); of ``y·(2/3)`` clamped to [-7, 6.5] where that leaves it too (computed
+only when some block of the part needs it). The words are the nibbles' XOR (disjoint bits).
 
 Decode attention (``nested_attention_kernel``, grid (B·Hkv, splits)) is the split-K kernel of
 :mod:`lqlib.kernels._attention_triton` with the int8 codes replaced by words: per tile, the words
-and the flags of BLOCK_N tokens are loaded once and turned into float16 ``β·2p`` in registers
-(``_operand``; on the GPU four nibble pairs per word by ``lop3``/``sub.f16x2``/``fma.f16x2``, no
-integer-to-float conversions), which feed tl.dot against the rotated queries (keys) and the softmax
-weights (values). Nothing decoded is written to memory.
+and the flags of BLOCK_N tokens are loaded once and turned into float16 ``β·2p`` in registers, which
+feed tl.dot against the rotated queries (keys) and the softmax weights (values). Nothing decoded is
+written to memory. Two operand layouts (``PAIRS``):
+
+* pairs of lanes (``_lanes``, ``_tile_pairs``): a word decodes into its eight lanes (on the GPU by
+  integer and f16x2 instructions only), lanes i and i + 4 of every block form one operand of depth
+  d/4, and four dots per operand sum the scores (keys) or fill four accumulators (values); the
+  queries are rotated straight into the four lane orders (``_pair_queries``) and the value sums
+  rotated back from them (``_store_pairs``);
+* joined (``_operand``, ``_tile``): the eight lanes are joined into one operand of depth d.
 """
 
 from __future__ import annotations
