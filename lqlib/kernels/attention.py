@@ -201,6 +201,20 @@ def choose_splits(
     return triton_cdiv(tokens, per_split), per_split
 
 
+def split_plan(cfg: AttentionConfig, batch_heads: int, tokens: int, device: torch.device) -> tuple[int, int]:
+    """(splits, tokens per split) of a launch: ``cfg.splits`` programs per (batch row, KV head) if
+    given (at most ``MAX_SPLITS``, whole tiles each, empty ones dropped), else :func:`choose_splits`
+    for the programs an SM holds under ``cfg``."""
+    if cfg.block_n < 16 or cfg.block_n & (cfg.block_n - 1):
+        raise InputError(f"block_n must be a power of two >= 16, got {cfg.block_n}")
+    if cfg.splits is None:
+        return choose_splits(batch_heads, tokens, cfg.block_n, device, cfg.resident_per_sm())
+    if cfg.splits < 1:
+        raise InputError(f"splits must be >= 1, got {cfg.splits}")
+    per_split = triton_cdiv(triton_cdiv(tokens, min(cfg.splits, MAX_SPLITS)), cfg.block_n) * cfg.block_n
+    return triton_cdiv(tokens, per_split), per_split
+
+
 def decode_attention(
     q: Tensor,
     k_codes: Tensor,
@@ -240,22 +254,13 @@ def decode_attention(
     except ImportError as err:
         raise ImportError("lqlib.kernels.attention needs Triton: pip install 'lqlib[gpu]'") from err
     cfg = config or AttentionConfig()
-    if cfg.block_n < 16 or cfg.block_n & (cfg.block_n - 1):
-        raise InputError(f"block_n must be a power of two >= 16, got {cfg.block_n}")
     for name, t in (("k_codes", k_codes), ("v_codes", v_codes), ("k_steps", k_steps), ("v_steps", v_steps)):
         if t.stride(-1) != 1:
             raise InputError(f"{name} must be contiguous in its last dim")
     dev = q.device
     g = hq // hkv
     tokens = length if isinstance(length, int) else cap
-    if cfg.splits is not None:
-        if cfg.splits < 1:
-            raise InputError(f"splits must be >= 1, got {cfg.splits}")
-        splits = min(cfg.splits, MAX_SPLITS)
-        per_split = triton_cdiv(triton_cdiv(tokens, splits), cfg.block_n) * cfg.block_n
-        splits = triton_cdiv(tokens, per_split)
-    else:
-        splits, per_split = choose_splits(b * hkv, tokens, cfg.block_n, dev)
+    splits, per_split = split_plan(cfg, b * hkv, tokens, dev)
     q = q.contiguous()
     part_acc = torch.empty((b * hq, splits, d), dtype=torch.float32, device=dev)
     part_ml = torch.empty((b * hq, 2, splits), dtype=torch.float32, device=dev)

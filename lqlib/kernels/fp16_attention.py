@@ -17,8 +17,8 @@ import torch
 from torch import Tensor
 
 from ..errors import InputError
-from . import check_kernel_device, triton_cdiv
-from .attention import MAX_SPLITS, AttentionConfig, choose_splits, triton_next_pow2
+from . import check_kernel_device
+from .attention import AttentionConfig, split_plan, triton_next_pow2
 
 __all__ = ["decode_attention", "reference_decode_attention", "FP16_CONFIG"]
 
@@ -96,15 +96,9 @@ def decode_attention(
     from . import _attention_triton, _fp16_attention_triton
 
     cfg = config or FP16_CONFIG
-    if cfg.block_n < 16 or cfg.block_n & (cfg.block_n - 1):
-        raise InputError(f"block_n must be a power of two >= 16, got {cfg.block_n}")
     dev = q.device
     tokens = length if isinstance(length, int) else cap
-    if cfg.splits is not None:
-        per_split = triton_cdiv(triton_cdiv(tokens, min(max(1, cfg.splits), MAX_SPLITS)), cfg.block_n) * cfg.block_n
-        splits = triton_cdiv(tokens, per_split)
-    else:
-        splits, per_split = choose_splits(b * hkv, tokens, cfg.block_n, dev)
+    splits, per_split = split_plan(cfg, b * hkv, tokens, dev)
     q = q.contiguous()
     part_acc = torch.empty((b * hq, splits, d), dtype=torch.float32, device=dev)
     part_ml = torch.empty((b * hq, 2, splits), dtype=torch.float32, device=dev)

@@ -23,7 +23,7 @@ from torch import Tensor
 from ..coding.nested import NestedCodes, NestedE8Codec, flag_bytes
 from ..errors import InputError
 from . import KERNEL_DTYPES, _constants, _launch_config, _tables, check_kernel_device, triton_cdiv
-from .attention import AttentionConfig, choose_splits, hadamard_matrix, triton_next_pow2
+from .attention import AttentionConfig, hadamard_matrix, split_plan, triton_next_pow2
 
 __all__ = [
     "quantize",
@@ -40,7 +40,6 @@ __all__ = [
 
 QUERY_DTYPES = (torch.float16, torch.bfloat16)
 MAX_DIM = 256  # flag bits of a vector fit one int32
-MAX_SPLITS = 128
 NESTED_CONFIG = AttentionConfig(block_n=128, num_warps=4, num_stages=3)
 """Default launch of :func:`decode_attention`: the fastest of eight launches at 32K and 128K tokens,
 batch 1 and 8 (H100, 2026-12-06, results/gpu_nested_*.json), with the operands in pairs of lanes."""
@@ -325,13 +324,7 @@ def decode_attention(
         )
     g = hq // hkv
     tokens = length if isinstance(length, int) else cap
-    if cfg.splits is not None:
-        if cfg.splits < 1:
-            raise InputError(f"splits must be >= 1, got {cfg.splits}")
-        per_split = triton_cdiv(triton_cdiv(tokens, min(cfg.splits, MAX_SPLITS)), cfg.block_n) * cfg.block_n
-        splits = triton_cdiv(tokens, per_split)
-    else:
-        splits, per_split = choose_splits(b * hkv, tokens, cfg.block_n, dev, cfg.resident_per_sm())
+    splits, per_split = split_plan(cfg, b * hkv, tokens, dev)
     q = q.contiguous()
     part_acc = torch.empty((b * hq, splits, d), dtype=torch.float32, device=dev)
     part_ml = torch.empty((b * hq, 2, splits), dtype=torch.float32, device=dev)
