@@ -9,6 +9,8 @@ import torch
 
 import lqlib
 
+from ._llama import graphed_logits, tiny_llama
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 kernels_ok = DEVICE == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 needs_kernels = pytest.mark.skipif(not kernels_ok, reason="the kernels need CUDA or TRITON_INTERPRET=1")
@@ -73,38 +75,17 @@ def test_mask_lengths_count_the_attended_prefix():
 @needs_kernels
 @pytest.mark.slow
 def test_split_k_baseline_in_a_model_gives_sdpa_logits(monkeypatch):
-    """A float16 Llama with StaticCache decodes the same greedy tokens, and logits within float16
-    rounding, with the split-K attention as with transformers' SDPA."""
-    from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
-
-    from lqlib.cache.decode_graph import GraphedDecoder, register_fp16_decode_attention
+    """A float16 Llama with StaticCache gives logits within float16 rounding of SDPA's with the split-K
+    attention, and the kernel serves its decode steps."""
+    from lqlib.cache.decode_graph import register_fp16_decode_attention
     from lqlib.kernels import fp16_attention
 
     calls = []
     kernel = fp16_attention.decode_attention
     monkeypatch.setattr(fp16_attention, "decode_attention", lambda *a, **k: calls.append(a[3]) or kernel(*a, **k))
-    config = LlamaConfig(
-        vocab_size=97,
-        hidden_size=256,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=64,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).eval().to(device=DEVICE, dtype=torch.float16)
+    config, model = tiny_llama(dtype=torch.float16)
     ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(9)).to(DEVICE)
-    logits = {}
-    for impl in ("sdpa", register_fp16_decode_attention(split_k=True)):
-        model.set_attn_implementation(impl)
-        decoder = GraphedDecoder(model, StaticCache(config=config, max_cache_len=20), warmup=1)
-        decoder.prefill(ids)
-        steps = [decoder.logits.float().clone()]
-        for _ in range(3):
-            decoder.step()
-            steps.append(decoder.logits.float().clone())
-        logits[impl] = torch.stack(steps)
+    logits = {impl: graphed_logits(model, config, ids, impl) for impl in ("sdpa", register_fp16_decode_attention(True))}
     a, b = logits.values()
     assert torch.allclose(a, b, atol=2e-2, rtol=0) and a.abs().max() > 0.1, (a - b).abs().max()
     # the kernel served every decode step of both layers, with the lengths the mask allows (10 .. 13);

@@ -13,7 +13,6 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import lqlib
 from lqlib.cache.quantized import QuantizeDequantizeCache
@@ -32,6 +31,8 @@ from lqlib.core.lattices import nearest_e8
 from lqlib.core.rht import fwht
 from lqlib.evaluation.fixed_rate import NestedE8, verdict
 from lqlib.evaluation.stats import Estimate, RatioEstimate
+
+from ._llama import graphed_logits, tiny_llama
 
 triton = pytest.importorskip("triton")
 
@@ -227,20 +228,6 @@ def test_fused_attention_matches_the_reference(d, rotation, pairs, with_scales, 
 
 
 # ---------------------------------------------------------------------------------------------- device cache
-def tiny_llama(layers: int = 2):
-    config = LlamaConfig(
-        vocab_size=97,
-        hidden_size=256,
-        intermediate_size=128,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=64,
-    )
-    torch.manual_seed(0)
-    return config, LlamaForCausalLM(config).eval().to(device=DEVICE)
-
-
 @pytest.mark.slow
 @needs_kernels
 def test_nested_device_cache_matches_the_format_in_the_loop():
@@ -336,23 +323,11 @@ def test_fixed_rate_size_constant():
 def test_fp16_baseline_attention_reads_each_kv_head_once_and_matches_sdpa():
     """The float16 baseline's decode attention (query heads of a KV head as SDPA rows) gives
     transformers' SDPA logits with StaticCache (float32 model: within 1e-5)."""
-    from transformers import StaticCache
-
-    from lqlib.cache.decode_graph import GraphedDecoder, register_fp16_decode_attention
+    from lqlib.cache.decode_graph import register_fp16_decode_attention
 
     config, model = tiny_llama()
     ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(9)).to(DEVICE)
-    logits = {}
-    for impl in ("sdpa", register_fp16_decode_attention()):
-        model.set_attn_implementation(impl)
-        decoder = GraphedDecoder(model, StaticCache(config=config, max_cache_len=20), warmup=1)
-        decoder.prefill(ids)
-        steps = [decoder.logits.float().clone()]
-        for _ in range(3):
-            decoder.step()
-            steps.append(decoder.logits.float().clone())
-        logits[impl] = torch.stack(steps)
-    a, b = logits.values()
+    a, b = (graphed_logits(model, config, ids, impl) for impl in ("sdpa", register_fp16_decode_attention()))
     assert torch.allclose(a, b, atol=1e-5, rtol=0) and a.abs().max() > 0.1
 
 

@@ -211,8 +211,8 @@ def nested_kernel_rows(runs: list[dict]) -> list[dict]:
 
 def nested_attention_rows(runs: list[dict]) -> list[dict]:
     """Decode attention per (card, batch, context): fp16 SDPA, our fp16 split-K kernel (runs that timed
-    it), the int8 format's fused kernel and the nested format's fastest launch (the library's default
-    is set from it), with the speed-ups over SDPA in the same run."""
+    it), the int8 format's fused kernel and the nested format's fastest launch at that shape (named in
+    ``nested_launch``), with the speed-ups over SDPA in the same run."""
     rows = []
     for run in runs:
         for s in run["attention_summary"]:

@@ -215,6 +215,20 @@ def split_plan(cfg: AttentionConfig, batch_heads: int, tokens: int, device: torc
     return triton_cdiv(tokens, per_split), per_split
 
 
+def combine_splits(part_acc: Tensor, part_ml: Tensor, out: Tensor) -> Tensor:
+    """Merge the split-K partials of a decode attention launch into ``out`` (B, Hq, d) and return it:
+    ``part_acc`` (B·Hq, splits, d) float32 (value sums, doubled), ``part_ml`` (B·Hq, 2, splits) float32
+    (maxima in base 2, softmax sums), as every kernel of this package writes them."""
+    from . import _attention_triton
+
+    rows, splits, d = part_acc.shape
+    block_d = min(d, 32)
+    _attention_triton.combine_splits_kernel[(rows, d // block_d)](
+        part_acc, part_ml, out, splits, D=d, BLOCK_S=triton_next_pow2(splits), BLOCK_D=block_d, num_warps=1
+    )
+    return out
+
+
 def decode_attention(
     q: Tensor,
     k_codes: Tensor,
@@ -318,11 +332,7 @@ def decode_attention(
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
-    block_d = min(d, 32)
-    kernels.combine_splits_kernel[(b * hq, d // block_d)](
-        part_acc, part_ml, out, splits, D=d, BLOCK_S=triton_next_pow2(splits), BLOCK_D=block_d, num_warps=1
-    )
-    return out
+    return combine_splits(part_acc, part_ml, out)
 
 
 def triton_next_pow2(n: int) -> int:

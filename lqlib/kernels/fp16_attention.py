@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ..errors import InputError
 from . import check_kernel_device
-from .attention import AttentionConfig, split_plan, triton_next_pow2
+from .attention import AttentionConfig, combine_splits, split_plan, triton_next_pow2
 
 __all__ = ["decode_attention", "reference_decode_attention", "FP16_CONFIG"]
 
@@ -93,7 +93,7 @@ def decode_attention(
     Returns (B, Hq, d) in q.dtype.
     """
     b, hq, hkv, cap, d = _validate(q, k, v, length)
-    from . import _attention_triton, _fp16_attention_triton
+    from . import _fp16_attention_triton
 
     cfg = config or FP16_CONFIG
     dev = q.device
@@ -133,8 +133,4 @@ def decode_attention(
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
-    block_d = min(d, 32)
-    _attention_triton.combine_splits_kernel[(b * hq, d // block_d)](
-        part_acc, part_ml, out, splits, D=d, BLOCK_S=triton_next_pow2(splits), BLOCK_D=block_d, num_warps=1
-    )
-    return out
+    return combine_splits(part_acc, part_ml, out)

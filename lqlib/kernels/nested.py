@@ -23,7 +23,7 @@ from torch import Tensor
 from ..coding.nested import NestedCodes, NestedE8Codec, flag_bytes
 from ..errors import InputError
 from . import KERNEL_DTYPES, _constants, _launch_config, _tables, check_kernel_device, triton_cdiv
-from .attention import AttentionConfig, hadamard_matrix, split_plan, triton_next_pow2
+from .attention import AttentionConfig, combine_splits, hadamard_matrix, split_plan, triton_next_pow2
 
 __all__ = [
     "quantize",
@@ -303,7 +303,6 @@ def decode_attention(
     """
     b, hq, hkv, cap, d = _validate_attention(q, keys, values, length, k_codec, v_codec, key_scales)
     kernels = _kernels()
-    from . import _attention_triton
 
     cfg = config or NESTED_CONFIG
     if cfg.block_n < 16 or cfg.block_n & (cfg.block_n - 1):
@@ -389,8 +388,4 @@ def decode_attention(
         num_stages=cfg.num_stages,
         **({} if cfg.maxnreg is None else {"maxnreg": cfg.maxnreg}),
     )
-    block_d = min(d, 32)
-    _attention_triton.combine_splits_kernel[(b * hq, d // block_d)](
-        part_acc, part_ml, out, splits, D=d, BLOCK_S=triton_next_pow2(splits), BLOCK_D=block_d, num_warps=1
-    )
-    return out
+    return combine_splits(part_acc, part_ml, out)
