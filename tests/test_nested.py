@@ -172,10 +172,54 @@ def test_kernels_are_the_cpu_reference_bit_for_bit(rotation):
     for d, dtype in ((16, torch.float32), (64, torch.bfloat16), (128, torch.float16)):
         x = wide_range(33, d, d, dtype).clamp(-6e4, 6e4)
         got, ref = kn.quantize(codec, x.to(DEVICE)), codec.encode(x)
+        small = kn.quantize(codec, x.to(DEVICE), **kn.SMALL_QUANTIZE_LAUNCH)  # a decode step's launch
+        assert all(torch.equal(getattr(small, f).cpu(), getattr(ref, f)) for f in ("words", "steps", "flags"))
         assert torch.equal(got.words.cpu(), ref.words) and got.words.shape == (33, d // 8)
         assert torch.equal(got.steps.cpu(), ref.steps) and torch.equal(got.flags.cpu(), ref.flags)
         y = kn.dequantize(codec, got, dtype)
         assert torch.equal(bits_of(y.cpu()), bits_of(codec.decode(ref, dtype)))
+
+
+@needs_kernels
+@pytest.mark.parametrize("device_position", [False, True])
+def test_quantize_into_writes_the_same_codes_at_the_position_and_nothing_else(device_position):
+    from lqlib.kernels import nested as kn
+
+    codec = NestedE8Codec()
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 5, 64, generator=gen).to(DEVICE, torch.float16)  # (groups..., t = 5, d)
+    cap, pos = 11, 4
+    store = NestedCodes(
+        torch.full((2, 3, cap, 8), 7, dtype=torch.int32, device=DEVICE),
+        torch.full((2, 3, cap), -5, dtype=torch.int16, device=DEVICE),
+        torch.full((2, 3, cap, 1), 9, dtype=torch.uint8, device=DEVICE),
+    )
+    before = NestedCodes(store.words.clone(), store.steps.clone(), store.flags.clone())
+    position = torch.tensor([pos], device=DEVICE) if device_position else pos
+    kn.quantize_into(codec, x, store, position)
+    ref = kn.quantize(codec, x)
+    window = slice(pos, pos + 5)
+    for name in ("words", "steps", "flags"):
+        got, old, want = getattr(store, name), getattr(before, name), getattr(ref, name)
+        assert torch.equal(got[:, :, window], want)
+        assert torch.equal(got[:, :, :pos], old[:, :, :pos]) and torch.equal(got[:, :, pos + 5 :], old[:, :, pos + 5 :])
+
+
+@needs_kernels
+def test_quantize_into_refuses_a_store_that_does_not_fit():
+    from lqlib.kernels import nested as kn
+
+    codec = NestedE8Codec()
+    x = torch.zeros(2, 3, 64, device=DEVICE)
+    store = kn.quantize(codec, torch.zeros(2, 4, 64, device=DEVICE))  # capacity 4
+    with pytest.raises(lqlib.InputError, match="do not fit"):
+        kn.quantize_into(codec, x, store, 2)
+    with pytest.raises(lqlib.InputError, match="contiguous"):
+        kn.quantize_into(codec, x, NestedCodes(store.words[:, ::2], store.steps[:, ::2], store.flags[:, ::2]), 0)
+    with pytest.raises(lqlib.InputError, match="int64"):
+        kn.quantize_into(codec, x, store, torch.tensor([0], dtype=torch.int32, device=DEVICE))
+    with pytest.raises(lqlib.InputError, match="contiguous"):
+        kn.quantize_into(codec, torch.zeros(3, 3, 64, device=DEVICE), store, 0)
 
 
 @needs_kernels

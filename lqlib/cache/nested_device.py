@@ -6,11 +6,12 @@
 * ``steps`` (2, batch, kv_heads, capacity) int16 — step codes;
 * ``flags`` (2, batch, kv_heads, capacity, ceil(head_dim/64)) uint8 — the blocks' scale flags.
 
-Every token is quantized by :func:`lqlib.kernels.nested.quantize` when it arrives (prefill and each
-decoded token); decode attention is :func:`lqlib.kernels.nested.decode_attention` over the words, with
-no decompressed copy; prefill attends with SDPA over the dequantized history (kept for that call
-only), as the int8 layer does. Per-layer CUDA graphs, markers, the position kept on the device and
-the errors are the int8 layer's. Built by ``DeviceKVCache(config, format="nested")``.
+Every token is quantized when it arrives (prefill and each decoded token) by
+:func:`lqlib.kernels.nested.quantize_into`, straight into the storage at the position kept on the
+device; decode attention is :func:`lqlib.kernels.nested.decode_attention` over the words, with no
+decompressed copy; prefill attends with SDPA over the dequantized history (kept for that call only),
+as the int8 layer does. Per-layer CUDA graphs, markers, the position kept on the device and the
+errors are the int8 layer's. Built by ``DeviceKVCache(config, format="nested")``.
 """
 
 from __future__ import annotations
@@ -85,41 +86,33 @@ class NestedDeviceKVLayer(DeviceKVLayer):
         """Nothing to check: words hold every point of the format."""
 
     # ------------------------------------------------------------------ storage
-    def _coded(self, key_states: Tensor, value_states: Tensor) -> list[NestedCodes]:
+    def _write(self, key_states: Tensor, value_states: Tensor, position: int | Tensor) -> None:
+        """Quantize the keys and values straight into the storage at ``position`` (one kernel a part)."""
         from ..kernels import nested as kn
 
         keys = key_states if self.key_scales is None else key_states / self._scales(key_states.dtype)
         if self.joint:
-            return [kn.quantize(self.codec, torch.stack([keys, value_states]))]
-        return [kn.quantize(self.codec, keys), kn.quantize(self.value_codec, value_states)]
+            kn.quantize_into(self.codec, torch.stack([keys, value_states]), self._store(), position)
+            return
+        for part, (codec, x) in enumerate(((self.codec, keys), (self.value_codec, value_states))):
+            kn.quantize_into(codec, x, self._store(part), position)
+
+    def _store(self, part: int | None = None) -> NestedCodes:
+        if part is None:
+            return NestedCodes(self.words, self.steps, self.flags)
+        return NestedCodes(self.words[part], self.steps[part], self.flags[part])
 
     def _parts(self):
         return (self.words, self.steps, self.flags)
 
     def _write_one(self, key_states: Tensor, value_states: Tensor) -> None:
-        coded = self._coded(key_states, value_states)
-        if len(coded) == 1:
-            for store, new in zip(self._parts(), (coded[0].words, coded[0].steps, coded[0].flags)):
-                store.index_copy_(3, self.position, new)
-        else:
-            for part, c in enumerate(coded):
-                for store, new in zip(self._parts(), (c.words, c.steps, c.flags)):
-                    store[part].index_copy_(2, self.position, new)
+        self._write(key_states, value_states, self.position)
         self.position += 1
         self.lengths += 1
 
     def _write_many(self, key_states: Tensor, value_states: Tensor, n: int) -> None:
+        self._write(key_states, value_states, n)
         t = key_states.shape[-2]
-        coded = self._coded(key_states, value_states)
-        if len(coded) == 1:
-            self.words[:, :, :, n : n + t].copy_(coded[0].words)
-            self.steps[..., n : n + t].copy_(coded[0].steps)
-            self.flags[:, :, :, n : n + t].copy_(coded[0].flags)
-        else:
-            for part, c in enumerate(coded):
-                self.words[part, :, :, n : n + t].copy_(c.words)
-                self.steps[part, ..., n : n + t].copy_(c.steps)
-                self.flags[part, :, :, n : n + t].copy_(c.flags)
         self.position.fill_(n + t)
         self.lengths.fill_(n + t)
 

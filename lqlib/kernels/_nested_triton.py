@@ -87,7 +87,11 @@ def nested_quantize_kernel(
     flags_ptr,
     signs_ptr,
     tables_ptr,
+    pos_ptr,
     n_vectors,
+    rows_per_group,
+    group_stride,
+    first_row,
     n0,
     t1,
     t2,
@@ -101,11 +105,17 @@ def nested_quantize_kernel(
     BLOCK_V: tl.constexpr,
     CHUNK_MAJOR: tl.constexpr,
     SPLIT: tl.constexpr,
+    HAS_POS: tl.constexpr,
 ):
-    """x (n_vectors, D) → words (n_vectors, D/8) int32, step codes (n_vectors,) int16, flags (n_vectors, FB) uint8."""
+    """x (n_vectors, D) → words (·, D/8) int32, step codes (·,) int16, flags (·, FB) uint8 at output row
+    ``(r // rows_per_group)·group_stride + first_row (+ *pos_ptr if HAS_POS) + r % rows_per_group`` for
+    input row r: consecutive rows in place, or groups of rows written into a cache at a position."""
     C: tl.constexpr = D // 8
     pid = tl.program_id(0)
     offs, rows, row_ok, mask = _tile_offsets(pid, n_vectors, D, BLOCK_V, CHUNK_MAJOR)
+    out_rows = (rows // rows_per_group).to(tl.int64) * group_stride + (rows % rows_per_group) + first_row
+    if HAS_POS:
+        out_rows += tl.load(pos_ptr).to(tl.int64)
     x = _to_tile(tl.load(x_ptr + offs, mask=mask, other=0.0), CHUNK_MAJOR).to(tl.float32)
     if RHT:
         signs = tl.load(signs_ptr + tl.arange(0, C)[:, None, None] * 8 + tl.arange(0, 8)[None, None, :])
@@ -125,12 +135,12 @@ def nested_quantize_kernel(
         yj = _part(y, j, SPLIT)
         codes, flagged = _choose(yj)
         part_blocks = j * (C >> SPLIT) + tl.arange(0, C >> SPLIT)
-        w_offs = rows.to(tl.int64)[None, :] * C + part_blocks[:, None]
+        w_offs = out_rows[None, :] * C + part_blocks[:, None]
         tl.store(words_ptr + w_offs, _words(codes), mask=row_ok[None, :])
         bits = bits | tl.xor_sum(flagged << part_blocks[:, None], axis=0)
-    tl.store(steps_ptr + rows, k.to(steps_ptr.dtype.element_ty), mask=row_ok)
+    tl.store(steps_ptr + out_rows, k.to(steps_ptr.dtype.element_ty), mask=row_ok)
     for i in tl.static_range(FB):
-        tl.store(flags_ptr + rows.to(tl.int64) * FB + i, ((bits >> (8 * i)) & 255).to(tl.uint8), mask=row_ok)
+        tl.store(flags_ptr + out_rows * FB + i, ((bits >> (8 * i)) & 255).to(tl.uint8), mask=row_ok)
 
 
 @triton.jit

@@ -27,6 +27,7 @@ from .attention import AttentionConfig, combine_splits, hadamard_matrix, split_p
 
 __all__ = [
     "quantize",
+    "quantize_into",
     "dequantize",
     "decode_attention",
     "reference_decode_attention",
@@ -34,6 +35,8 @@ __all__ = [
     "MAX_DIM",
     "NESTED_CONFIG",
     "QUANTIZE_SPLIT",
+    "SMALL_QUANTIZE_VECTORS",
+    "SMALL_QUANTIZE_LAUNCH",
     "GPU_MIN_BLOCK_N",
     "PAIRS_MIN_DIM",
 ]
@@ -56,6 +59,14 @@ QUANTIZE_SPLIT = 3
 whole tile (128 values a thread at d = 128) spilled registers to local memory (ptxas: a 10 KB stack);
 with 2^3 or 2^4 parts few or none do (Triton 3.9, sm_90), and 2^3 ran fastest on an H100 (5.3 times the
 whole tile's speed, 2026-12-06)."""
+SMALL_QUANTIZE_VECTORS = 1024
+SMALL_QUANTIZE_LAUNCH = {"block_v": 1, "num_warps": 2, "split": 0}
+"""On CUDA, a quantize of at most :data:`SMALL_QUANTIZE_VECTORS` vectors (a decode step's keys and values)
+runs one vector per program on two warps, the whole tile at once: its latency, not its throughput,
+is what a step pays. For the 16 vectors of one token at batch 1 (Llama-3.1-8B shape) it took 2.86 µs a
+launch against 19.79 µs for the throughput launch (H100, 2026-12-06,
+results/gpu_nested_quantize_latency_h100_2026-12-06.log); in a decode step the throughput launch
+took 1.50 ms of 11.24 (results/gpu_decode_profile_*_32768_b1.json)."""
 FAST_CVT_ON_CUDA = True
 """Whether :func:`decode_attention` decodes words with inline PTX on CUDA when ``fast_cvt`` is not given
 (a benchmark that finds the PTX path failing on its card turns this off and records it)."""
@@ -90,51 +101,128 @@ def quantize(
     num_warps: int | None = None,
     split: int | None = None,
     maxnreg: int | None = None,
+    chunk_major: bool | None = None,
 ) -> NestedCodes:
     """Kernel: ``x`` (..., d) float16/bfloat16/float32, finite (not checked: no host synchronisation)
-    → :class:`~lqlib.coding.nested.NestedCodes`. ``block_v``/``num_warps`` and ``split`` (the E8 stage
-    runs on 2^split parts of a tile in turn, default :data:`QUANTIZE_SPLIT`) and ``maxnreg`` (a cap on
-    registers per thread) change the speed only."""
-    if not isinstance(x, Tensor) or x.dtype not in KERNEL_DTYPES or x.dim() == 0:
-        raise InputError(f"expected a (..., d) tensor of one of {KERNEL_DTYPES}, got {getattr(x, 'dtype', type(x))}")
+    → :class:`~lqlib.coding.nested.NestedCodes`. ``block_v``/``num_warps``, ``split`` (the E8 stage
+    runs on 2^split parts of a tile in turn, default :data:`QUANTIZE_SPLIT`), ``maxnreg`` (a cap on
+    registers per thread) and ``chunk_major`` (the tile's load order) change the speed only."""
+    _check_quantize_input(codec, x)
     d = x.shape[-1]
-    _check(codec, d)
-    kernels = _kernels()
     x2 = x.detach().contiguous().reshape(-1, d)
     n = x2.shape[0]
-    fb = flag_bytes(d)
     words = torch.empty(n, d // 8, dtype=torch.int32, device=x.device)
     steps = torch.empty(n, dtype=torch.int16, device=x.device)
-    flags = torch.empty(n, fb, dtype=torch.uint8, device=x.device)
-    if n:
-        check_kernel_device(x2, kernels.nested_quantize_kernel)
-        bv, warps, cm = _launch_config("quantize", x.device, block_v, num_warps, None)
-        shift = _shift(codec, d)
-        n0, t = _constants(codec.peak_bits, 1 << shift)
-        kernels.nested_quantize_kernel[(triton_cdiv(n, bv),)](
-            x2,
-            words,
-            steps,
-            flags,
-            codec._codec._signs(d, x.device, torch.float32),
-            _tables(x.device),
-            n,
-            n0,
-            *t,
-            D=d,
-            LOG2C=(d // 8).bit_length() - 1,
-            SHIFT=shift,
-            RHT=codec.rotation == "rht",
-            FB=fb,
-            BLOCK_V=bv,
-            CHUNK_MAJOR=cm,
-            SPLIT=min(QUANTIZE_SPLIT if split is None else int(split), (d // 8).bit_length() - 1),
-            num_warps=warps,
-            enable_fp_fusion=False,
-            **({} if maxnreg is None else {"maxnreg": maxnreg}),
-        )
+    flags = torch.empty(n, flag_bytes(d), dtype=torch.uint8, device=x.device)
+    launch = {
+        "block_v": block_v,
+        "num_warps": num_warps,
+        "split": split,
+        "maxnreg": maxnreg,
+        "chunk_major": chunk_major,
+    }
+    _launch_quantize(codec, x2, (words, steps, flags), max(n, 1), 0, 0, None, launch)
     lead = x.shape[:-1]
-    return NestedCodes(words.reshape(*lead, d // 8), steps.reshape(lead), flags.reshape(*lead, fb))
+    return NestedCodes(words.reshape(*lead, d // 8), steps.reshape(lead), flags.reshape(*lead, flag_bytes(d)))
+
+
+def quantize_into(codec: NestedE8Codec, x: Tensor, store: NestedCodes, position: int | Tensor) -> None:
+    """Kernel: quantize ``x`` (..., t, d) straight into a cache ``store`` of shape (..., capacity, d) (words
+    (..., capacity, d/8), steps (..., capacity), flags (..., capacity, ceil(d/64)), each contiguous) at
+    tokens ``position .. position + t - 1``: the same words, steps and flags as :func:`quantize`, with no
+    intermediate tensor and no copy kernels. ``position`` is an int, or a (1,) int64 tensor on the
+    device read by the kernel (a decode step's position under a CUDA graph; ``position + t <= capacity``
+    is then not checked: no host synchronisation)."""
+    _check_quantize_input(codec, x)
+    d = x.shape[-1]
+    if x.dim() < 2:
+        raise InputError(f"expected x of shape (..., t, d), got {tuple(x.shape)}")
+    lead, t = x.shape[:-2], x.shape[-2]
+    words, steps, flags = store.words, store.steps, store.flags
+    cap = steps.shape[-1] if steps.dim() else 0
+    want = ((*lead, cap, d // 8), (*lead, cap), (*lead, cap, flag_bytes(d)))
+    for part, shape, dtype in zip((words, steps, flags), want, (torch.int32, torch.int16, torch.uint8)):
+        if tuple(part.shape) != shape or part.dtype != dtype or part.device != x.device or not part.is_contiguous():
+            raise InputError(
+                f"store parts must be contiguous {shape} {dtype} on {x.device}, got {tuple(part.shape)} {part.dtype} "
+                f"on {part.device}"
+            )
+    if isinstance(position, Tensor):
+        if position.shape != (1,) or position.dtype != torch.int64 or position.device != x.device:
+            raise InputError(
+                f"position must be a (1,) int64 tensor on {x.device}, got {position.shape} {position.dtype}"
+            )
+        first, pos = 0, position
+    else:
+        first, pos = int(position), None
+        if first < 0 or first + t > cap:
+            raise InputError(f"tokens {first}..{first + t - 1} do not fit a store of capacity {cap}")
+    if t == 0:
+        return
+    x2 = x.detach().contiguous().reshape(-1, d)
+    _launch_quantize(codec, x2, (words, steps, flags), t, cap, first, pos, {})
+
+
+def _check_quantize_input(codec: NestedE8Codec, x: Tensor) -> None:
+    if not isinstance(x, Tensor) or x.dtype not in KERNEL_DTYPES or x.dim() == 0:
+        raise InputError(f"expected a (..., d) tensor of one of {KERNEL_DTYPES}, got {getattr(x, 'dtype', type(x))}")
+    _check(codec, x.shape[-1])
+
+
+def _launch_quantize(
+    codec: NestedE8Codec,
+    x2: Tensor,
+    out: tuple[Tensor, Tensor, Tensor],
+    rows_per_group: int,
+    group_stride: int,
+    first_row: int,
+    position: Tensor | None,
+    launch: dict,
+) -> None:
+    """One quantize launch over the rows of ``x2`` (n, d): input row r goes to output row
+    ``(r // rows_per_group)·group_stride + first_row (+ position) + r % rows_per_group`` of ``out``."""
+    n, d = x2.shape
+    if not n:
+        return
+    kernels = _kernels()
+    words, steps, flags = out
+    check_kernel_device(x2, kernels.nested_quantize_kernel)
+    if x2.is_cuda and n <= SMALL_QUANTIZE_VECTORS and all(v is None for v in launch.values()):
+        launch = SMALL_QUANTIZE_LAUNCH
+    bv, warps, cm = _launch_config(
+        "quantize", x2.device, launch.get("block_v"), launch.get("num_warps"), launch.get("chunk_major")
+    )
+    split = launch.get("split")
+    maxnreg = launch.get("maxnreg")
+    shift = _shift(codec, d)
+    n0, t = _constants(codec.peak_bits, 1 << shift)
+    kernels.nested_quantize_kernel[(triton_cdiv(n, bv),)](
+        x2,
+        words,
+        steps,
+        flags,
+        codec._codec._signs(d, x2.device, torch.float32),
+        _tables(x2.device),
+        steps if position is None else position,  # a placeholder pointer when unused
+        n,
+        rows_per_group,
+        group_stride,
+        first_row,
+        n0,
+        *t,
+        D=d,
+        LOG2C=(d // 8).bit_length() - 1,
+        SHIFT=shift,
+        RHT=codec.rotation == "rht",
+        FB=flag_bytes(d),
+        BLOCK_V=bv,
+        CHUNK_MAJOR=cm,
+        SPLIT=min(QUANTIZE_SPLIT if split is None else int(split), (d // 8).bit_length() - 1),
+        HAS_POS=position is not None,
+        num_warps=warps,
+        enable_fp_fusion=False,
+        **({} if maxnreg is None else {"maxnreg": maxnreg}),
+    )
 
 
 def dequantize(
