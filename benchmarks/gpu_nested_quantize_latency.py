@@ -69,7 +69,12 @@ def main(argv: list[str] | None = None) -> int:
     card = torch.cuda.get_device_name()
     codec = NestedE8Codec()
     shapes = list(itertools.product(args.block_v, args.warps, [bool(c) for c in args.chunk_major], args.splits))
-    result = {"card": card, "date": datetime.date.today().isoformat(), "torch": torch.__version__, "cases": []}
+    result = {
+        "card": card,
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="minutes"),
+        "torch": torch.__version__,
+        "cases": [],
+    }
     for n in args.vectors:
         x = torch.randn(n, args.dim, device=dev, dtype=torch.float16)
         ref = kn.quantize(codec, x)
@@ -101,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"fastest: {best} = {case['default_us'] / best['us']:.2f}x the default launch")
         result["cases"].append(case)
     slug = re.sub(r"[^a-z0-9]+", "-", card.lower()).strip("-")
-    out = Path(args.out) / f"gpu_nested_quantize_latency_{slug}_{result['date']}.json"
+    out = Path(args.out) / f"gpu_nested_quantize_latency_{slug}_{result['date'][:10]}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")

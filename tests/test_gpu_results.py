@@ -30,6 +30,28 @@ def test_smoke_runs_are_left_out_and_missing_runs_raise(tmp_path):
         g.load_results(tmp_path, "gpu_decode")
     (tmp_path / "gpu_decode_x_2026-01-02.json").write_text(json.dumps(run))
     assert len(g.load_results(tmp_path, "gpu_decode")) == 1
+    other = {**run, "benchmark": "benchmarks/gpu_decode_other.py"}  # another benchmark sharing the prefix
+    (tmp_path / "gpu_decode_other_x_2026-01-03.json").write_text(json.dumps(other))
+    assert len(g.load_results(tmp_path, "gpu_decode")) == 1
+    assert len(g.load_results(tmp_path, "gpu_decode_other")) == 1
+
+
+def test_step_profile_categories_add_up_to_the_kernel_time():
+    assert g.kernel_category("nested_attention_kernel") == "attention"
+    assert g.kernel_category("void cublasLt::splitKreduce_kernel") == "weight GEMMs"
+    assert g.kernel_category("nested_quantize_kernel") == "KV quantize"
+    assert g.kernel_category("void at::native::index_elementwise_kernel") == "KV copy"
+    assert g.kernel_category("triton_red_fused_rms_norm") == "other"
+    runs = g.load_results(RESULTS, "gpu_step_profile")
+    rows = g.decode_profile_rows(runs)
+    assert len(rows) == sum(len(run["caches"]) for run in runs)
+    parts = [f"{c}_ms" for c, _ in g.KERNEL_CATEGORIES] + ["other_ms"]
+    for r in rows:
+        assert sum(r[p] for p in parts) == pytest.approx(r["kernel_ms"], rel=1e-9)
+        assert r["card"] and r["code"]
+    # the fp16 baseline quantizes nothing; the coded caches copy no float16 K/V
+    assert all(r["KV quantize_ms"] == 0 for r in rows if r["cache"].startswith("static"))
+    assert all(r["KV quantize_ms"] > 0 for r in rows if r["cache"] in ("nested_graph", "int8_graph"))
 
 
 def test_decode_speed_estimate_is_the_summary_ratio_within_the_block_range():

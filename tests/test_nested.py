@@ -271,6 +271,44 @@ def test_fused_attention_matches_the_reference(d, rotation, pairs, with_scales, 
             kn.decode_attention(q, keys, values, n, kc, vc, config=AttentionConfig(block_n=16), fast_cvt=True)
 
 
+@needs_kernels
+@pytest.mark.slow
+@pytest.mark.parametrize("d, rotation, with_scales", [(128, "rht", True), (64, "none", False)])
+def test_lean_decoding_is_the_full_decoding_up_to_summation_order(d, rotation, with_scales):
+    """Lanes without the coset bit and parity, those added by a side dot: the same attention as the
+    full decoding (float32 summation order aside) and the reference, with flagged blocks present."""
+    from lqlib.kernels import nested as kn
+    from lqlib.kernels.attention import AttentionConfig
+
+    if DEVICE == "cuda" and d < kn.PAIRS_MIN_DIM:
+        pytest.skip("pairs of lanes are refused on the GPU below PAIRS_MIN_DIM")
+    b, hkv, hq, n = 2, 1, 4, 100
+    gen = torch.Generator().manual_seed(11)
+    codec = NestedE8Codec(rotation, seed=2)
+    k, v = torch.randn(2, b, hkv, n, d, generator=gen) * 3
+    k[..., :8] *= 4  # a few large blocks: some overload the cube and are flagged
+    scales = torch.rand(hkv, d, generator=gen) + 0.5 if with_scales else None
+    keys = kn.quantize(codec, (k if scales is None else k / scales[:, None]).to(DEVICE))
+    values = kn.quantize(codec, v.to(DEVICE))
+    assert bool((keys.flags != 0).any()) and bool((values.flags != 0).any())
+    q = torch.randn(b, hq, d, generator=gen).half().to(DEVICE)
+    lengths = torch.tensor([n, 77], device=DEVICE)  # whole and partial tiles
+    key_scales = None if scales is None else scales.to(DEVICE)
+    cfg = AttentionConfig(block_n=64, splits=1)
+    full, lean = (
+        kn.decode_attention(
+            q, keys, values, lengths, codec, codec, key_scales=key_scales, config=cfg, pairs=True, lean=x
+        )
+        for x in (False, True)
+    )
+    ref = kn.reference_decode_attention(q, keys, values, lengths, codec, codec, key_scales=key_scales)
+    scale = ref.float().abs().max()  # outputs are float16: one unit in the last place is scale / 1024
+    assert (lean.float() - full.float()).abs().max() <= 1e-3 * scale + 2e-3
+    assert (lean.float() - ref.float()).abs().max() <= 1e-3 * scale + 2e-3
+    with pytest.raises(lqlib.InputError, match="lean"):
+        kn.decode_attention(q, keys, values, n, codec, codec, pairs=False, lean=True)
+
+
 # ---------------------------------------------------------------------------------------------- device cache
 @pytest.mark.slow
 @needs_kernels

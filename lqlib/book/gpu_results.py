@@ -31,13 +31,17 @@ __all__ = [
     "FP16_GRAPH_CACHES",
     "nested_capacity_rows",
     "nested_decode_summary",
+    "KERNEL_CATEGORIES",
+    "kernel_category",
+    "decode_profile_rows",
 ]
 
 
 def load_results(results_dir: str | Path, benchmark: str) -> list[dict]:
     """Every recorded run of ``benchmark`` (e.g. ``"gpu_attention"``), oldest date first.
 
-    Smoke runs (``"smoke": true``, made on a CPU) are left out.
+    Smoke runs (``"smoke": true``, made on a CPU) are left out, and so are runs that name another
+    script in their ``"benchmark"`` key (``gpu_nested_*.json`` also matches ``gpu_nested_decode_...``).
 
     Raises
     ------
@@ -46,7 +50,8 @@ def load_results(results_dir: str | Path, benchmark: str) -> list[dict]:
     """
     paths = sorted(Path(results_dir).glob(f"{benchmark}_*.json"))
     runs = [json.loads(path.read_text()) for path in paths]
-    runs = [run for run in runs if not run.get("smoke", False)]
+    script = f"benchmarks/{benchmark}.py"
+    runs = [run for run in runs if not run.get("smoke", False) and run.get("benchmark", script) == script]
     if not runs:
         raise FileNotFoundError(f"no recorded {benchmark} run under {results_dir}")
     return sorted(runs, key=lambda run: (run["date"], run["card"]))
@@ -356,3 +361,51 @@ def nested_layout_gain(runs: list[dict]) -> list[dict]:
                     }
                 )
     return out
+
+
+KERNEL_CATEGORIES = (
+    ("attention", ("attention_kernel",)),
+    ("split combine", ("combine_splits",)),
+    ("KV quantize", ("quantize_kernel",)),
+    ("KV copy", ("index_elementwise",)),
+    ("weight GEMMs", ("nvjet", "gemm", "splitkreduce", "cutlass", "sm90_xmma")),
+)
+"""Kernel categories of a decode step, in the order they are tried: (category, name fragments,
+lower case). Anything else (norms, rotary, activations, argmax, copies) is ``"other"``."""
+
+
+def kernel_category(name: str) -> str:
+    """The :data:`KERNEL_CATEGORIES` category of a kernel's name, or ``"other"``."""
+    low = name.lower()
+    for category, fragments in KERNEL_CATEGORIES:
+        if any(f in low for f in fragments):
+            return category
+    return "other"
+
+
+def decode_profile_rows(runs: list[dict]) -> list[dict]:
+    """One row per (card, run, context, batch, cache) of ``benchmarks/gpu_step_profile.py`` runs: the
+    step time (CUDA events), its kernels' summed time, launches per step, and milliseconds per step in
+    each kernel category (:func:`kernel_category`); ``code`` says which version of the code ran."""
+    rows = []
+    names = [c for c, _ in KERNEL_CATEGORIES] + ["other"]
+    for run in runs:
+        for cache in run["caches"]:
+            per = dict.fromkeys(names, 0.0)
+            for k in cache["kernels"]:
+                per[kernel_category(k["kernel"])] += k["us_per_step"] / 1e3
+            rows.append(
+                {
+                    "card": card_label(run),
+                    "run": _run_label(run),
+                    "code": run.get("code", ""),
+                    "context": run["context"],
+                    "batch": run["batch"],
+                    "cache": cache["cache"],
+                    "ms_per_step": cache["ms_per_step"],
+                    "kernel_ms": cache["kernel_ms_per_step"],
+                    "launches": cache["kernels_per_step"],
+                    **{f"{name}_ms": per[name] for name in names},
+                }
+            )
+    return rows

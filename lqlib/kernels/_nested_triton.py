@@ -346,6 +346,95 @@ def _lanes(w, beta_on, FAST_CVT: tl.constexpr):
 
 
 @triton.jit
+def _lanes_lean(w, beta_on, FAST_CVT: tl.constexpr):
+    """Words (N, C) int32 and their blocks' flag bits (N, C) int32 (0/1) → ``β·(2n_i − 16)`` as eight (N, C)
+    float16 lanes, without the coset bit and parity (:func:`_side` carries them). On the GPU one word
+    takes 2 integer multiplies, 2 adds, 3 shifts, 4 ``lop3`` and 4 ``fma.f16x2``: ``(1024 + n)·2β − 2064β``,
+    exact in one rounding (constants 2β = 0x4000/0x4200 and −2064β = 0xE808/0xEA0C)."""
+    if FAST_CVT:
+        c0, c1, c2, c3, c4, c5, c6, c7 = tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 t0, t1, t2, t3, s, o;
+            mul.lo.u32 s, $9, 0x02000200;
+            add.u32 s, s, 0x40004000;
+            mul.lo.u32 o, $9, 0x02040204;
+            add.u32 o, o, 0xE808E808;
+            lop3.b32 t0, $8, 0x000F000F, 0x64006400, 0xEA;
+            shr.u32 t1, $8, 4;
+            lop3.b32 t1, t1, 0x000F000F, 0x64006400, 0xEA;
+            shr.u32 t2, $8, 8;
+            lop3.b32 t2, t2, 0x000F000F, 0x64006400, 0xEA;
+            shr.u32 t3, $8, 12;
+            lop3.b32 t3, t3, 0x000F000F, 0x64006400, 0xEA;
+            fma.rn.f16x2 t0, t0, s, o;
+            fma.rn.f16x2 t1, t1, s, o;
+            fma.rn.f16x2 t2, t2, s, o;
+            fma.rn.f16x2 t3, t3, s, o;
+            mov.b32 {$0, $4}, t0;
+            mov.b32 {$1, $5}, t1;
+            mov.b32 {$2, $6}, t2;
+            mov.b32 {$3, $7}, t3;
+            }""",
+            constraints="=h,=h,=h,=h,=h,=h,=h,=h,r,r",
+            args=[w, beta_on],
+            dtype=(tl.float16,) * 8,
+            is_pure=True,
+            pack=1,
+        )
+    else:
+        beta = tl.where(beta_on != 0, 1.5, 1.0)
+        c0 = ((2 * (w & 15) - 16).to(tl.float32) * beta).to(tl.float16)
+        c1 = ((2 * ((w >> 4) & 15) - 16).to(tl.float32) * beta).to(tl.float16)
+        c2 = ((2 * ((w >> 8) & 15) - 16).to(tl.float32) * beta).to(tl.float16)
+        c3 = ((2 * ((w >> 12) & 15) - 16).to(tl.float32) * beta).to(tl.float16)
+        c4 = ((2 * ((w >> 16) & 15) - 16).to(tl.float32) * beta).to(tl.float16)
+        c5 = ((2 * ((w >> 20) & 15) - 16).to(tl.float32) * beta).to(tl.float16)
+        c6 = ((2 * ((w >> 24) & 15) - 16).to(tl.float32) * beta).to(tl.float16)
+        c7 = ((2 * ((w >> 28) & 15) - 16).to(tl.float32) * beta).to(tl.float16)
+    return c0, c1, c2, c3, c4, c5, c6, c7
+
+
+@triton.jit
+def _side(w, beta_on):
+    """Words (N, C) and flag bits (N, C) → (N, 2C) float16, columns 2j, 2j + 1 = ``β·b`` and ``β·par`` of
+    block j: with :func:`_lanes_lean`, code i of a block is ``β(2n_i − 16) + β·b`` (i < 7) and
+    ``β(2n_7 − 16) − β·b + 2β·par`` (i = 7)."""
+    b = (w >> 28) & 1
+    par = (((w & 0x01111111) * 0x11111111) >> 28) & 1
+    beta = tl.where(beta_on != 0, 1.5, 1.0)
+    sb = (b.to(tl.float32) * beta).to(tl.float16)
+    sp = (par.to(tl.float32) * beta).to(tl.float16)
+    return tl.reshape(tl.join(sb, sp), (w.shape[0], 2 * w.shape[1]))
+
+
+@triton.jit
+def _side_queries(q0, q1, q2, q3):
+    """The four pairs' queries (BLOCK_G, 2C) float16 → the side operand's query (BLOCK_G, 2C), columns
+    2j, 2j + 1 = ``q_0 + … + q_6 − q_7`` and ``2·q_7`` of block j, as float16 high and low parts."""
+    G: tl.constexpr = q0.shape[0]
+    C2: tl.constexpr = q0.shape[1]
+    l0, l4 = tl.split(tl.reshape(q0.to(tl.float32), (G, C2 // 2, 2)))
+    l1, l5 = tl.split(tl.reshape(q1.to(tl.float32), (G, C2 // 2, 2)))
+    l2, l6 = tl.split(tl.reshape(q2.to(tl.float32), (G, C2 // 2, 2)))
+    l3, l7 = tl.split(tl.reshape(q3.to(tl.float32), (G, C2 // 2, 2)))
+    qb = ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + l6) - l7
+    qs = tl.reshape(tl.join(qb, 2.0 * l7), (G, C2))
+    hi = qs.to(tl.float16)
+    return hi, (qs - hi.to(tl.float32)).to(tl.float16)
+
+
+@triton.jit
+def _add_side_values(a0, a1, a2, a3, sv):
+    """Add the value side sums sv (BLOCK_G, 2C) (columns ``Σ p·β·b``, ``Σ p·β·par`` per block) to the pairs'
+    sums: ``+Σβb`` on lanes 0..6, ``−Σβb + 2Σβpar`` on lane 7 (pair 3's odd columns)."""
+    G: tl.constexpr = sv.shape[0]
+    C2: tl.constexpr = sv.shape[1]
+    vb, vp = tl.split(tl.reshape(sv, (G, C2 // 2, 2)))
+    both = tl.reshape(tl.join(vb, vb), (G, C2))
+    return a0 + both, a1 + both, a2 + both, a3 + tl.reshape(tl.join(vb, 2.0 * vp - vb), (G, C2))
+
+
+@triton.jit
 def _pair(a, b):
     """Lanes i and i + 4, (N, C) each → (N, 2C): column 2j is block j's coordinate i, 2j + 1 its i + 4."""
     return tl.reshape(tl.join(a, b), (a.shape[0], 2 * a.shape[1]))
@@ -371,6 +460,9 @@ def _tile_pairs(
     a1,
     a2,
     a3,
+    qs_hi,
+    qs_lo,
+    sv,
     kw_base,
     vw_base,
     ks_base,
@@ -389,9 +481,12 @@ def _tile_pairs(
     V_SHIFT: tl.constexpr,
     FAST_CVT: tl.constexpr,
     MASKED: tl.constexpr,
+    LEAN: tl.constexpr,
 ):
     """:func:`_tile` with the operands split in four pairs of lanes (four dots of depth 2C for keys and
-    for values, no reshaping of the decoded words into one (N, D) operand)."""
+    for values, no reshaping of the decoded words into one (N, D) operand). With LEAN the lanes carry
+    ``β(2n − 16)`` only and the coset bits and parities go through one more dot of depth 2C per operand
+    (:func:`_side`; ``qs_hi``/``qs_lo`` the keys' side query, ``sv`` the values' side sums)."""
     tok = s0 + tl.arange(0, BLOCK_N)
     blocks = tl.arange(0, C)
     k_ptrs = kw_base + tok[:, None].to(tl.int64) * stride_kwn + blocks[None, :]
@@ -415,8 +510,15 @@ def _tile_pairs(
     if MASKED:
         fv = tl.where(valid, fv, 0.0)
 
-    k0, k1, k2, k3, k4, k5, k6, k7 = _lanes(kw, kf, FAST_CVT)
-    s = tl.dot(q0, tl.trans(_pair(k0, k4)))
+    if LEAN:
+        k0, k1, k2, k3, k4, k5, k6, k7 = _lanes_lean(kw, kf, FAST_CVT)
+        side_k = tl.trans(_side(kw, kf))
+        s = tl.dot(qs_hi, side_k)
+        s = tl.dot(qs_lo, side_k, s)
+        s = tl.dot(q0, tl.trans(_pair(k0, k4)), s)
+    else:
+        k0, k1, k2, k3, k4, k5, k6, k7 = _lanes(kw, kf, FAST_CVT)
+        s = tl.dot(q0, tl.trans(_pair(k0, k4)))
     s = tl.dot(q1, tl.trans(_pair(k1, k5)), s)
     s = tl.dot(q2, tl.trans(_pair(k2, k6)), s)
     s = tl.dot(q3, tl.trans(_pair(k3, k7)), s)
@@ -430,12 +532,16 @@ def _tile_pairs(
     fv_max = tl.max(fv, axis=0)
     fv_max = tl.where(fv_max > 0, fv_max, 1.0)
     pn = (p * (fv * (1.0 / fv_max))[None, :]).to(tl.float16)  # p·f/max f, at most 1
-    v0, v1, v2, v3, v4, v5, v6, v7 = _lanes(vw, vf, FAST_CVT)
+    if LEAN:
+        v0, v1, v2, v3, v4, v5, v6, v7 = _lanes_lean(vw, vf, FAST_CVT)
+        sv = sv * alpha[:, None] + tl.dot(pn, _side(vw, vf)) * fv_max
+    else:
+        v0, v1, v2, v3, v4, v5, v6, v7 = _lanes(vw, vf, FAST_CVT)
     a0 = a0 * alpha[:, None] + tl.dot(pn, _pair(v0, v4)) * fv_max
     a1 = a1 * alpha[:, None] + tl.dot(pn, _pair(v1, v5)) * fv_max
     a2 = a2 * alpha[:, None] + tl.dot(pn, _pair(v2, v6)) * fv_max
     a3 = a3 * alpha[:, None] + tl.dot(pn, _pair(v3, v7)) * fv_max
-    return m_new, l, a0, a1, a2, a3
+    return m_new, l, a0, a1, a2, a3, sv
 
 
 @triton.jit
@@ -697,6 +803,7 @@ def nested_attention_kernel(
     HAS_LENGTHS: tl.constexpr,
     FAST_CVT: tl.constexpr,
     PAIRS: tl.constexpr,
+    LEAN: tl.constexpr,
 ):
     """Partial attention of one (batch row, KV head) over one range of tokens.
 
@@ -733,9 +840,15 @@ def nested_attention_kernel(
         a1 = tl.zeros((BLOCK_G, 2 * C), tl.float32)
         a2 = tl.zeros((BLOCK_G, 2 * C), tl.float32)
         a3 = tl.zeros((BLOCK_G, 2 * C), tl.float32)
+        sv = tl.zeros((BLOCK_G, 2 * C), tl.float32)
+        if LEAN:
+            qs_hi, qs_lo = _side_queries(q0, q1, q2, q3)
+        else:
+            qs_hi = q0
+            qs_lo = q0
         full_end = start + tl.maximum(end - start, 0) // BLOCK_N * BLOCK_N
         for s0 in range(start, full_end, BLOCK_N):  # whole tiles, no masks
-            m, l, a0, a1, a2, a3 = _tile_pairs(
+            m, l, a0, a1, a2, a3, sv = _tile_pairs(
                 q0,
                 q1,
                 q2,
@@ -747,6 +860,9 @@ def nested_attention_kernel(
                 a1,
                 a2,
                 a3,
+                qs_hi,
+                qs_lo,
+                sv,
                 kw_base,
                 vw_base,
                 ks_base,
@@ -765,9 +881,10 @@ def nested_attention_kernel(
                 V_SHIFT,
                 FAST_CVT,
                 False,
+                LEAN,
             )
         if full_end < end:  # the last, partial tile
-            m, l, a0, a1, a2, a3 = _tile_pairs(
+            m, l, a0, a1, a2, a3, sv = _tile_pairs(
                 q0,
                 q1,
                 q2,
@@ -779,6 +896,9 @@ def nested_attention_kernel(
                 a1,
                 a2,
                 a3,
+                qs_hi,
+                qs_lo,
+                sv,
                 kw_base,
                 vw_base,
                 ks_base,
@@ -797,7 +917,10 @@ def nested_attention_kernel(
                 V_SHIFT,
                 FAST_CVT,
                 True,
+                LEAN,
             )
+        if LEAN:
+            a0, a1, a2, a3 = _add_side_values(a0, a1, a2, a3, sv)
         _store_pairs(
             acc_ptr, ml_ptr, v_signs_ptr, had_ptr, a0, a1, a2, a3, m, l, pid, split, n_splits, G, BLOCK_G, D, V_RHT
         )

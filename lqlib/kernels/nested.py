@@ -39,6 +39,7 @@ __all__ = [
     "SMALL_QUANTIZE_LAUNCH",
     "GPU_MIN_BLOCK_N",
     "PAIRS_MIN_DIM",
+    "LEAN_PAIRS",
 ]
 
 QUERY_DTYPES = (torch.float16, torch.bfloat16)
@@ -66,7 +67,9 @@ runs one vector per program on two warps, the whole tile at once: its latency, n
 is what a step pays. For the 16 vectors of one token at batch 1 (Llama-3.1-8B shape) it took 2.86 µs a
 launch against 19.79 µs for the throughput launch (H100, 2026-12-06,
 results/gpu_nested_quantize_latency_h100_2026-12-06.log); in a decode step the throughput launch
-took 1.50 ms of 11.24 (results/gpu_decode_profile_*_32768_b1.json)."""
+took 1.50 ms of 11.24 (results/gpu_step_profile_*_32768_b1.json)."""
+LEAN_PAIRS = False
+"""Whether :func:`decode_attention` decodes the pairs of lanes leanly (``lean``) when not told."""
 FAST_CVT_ON_CUDA = True
 """Whether :func:`decode_attention` decodes words with inline PTX on CUDA when ``fast_cvt`` is not given
 (a benchmark that finds the PTX path failing on its card turns this off and records it)."""
@@ -362,6 +365,7 @@ def decode_attention(
     config: AttentionConfig | None = None,
     fast_cvt: bool | None = None,
     pairs: bool | None = None,
+    lean: bool | None = None,
 ) -> Tensor:
     """Fused decode attention on a nested-format cache (Triton; CUDA, or CPU under ``TRITON_INTERPRET=1``).
 
@@ -384,6 +388,9 @@ def decode_attention(
         (default where d >= :data:`PAIRS_MIN_DIM` and block_n >= :data:`GPU_MIN_BLOCK_N`; on the CPU
         interpreter d >= 64 may ask for it), or one operand of depth d assembled from all eight lanes.
         Same values up to float32 summation order.
+    lean : with pairs, decode the lanes without the coset bit and parity (half the instructions a word)
+        and add those through one more dot of depth d/4 per operand (default :data:`LEAN_PAIRS`).
+        Same values up to float32 summation order.
 
     Returns
     -------
@@ -403,6 +410,9 @@ def decode_attention(
             f"pairs of lanes need head_dim >= 64, and on the GPU head_dim >= {PAIRS_MIN_DIM} and block_n >= "
             f"{GPU_MIN_BLOCK_N} (smaller shapes gave wrong results on an H100), got head_dim {d}, block_n {cfg.block_n}"
         )
+    use_lean = (use_pairs and LEAN_PAIRS) if lean is None else bool(lean)
+    if use_lean and not use_pairs:
+        raise InputError("lean decoding needs the pairs-of-lanes layout (pairs=True)")
     fast = (on_gpu and FAST_CVT_ON_CUDA and cfg.block_n >= GPU_MIN_BLOCK_N) if fast_cvt is None else bool(fast_cvt)
     if fast and on_gpu and cfg.block_n < GPU_MIN_BLOCK_N:
         raise InputError(
@@ -472,6 +482,7 @@ def decode_attention(
         HAS_LENGTHS=isinstance(length, Tensor),
         FAST_CVT=fast,
         PAIRS=use_pairs,
+        LEAN=use_lean,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
         **({} if cfg.maxnreg is None else {"maxnreg": cfg.maxnreg}),

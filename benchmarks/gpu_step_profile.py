@@ -7,9 +7,10 @@ For each cache of ``--kinds`` (the fair float16 baseline ``static_split_k_graph`
 Printed per cache: the step time (CUDA events, untraced), the summed kernel time per step, and the
 kernels grouped by name with their count and time per step, largest first; the groups that differ
 between caches are what the coded caches add or save. Writes
-``gpu_decode_profile_<card>_<date>.json`` under ``--out``.
+``gpu_step_profile_<card>_<date>_<context>_b<batch>.json`` under ``--out``; the Paper II GPU page
+folds it into kernel categories (:func:`lqlib.book.gpu_results.decode_profile_rows`).
 
-    python benchmarks/gpu_decode_profile.py [--context 32768] [--batch 1] [--out results]
+    python benchmarks/gpu_step_profile.py [--context 32768] [--batch 1] [--out results]
 """
 
 from __future__ import annotations
@@ -90,8 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     model = build_model(llama_8b_config(False), device, torch.float16)
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.context), device=device)
     result = {
+        "benchmark": "benchmarks/gpu_step_profile.py",
         "card": card,
-        "date": datetime.date.today().isoformat(),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="minutes"),
         "torch": torch.__version__,
         "context": args.context,
         "batch": args.batch,
@@ -109,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {r['us_per_step']:9.1f} us  x{r['per_step']:5.0f}  {r['kernel']}")
         torch.cuda.empty_cache()
     slug = re.sub(r"[^a-z0-9]+", "-", card.lower()).strip("-")
-    out = Path(args.out) / f"gpu_decode_profile_{slug}_{result['date']}_{args.context}_b{args.batch}.json"
+    out = Path(args.out) / f"gpu_step_profile_{slug}_{result['date'][:10]}_{args.context}_b{args.batch}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nwrote {out}")
