@@ -69,7 +69,9 @@ launch against 19.79 µs for the throughput launch (H100, 2026-12-06,
 results/gpu_nested_quantize_latency_h100_2026-12-06.log); in a decode step the throughput launch
 took 1.50 ms of 11.24 (results/gpu_step_profile_*_32768_b1.json)."""
 LEAN_PAIRS = False
-"""Whether :func:`decode_attention` decodes the pairs of lanes leanly (``lean``) when not told."""
+"""Whether :func:`decode_attention` decodes the pairs of lanes leanly (``lean``) when not told. Off: the
+lean decoding agrees with the full one in the interpreter (tests), but its inline PTX has not run on a
+GPU yet; ``benchmarks/gpu_nested_lean.py`` checks and times it against the full decoding and SDPA."""
 FAST_CVT_ON_CUDA = True
 """Whether :func:`decode_attention` decodes words with inline PTX on CUDA when ``fast_cvt`` is not given
 (a benchmark that finds the PTX path failing on its card turns this off and records it)."""
