@@ -8,7 +8,10 @@ are recorded as one CUDA graph and replayed (median of ``--repeats``): microseco
 default launch and a ``copy_`` of the same input (a bandwidth-trivial kernel: the floor of any launch
 in a graph) are timed in the same run. Writes ``gpu_nested_quantize_latency_<card>_<date>.json``.
 
-    python benchmarks/gpu_nested_quantize_latency.py [--vectors 16 128] [--out results]
+``--format int8`` times the int8 device format's quantize kernel (:func:`lqlib.kernels.quantize`) the
+same way (its decode steps use the throughput launch too).
+
+    python benchmarks/gpu_nested_quantize_latency.py [--vectors 16 128] [--format nested|int8] [--out results]
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warps", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--chunk-major", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--splits", type=int, nargs="+", default=[0, 3])
+    ap.add_argument("--format", choices=["nested", "int8"], default="nested")
     ap.add_argument("--out", default="results")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -67,9 +71,25 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     dev = torch.device("cuda")
     card = torch.cuda.get_device_name()
-    codec = NestedE8Codec()
+    if args.format == "nested":
+        codec = NestedE8Codec()
+
+        def quantize(x, **kw):
+            got = kn.quantize(codec, x, **kw)
+            return got.words, got.steps, got.flags
+    else:
+        import lqlib
+        from lqlib.kernels import quantize as int8_quantize
+
+        codec = lqlib.E8Codec(4.0)
+
+        def quantize(x, **kw):
+            return int8_quantize(codec, x, **{k: (1 if k == "split" and v is None else v) for k, v in kw.items()})
+
     shapes = list(itertools.product(args.block_v, args.warps, [bool(c) for c in args.chunk_major], args.splits))
     result = {
+        "benchmark": "benchmarks/gpu_nested_quantize_latency.py",
+        "format": args.format,
         "card": card,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="minutes"),
         "torch": torch.__version__,
@@ -77,13 +97,13 @@ def main(argv: list[str] | None = None) -> int:
     }
     for n in args.vectors:
         x = torch.randn(n, args.dim, device=dev, dtype=torch.float16)
-        ref = kn.quantize(codec, x)
+        ref = quantize(x)
         sink = torch.empty_like(x)
         case = {
             "vectors": n,
             "dim": args.dim,
             "copy_us": graph_us(lambda: sink.copy_(x)),
-            "default_us": graph_us(lambda: kn.quantize(codec, x)),  # the library's choice for n vectors
+            "default_us": graph_us(lambda: quantize(x)),  # the library's choice for n vectors
             "launches": [],
         }
         print(f"\n{n} vectors of {args.dim}: copy_ {case['copy_us']:.2f} us,", end=" ")
@@ -91,9 +111,9 @@ def main(argv: list[str] | None = None) -> int:
         for bv, w, cm, sp in shapes:
             kw = {"block_v": bv, "num_warps": w, "chunk_major": cm, "split": sp}
             try:
-                got = kn.quantize(codec, x, **kw)
-                same = all(torch.equal(getattr(got, f), getattr(ref, f)) for f in ("words", "steps", "flags"))
-                us = graph_us(lambda kw=kw: kn.quantize(codec, x, **kw))
+                got = quantize(x, **kw)
+                same = all(torch.equal(a, b) for a, b in zip(got, ref))
+                us = graph_us(lambda kw=kw: quantize(x, **kw))
                 row = {**kw, "us": us, "identical": same}
             except Exception as exc:  # noqa: BLE001 - recorded: a launch shape Triton cannot compile
                 row = {**kw, "error": repr(exc)[:300]}
@@ -106,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"fastest: {best} = {case['default_us'] / best['us']:.2f}x the default launch")
         result["cases"].append(case)
     slug = re.sub(r"[^a-z0-9]+", "-", card.lower()).strip("-")
-    out = Path(args.out) / f"gpu_nested_quantize_latency_{slug}_{result['date'][:10]}.json"
+    suffix = "" if args.format == "nested" else f"_{args.format}"
+    out = Path(args.out) / f"gpu_nested_quantize_latency_{slug}_{result['date'][:10]}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
