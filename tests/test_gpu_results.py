@@ -70,3 +70,20 @@ def test_decode_speed_estimate_is_the_summary_ratio_within_the_block_range():
     assert (est.value, est.low, est.high) == (2.0, 4.0 / 3.0, 3.0)
     with pytest.raises(KeyError):
         g.decode_speed_estimate(fake, 16)
+
+
+def test_speed_verdict_takes_every_value_and_the_decode_rows_use_the_block_range():
+    assert g.speed_verdict(1.02, 1.05, 1.0) == "met"
+    assert g.speed_verdict(0.97, 0.99, 1.0) == "not met"
+    assert g.speed_verdict(0.98, 1.01, 1.0) == "inconclusive"
+    assert g.speed_verdict(None, None, 1.0) == g.speed_verdict(0.9, 1.1, None) == "—"
+    runs = g.fair_decode_runs(g.nested_runs(RESULTS, "gpu_nested_decode"))
+    rows = [r for r in g.nested_decode_rows(runs) if r["cache"] == "nested_graph" and r["baseline"]]
+    assert rows
+    for r in rows:
+        assert r["vs_fp16_low"] <= r["vs_fp16"] <= r["vs_fp16_high"]
+        assert r["target"] == ({1: 1.0, 8: 1.5}[r["batch"]] if r["context"] == 32768 else None)
+    for s in g.nested_decode_summary(g.nested_decode_rows(runs)):
+        if s["nested_graph_ms"] is not None:
+            r = next(x for x in rows if (x["run"], x["context"], x["batch"]) == (s["run"], s["context"], s["batch"]))
+            assert s["verdict"] == g.speed_verdict(r["vs_fp16_low"], r["vs_fp16_high"], r["target"])

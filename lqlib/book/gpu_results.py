@@ -31,6 +31,7 @@ __all__ = [
     "FP16_GRAPH_CACHES",
     "nested_capacity_rows",
     "nested_decode_summary",
+    "speed_verdict",
     "KERNEL_CATEGORIES",
     "kernel_category",
     "decode_profile_rows",
@@ -272,6 +273,7 @@ def nested_decode_rows(runs: list[dict]) -> list[dict]:
                 fp16[key] = r
         for r in done:
             b = fp16.get((r["context"], r["batch"]))
+            pairs = [x / y for x in b["block_ms"] for y in r["block_ms"]] if b else []
             rows.append(
                 {
                     "card": card_label(run),
@@ -286,10 +288,34 @@ def nested_decode_rows(runs: list[dict]) -> list[dict]:
                     "kv_mib": r["kv_bytes"] / 2**20,
                     "baseline": b["cache"] if b else None,
                     "vs_fp16": b["ms_per_step"] / r["ms_per_step"] if b else None,
+                    "vs_fp16_low": min(pairs) if pairs else None,
+                    "vs_fp16_high": max(pairs) if pairs else None,
+                    "target": _decode_target(run, r["context"], r["batch"]),
                     "kv_ratio_vs_fp16": b["kv_bytes"] / r["kv_bytes"] if b and r["kv_bytes"] else None,
                 }
             )
     return rows
+
+
+def _decode_target(run: dict, context: int, batch: int) -> float | None:
+    """The run's end-to-end speed target over float16 at ``context`` × ``batch`` (only 32K has one)."""
+    if context != 32768:
+        return None
+    return run.get("targets", {}).get("vs_static_graph_at_32k", {}).get(str(batch))
+
+
+def speed_verdict(low: float | None, high: float | None, target: float | None) -> str:
+    """A speed-up of at least ``target``, judged on the range [low, high] of the run's block-time ratios
+    (every pairing of the baseline's and our repeated blocks): "met" where the whole range reaches the
+    target, "not met" where it stays below, "inconclusive" where it straddles it, "—" without a target
+    or a range."""
+    if target is None or low is None or high is None:
+        return "—"
+    if low >= target:
+        return "met"
+    if high < target:
+        return "not met"
+    return "inconclusive"
 
 
 def nested_capacity_rows(runs: list[dict]) -> list[dict]:
@@ -324,10 +350,15 @@ def nested_decode_summary(rows: list[dict]) -> list[dict]:
         if r["cache"] == "nested_graph":
             row["nested_floor_ms"] = r["floor_ms"]
             row["nested_vs_fp16"] = r["vs_fp16"]
+            row["nested_vs_fp16_range"] = (
+                f"[{r['vs_fp16_low']:.3f}, {r['vs_fp16_high']:.3f}]" if r["vs_fp16_low"] is not None else None
+            )
+            row["target"] = r["target"]
+            row["verdict"] = speed_verdict(r["vs_fp16_low"], r["vs_fp16_high"], r["target"])
             row["kv_ratio_vs_fp16"] = r["kv_ratio_vs_fp16"]
     caches = {r["cache"] for r in rows} | {*FP16_GRAPH_CACHES, "dynamic_eager", "int8_graph", "nested_graph"}
     keys = {f"{c}_ms" for c in caches} | {"baseline", "fp16_ms", "fp16_floor_ms", "nested_floor_ms"}
-    keys |= {"nested_vs_fp16", "kv_ratio_vs_fp16"}
+    keys |= {"nested_vs_fp16", "nested_vs_fp16_range", "target", "verdict", "kv_ratio_vs_fp16"}
     return [{**dict.fromkeys(sorted(keys)), **row} for row in out.values()]  # None: not timed in that run
 
 
