@@ -90,6 +90,16 @@ def build_model(config, device: torch.device, dtype: torch.dtype):
     return model.eval()
 
 
+def write_record(result: dict, out_dir: str | Path, benchmark: str, suffix: str = "") -> Path:
+    """Write ``result`` as ``<benchmark>_<card slug>_<YYYY-MM-DD><suffix>.json`` under ``out_dir``
+    (the card and date read from ``result``); return the path."""
+    slug = re.sub(r"[^a-z0-9]+", "-", result["card"].lower()).strip("-")
+    path = Path(out_dir) / f"{benchmark}_{slug}_{result['date'][:10]}{suffix}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    return path
+
+
 class Timer:
     """CUDA events on the GPU, wall clock on the CPU."""
 

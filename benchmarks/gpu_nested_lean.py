@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import re
 import statistics
 import sys
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_decode import write_record  # noqa: E402
 
 
 def timed_ms(fn, iters: int, repeats: int) -> float:
@@ -66,10 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         "config": repr(kn.NESTED_CONFIG),
         "rows": [],
     }
-    slug = re.sub(r"[^a-z0-9]+", "-", card.lower()).strip("-")
-    out = Path(args.out) / f"gpu_nested_lean_{slug}_{result['date'][:10]}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator(device=dev).manual_seed(0)
+    out = None
     for n in args.contexts:
         for b in args.batches:
             k = torch.randn(b, hkv, n, d, generator=gen, device=dev, dtype=torch.float16)
@@ -94,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             row["lean_vs_sdpa"] = row["sdpa_ms"] / row["lean_ms"]
             row["full_vs_sdpa"] = row["sdpa_ms"] / row["full_ms"]
             result["rows"].append(row)
-            out.write_text(json.dumps(result, indent=2) + "\n")
+            out = write_record(result, args.out, "gpu_nested_lean")  # after every shape
             print({key: round(x, 4) if isinstance(x, float) else x for key, x in row.items()}, flush=True)
             k = v = keys = values = None  # free before the next shape
             torch.cuda.empty_cache()

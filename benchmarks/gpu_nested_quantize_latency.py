@@ -19,13 +19,14 @@ from __future__ import annotations
 import argparse
 import datetime
 import itertools
-import json
-import re
 import statistics
 import sys
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_decode import write_record  # noqa: E402
 
 
 def graph_us(fn, launches: int = 64, repeats: int = 7) -> float:
@@ -125,12 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         if best:
             print(f"fastest: {best} = {case['default_us'] / best['us']:.2f}x the default launch")
         result["cases"].append(case)
-    slug = re.sub(r"[^a-z0-9]+", "-", card.lower()).strip("-")
     suffix = "" if args.format == "nested" else f"_{args.format}"
-    out = Path(args.out) / f"gpu_nested_quantize_latency_{slug}_{result['date'][:10]}{suffix}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    print(f"wrote {write_record(result, args.out, 'gpu_nested_quantize_latency', suffix)}")
     return 0
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import re
 import statistics
 import sys
@@ -27,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_decode import Timer, build_model, llama_8b_config  # noqa: E402
+from gpu_decode import Timer, build_model, llama_8b_config, write_record  # noqa: E402
 from gpu_nested_decode import make_cache  # noqa: E402
 
 
@@ -110,11 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in row["kernels"][:25]:
             print(f"  {r['us_per_step']:9.1f} us  x{r['per_step']:5.0f}  {r['kernel']}")
         torch.cuda.empty_cache()
-    slug = re.sub(r"[^a-z0-9]+", "-", card.lower()).strip("-")
-    out = Path(args.out) / f"gpu_step_profile_{slug}_{result['date'][:10]}_{args.context}_b{args.batch}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {out}")
+    print(f"\nwrote {write_record(result, args.out, 'gpu_step_profile', f'_{args.context}_b{args.batch}')}")
     return 0
 
 
