@@ -14,7 +14,7 @@ too few moves them by 0.4).
 import numpy as np
 import pytest
 import torch
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import DynamicCache, LlamaConfig
 
 import lqlib
 from lqlib import E8Codec
@@ -29,6 +29,8 @@ from lqlib.cache.device import (
 )
 from lqlib.kernels import reference_quantize
 
+from ._llama import tiny_llama
+
 pytest.importorskip("triton")
 
 DECODE_ATOL = 5e-3
@@ -39,21 +41,6 @@ def dev(*tensors: torch.Tensor):
     """The tensors on DEVICE (one tensor, or a tuple)."""
     moved = tuple(t.to(DEVICE) for t in tensors)
     return moved[0] if len(moved) == 1 else moved
-
-
-def tiny_llama(dtype=torch.float32, layers: int = 2):
-    """2 layers, 4 query heads, 2 KV heads (GQA), head dim 64, random weights."""
-    config = LlamaConfig(
-        vocab_size=97,
-        hidden_size=256,
-        intermediate_size=128,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=64,
-    )
-    torch.manual_seed(0)
-    return config, LlamaForCausalLM(config).eval().to(dtype=dtype, device=DEVICE)
 
 
 def greedy(model, cache, impl: str, ids: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,7 +65,7 @@ def greedy(model, cache, impl: str, ids: torch.Tensor, steps: int) -> tuple[torc
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.slow
 def test_prefill_and_greedy_decode_match_the_cpu_cache(dtype):
-    config, model = tiny_llama(dtype)
+    config, model = tiny_llama(dtype=dtype)
     ids = torch.randint(0, 97, (2, 20), generator=torch.Generator().manual_seed(1))
     ref_logits, ref_tokens = greedy(model, CompressedKVCache(config, 4.0, page_size=8, recent_window=0), "sdpa", ids, 4)
     cache = DeviceKVCache(config, 4.0)
