@@ -60,6 +60,7 @@ if "--smoke" in sys.argv:  # before Triton is imported
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+FLAGS = ("LEAN_PAIRS", "UNROTATE_IN_COMBINE", "ROTATE_QUERIES_IN_REGISTERS")
 from gpu_decode import Timer, build_model, llama_8b_config  # noqa: E402
 
 from lqlib.book.gpu_results import FP16_GRAPH_CACHES  # noqa: E402
@@ -352,7 +353,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-capacity", action="store_true")
     ap.add_argument("--out", default="results")
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--lean", action="store_true", help="the nested cache decodes pairs of lanes leanly")
+    ap.add_argument("--tag", default="", help="a suffix for the record's file name")
+    ap.add_argument("--flags", nargs="*", default=[], help="lqlib.kernels.nested flags to turn on", choices=FLAGS)
     args = ap.parse_args(argv)
+    from lqlib.kernels import nested as kn
+
+    kn.LEAN_PAIRS = kn.LEAN_PAIRS or args.lean
+    for flag in args.flags:
+        setattr(kn, flag, True)
     if args.smoke:
         args.contexts, args.batches, args.new_tokens, args.repeats, args.warmup = [40], [1, 2], 2, 1, 1
         args.chunk, args.check_context, args.check_steps, args.no_capacity = 16, 24, 2, True
@@ -386,11 +395,14 @@ def main(argv: list[str] | None = None) -> int:
         "warmup_steps": args.warmup,
         "targets": {"vs_static_graph_at_32k": TARGETS, "capacity": TARGET_CAPACITY},
         "static_graph_attention": "lqlib_fp16_decode",  # the fp16 baseline's attention (K/V read once)
+        "lean_pairs": kn.LEAN_PAIRS,
+        "nested_flags": {flag: getattr(kn, flag) for flag in FLAGS},
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     slug = re.sub(r"[^A-Za-z0-9]+", "-", card).strip("-").lower()
-    path = out / f"gpu_nested_decode_{slug}_{datetime.date.today().isoformat()}.json"
+    suffix = f"_{args.tag}" if args.tag else "_lean" if args.lean else ""
+    path = out / f"gpu_nested_decode_{slug}_{datetime.date.today().isoformat()}{suffix}.json"
     model = build_model(config, device, torch.float16)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     result["weights_bytes"] = weights

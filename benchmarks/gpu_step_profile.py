@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_decode import Timer, build_model, llama_8b_config, write_record  # noqa: E402
-from gpu_nested_decode import make_cache  # noqa: E402
+from gpu_nested_decode import FLAGS, make_cache  # noqa: E402
 
 
 def kernel_group(name: str) -> str:
@@ -81,7 +81,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--kinds", nargs="+", default=["static_split_k_graph", "nested_graph", "int8_graph"])
     ap.add_argument("--out", default="results")
+    ap.add_argument("--lean", action="store_true", help="the nested cache decodes pairs of lanes leanly")
+    ap.add_argument("--tag", default="", help="a suffix for the record's file name")
+    ap.add_argument("--flags", nargs="*", default=[], help="lqlib.kernels.nested flags to turn on", choices=FLAGS)
     args = ap.parse_args(argv)
+    from lqlib.kernels import nested as kn
+
+    kn.LEAN_PAIRS = kn.LEAN_PAIRS or args.lean
+    for flag in args.flags:
+        setattr(kn, flag, True)
     if not torch.cuda.is_available():
         print("needs CUDA")
         return 2
@@ -97,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         "context": args.context,
         "batch": args.batch,
         "steps_traced": args.steps,
+        "lean_pairs": kn.LEAN_PAIRS,
+        "nested_flags": {flag: getattr(kn, flag) for flag in FLAGS},
         "caches": [],
     }
     for kind in args.kinds:
@@ -109,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         for r in row["kernels"][:25]:
             print(f"  {r['us_per_step']:9.1f} us  x{r['per_step']:5.0f}  {r['kernel']}")
         torch.cuda.empty_cache()
-    print(f"\nwrote {write_record(result, args.out, 'gpu_step_profile', f'_{args.context}_b{args.batch}')}")
+    suffix = f"_{args.context}_b{args.batch}" + (f"_{args.tag}" if args.tag else "_lean" if args.lean else "")
+    print(f"\nwrote {write_record(result, args.out, 'gpu_step_profile', suffix)}")
     return 0
 
 

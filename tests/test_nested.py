@@ -309,6 +309,68 @@ def test_lean_decoding_is_the_full_decoding_up_to_summation_order(d, rotation, w
         kn.decode_attention(q, keys, values, n, codec, codec, pairs=False, lean=True)
 
 
+@needs_kernels
+@pytest.mark.parametrize("d, splits", [(8, 1), (64, 5), (128, 37)])
+def test_combine_undoes_the_rotation_once_a_row(d, splits):
+    """Merging rotated partials with signs: the merged rows times H (unnormalised Sylvester) times the
+    signs, to float32 rounding; splits past one chunk of the merge loop and an empty split included."""
+    from lqlib.kernels.attention import combine_splits, hadamard_matrix
+
+    gen = torch.Generator().manual_seed(d + splits)
+    rows = 6
+    acc = torch.randn(rows, splits, d, generator=gen)
+    m = torch.randn(rows, splits, generator=gen) * 4
+    l = torch.rand(rows, splits, generator=gen) + 0.5
+    if splits > 1:
+        m[0, 1] = float("-inf")  # a split that saw no token
+        l[0, 1] = 0.0
+    signs = torch.where(torch.rand(d, generator=gen) < 0.5, -1.0, 1.0)
+    w = torch.exp2(m - m.max(dim=1, keepdim=True).values)
+    merged = (acc * w[..., None]).sum(1) / (w * l).sum(1, keepdim=True) / 2
+    expected = (merged.double() @ hadamard_matrix(d, "cpu", torch.float64)) * signs.double()
+    out = torch.empty(rows, d)
+    ml = torch.stack([m, l], dim=1).contiguous()
+    got = combine_splits(acc.to(DEVICE), ml.to(DEVICE), out.to(DEVICE), signs.to(DEVICE)).cpu()
+    assert (got.double() - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+@needs_kernels
+@pytest.mark.slow
+@pytest.mark.parametrize("d, pairs", [(128, True), (64, False)])
+def test_rotations_in_registers_and_in_the_combine_are_the_same_attention(d, pairs, monkeypatch):
+    """The values' rotation undone once a row when merging the splits, and (pairs of lanes) the queries
+    rotated by butterflies in registers: the same attention as the dots against H in every split
+    (float32 summation order aside) and the reference."""
+    from lqlib.kernels import nested as kn
+    from lqlib.kernels.attention import AttentionConfig
+
+    if DEVICE == "cuda" and pairs and d < kn.PAIRS_MIN_DIM:
+        pytest.skip("pairs of lanes are refused on the GPU below PAIRS_MIN_DIM")
+    b, hkv, hq, n = 2, 1, 4, 130
+    gen = torch.Generator().manual_seed(12)
+    codec = NestedE8Codec("rht", seed=3)
+    k, v = torch.randn(2, b, hkv, n, d, generator=gen) * 3
+    keys, values = kn.quantize(codec, k.to(DEVICE)), kn.quantize(codec, v.to(DEVICE))
+    q = torch.randn(b, hq, d, generator=gen).half().to(DEVICE)
+    lengths = torch.tensor([n, 101], device=DEVICE)
+    cfg = AttentionConfig(block_n=64, splits=3)
+    ref = kn.reference_decode_attention(q, keys, values, lengths, codec, codec).float()
+    scale = ref.abs().max()
+
+    def attend(late: bool, in_registers: bool) -> torch.Tensor:
+        monkeypatch.setattr(kn, "ROTATE_QUERIES_IN_REGISTERS", in_registers)
+        return kn.decode_attention(
+            q, keys, values, lengths, codec, codec, config=cfg, pairs=pairs, unrotate_in_combine=late
+        ).float()
+
+    each = attend(False, False)
+    assert (each - ref).abs().max() <= 1e-3 * scale + 2e-3
+    for late, in_registers in [(True, False)] + [(True, True)] * pairs:
+        got = attend(late, in_registers)
+        assert (got - each).abs().max() <= 1e-3 * scale + 2e-3
+        assert (got - ref).abs().max() <= 1e-3 * scale + 2e-3
+
+
 # ---------------------------------------------------------------------------------------------- device cache
 @pytest.mark.slow
 @needs_kernels

@@ -24,6 +24,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ._e8_triton import _fwht
+
 
 @triton.jit
 def _pow2(n):
@@ -331,4 +333,41 @@ def combine_splits_kernel(
     total = tl.sum(w * l, axis=0)
     acc = tl.load(acc_ptr + (row * n_splits + sp[:, None]) * D + cols[None, :], mask=ok[:, None], other=0.0)
     y = tl.sum(acc * w[:, None], axis=0) * (0.5 / total)
+    tl.store(out_ptr + row * D + cols, y.to(out_ptr.dtype.element_ty))
+
+
+@triton.jit
+def combine_unrotate_kernel(
+    acc_ptr,
+    ml_ptr,
+    signs_ptr,
+    out_ptr,
+    n_splits,
+    D: tl.constexpr,
+    LOG2_D: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    CHUNK_S: tl.constexpr,
+):
+    """:func:`combine_splits_kernel` for partials in the rotated domain, one program a row (D >= 8): the
+    merged row ``y`` (D,) leaves as ``(y @ H)·signs``, H the unnormalised Sylvester–Hadamard matrix (the
+    value rotation undone once a row, not once a split)."""
+    row = tl.program_id(0).to(tl.int64)
+    sp = tl.arange(0, BLOCK_S)
+    ok = sp < n_splits
+    m = tl.load(ml_ptr + row * 2 * n_splits + sp, mask=ok, other=float("-inf"))
+    l = tl.load(ml_ptr + (row * 2 + 1) * n_splits + sp, mask=ok, other=0.0)
+    big = tl.max(m, axis=0)
+    w = tl.where(ok & (m > float("-inf")), tl.exp2(m - big), 0.0)
+    total = tl.sum(w * l, axis=0)
+    cols = tl.arange(0, D)
+    y = tl.zeros((D,), tl.float32)
+    for s0 in range(0, n_splits, CHUNK_S):
+        cs = s0 + tl.arange(0, CHUNK_S)
+        cok = cs < n_splits
+        mc = tl.load(ml_ptr + row * 2 * n_splits + cs, mask=cok, other=float("-inf"))
+        wc = tl.where(cok & (mc > float("-inf")), tl.exp2(mc - big), 0.0)
+        acc = tl.load(acc_ptr + (row * n_splits + cs[:, None]) * D + cols[None, :], mask=cok[:, None], other=0.0)
+        y += tl.sum(acc * wc[:, None], axis=0)
+    y = tl.reshape(_fwht(tl.reshape(y, (D // 8, 1, 8)), LOG2_D - 3), (D,))
+    y = y * tl.load(signs_ptr + cols) * (0.5 / total)
     tl.store(out_ptr + row * D + cols, y.to(out_ptr.dtype.element_ty))

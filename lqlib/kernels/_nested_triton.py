@@ -645,6 +645,24 @@ def _pair_query(
 
 
 @triton.jit
+def _rotated_pairs(q, D: tl.constexpr, LOG2C: tl.constexpr):
+    """Rows (BLOCK_G, D) float32 → ``q @ H`` (H unnormalised Sylvester) as four pairs of lanes (BLOCK_G, 2C)
+    float32: pair K's column 2j + t holds coordinate 8j + K + 4t (:func:`_pair_columns`)."""
+    G: tl.constexpr = q.shape[0]
+    C: tl.constexpr = D // 8
+    v = _fwht(tl.permute(tl.reshape(q, (G, C, 8)), (1, 0, 2)), LOG2C)  # (C, G, 8)
+    even, odd = tl.split(tl.reshape(v, (C, G, 2, 2, 2)))  # lane 4t + 2u + v: v = 0, 1
+    p0, p2 = tl.split(even)  # u = 0, 1: (C, G, 2) each, last axis t
+    p1, p3 = tl.split(odd)
+    return (
+        tl.reshape(tl.permute(p0, (1, 0, 2)), (G, 2 * C)),
+        tl.reshape(tl.permute(p1, (1, 0, 2)), (G, 2 * C)),
+        tl.reshape(tl.permute(p2, (1, 0, 2)), (G, 2 * C)),
+        tl.reshape(tl.permute(p3, (1, 0, 2)), (G, 2 * C)),
+    )
+
+
+@triton.jit
 def _pair_queries(
     q_ptr,
     scales_ptr,
@@ -659,9 +677,12 @@ def _pair_queries(
     D: tl.constexpr,
     K_RHT: tl.constexpr,
     HAS_SCALES: tl.constexpr,
+    Q_FWHT: tl.constexpr,
+    LOG2C: tl.constexpr,
 ):
-    """The group's queries times the key scales (times the signs and rotated, if K_RHT) as four pairs
-    of lanes (BLOCK_G, 2C) float16, divided by their common largest |value|; and that value."""
+    """The group's queries times the key scales (times the signs and rotated, if K_RHT: by butterflies
+    in registers if Q_FWHT, else by dots against rows of H) as four pairs of lanes (BLOCK_G, 2C)
+    float16, divided by their common largest |value|; and that value."""
     rows = tl.arange(0, BLOCK_G)
     row_ok = rows < G
     dims = tl.arange(0, D)
@@ -676,18 +697,21 @@ def _pair_queries(
         q = q * tl.load(k_signs_ptr + dims)[None, :]
         a = _row_max_abs(q)
         qn = (q / a[:, None]).to(tl.float16)
-    p0 = _pair_query(
-        qn, a, had_ptr, q_ptr, scales_ptr, b, h, stride_qb, stride_qh, rows, row_ok, 0, G, D, K_RHT, HAS_SCALES
-    )
-    p1 = _pair_query(
-        qn, a, had_ptr, q_ptr, scales_ptr, b, h, stride_qb, stride_qh, rows, row_ok, 1, G, D, K_RHT, HAS_SCALES
-    )
-    p2 = _pair_query(
-        qn, a, had_ptr, q_ptr, scales_ptr, b, h, stride_qb, stride_qh, rows, row_ok, 2, G, D, K_RHT, HAS_SCALES
-    )
-    p3 = _pair_query(
-        qn, a, had_ptr, q_ptr, scales_ptr, b, h, stride_qb, stride_qh, rows, row_ok, 3, G, D, K_RHT, HAS_SCALES
-    )
+    if K_RHT and Q_FWHT:
+        p0, p1, p2, p3 = _rotated_pairs(q, D, LOG2C)
+    else:
+        p0 = _pair_query(
+            qn, a, had_ptr, q_ptr, scales_ptr, b, h, stride_qb, stride_qh, rows, row_ok, 0, G, D, K_RHT, HAS_SCALES
+        )
+        p1 = _pair_query(
+            qn, a, had_ptr, q_ptr, scales_ptr, b, h, stride_qb, stride_qh, rows, row_ok, 1, G, D, K_RHT, HAS_SCALES
+        )
+        p2 = _pair_query(
+            qn, a, had_ptr, q_ptr, scales_ptr, b, h, stride_qb, stride_qh, rows, row_ok, 2, G, D, K_RHT, HAS_SCALES
+        )
+        p3 = _pair_query(
+            qn, a, had_ptr, q_ptr, scales_ptr, b, h, stride_qb, stride_qh, rows, row_ok, 3, G, D, K_RHT, HAS_SCALES
+        )
     top = tl.maximum(tl.maximum(_row_max_abs(p0), _row_max_abs(p1)), tl.maximum(_row_max_abs(p2), _row_max_abs(p3)))
     q_max = tl.max(top, axis=0)  # one scale for the group: it folds into the step factors
     return (
@@ -804,6 +828,8 @@ def nested_attention_kernel(
     FAST_CVT: tl.constexpr,
     PAIRS: tl.constexpr,
     LEAN: tl.constexpr,
+    Q_FWHT: tl.constexpr,
+    LOG2C: tl.constexpr,
 ):
     """Partial attention of one (batch row, KV head) over one range of tokens.
 
@@ -831,7 +857,21 @@ def nested_attention_kernel(
     vf_base = vf_ptr + b.to(tl.int64) * stride_vfb + h.to(tl.int64) * stride_vfh
     if PAIRS:  # four dots of depth 2C per operand (D >= 64)
         q0, q1, q2, q3, q_max = _pair_queries(
-            q_ptr, scales_ptr, k_signs_ptr, had_ptr, b, h, stride_qb, stride_qh, G, BLOCK_G, D, K_RHT, HAS_SCALES
+            q_ptr,
+            scales_ptr,
+            k_signs_ptr,
+            had_ptr,
+            b,
+            h,
+            stride_qb,
+            stride_qh,
+            G,
+            BLOCK_G,
+            D,
+            K_RHT,
+            HAS_SCALES,
+            Q_FWHT,
+            LOG2C,
         )
         factor = q_max * qk_scale  # scores = (qn · β·2p) · factor · f(k)
         m = tl.full((BLOCK_G,), float("-inf"), tl.float32)

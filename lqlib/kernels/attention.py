@@ -215,13 +215,29 @@ def split_plan(cfg: AttentionConfig, batch_heads: int, tokens: int, device: torc
     return triton_cdiv(tokens, per_split), per_split
 
 
-def combine_splits(part_acc: Tensor, part_ml: Tensor, out: Tensor) -> Tensor:
+def combine_splits(part_acc: Tensor, part_ml: Tensor, out: Tensor, signs: Tensor | None = None) -> Tensor:
     """Merge the split-K partials of a decode attention launch into ``out`` (B, Hq, d) and return it:
     ``part_acc`` (B·Hq, splits, d) float32 (value sums, doubled), ``part_ml`` (B·Hq, 2, splits) float32
-    (maxima in base 2, softmax sums), as every kernel of this package writes them."""
+    (maxima in base 2, softmax sums), as every kernel of this package writes them. With ``signs`` (d,)
+    float32 the partials are in the rotated domain and each merged row ``y`` leaves as ``(y @ H)·signs``
+    (H the unnormalised Sylvester–Hadamard matrix, :func:`hadamard_matrix`)."""
     from . import _attention_triton
 
     rows, splits, d = part_acc.shape
+    if signs is not None:
+        _attention_triton.combine_unrotate_kernel[(rows,)](
+            part_acc,
+            part_ml,
+            signs,
+            out,
+            splits,
+            D=d,
+            LOG2_D=d.bit_length() - 1,
+            BLOCK_S=triton_next_pow2(splits),
+            CHUNK_S=min(16, triton_next_pow2(splits)),
+            num_warps=4 if d >= 128 else 1,
+        )
+        return out
     block_d = min(d, 32)
     _attention_triton.combine_splits_kernel[(rows, d // block_d)](
         part_acc, part_ml, out, splits, D=d, BLOCK_S=triton_next_pow2(splits), BLOCK_D=block_d, num_warps=1

@@ -40,6 +40,8 @@ __all__ = [
     "GPU_MIN_BLOCK_N",
     "PAIRS_MIN_DIM",
     "LEAN_PAIRS",
+    "UNROTATE_IN_COMBINE",
+    "ROTATE_QUERIES_IN_REGISTERS",
 ]
 
 QUERY_DTYPES = (torch.float16, torch.bfloat16)
@@ -72,6 +74,13 @@ LEAN_PAIRS = False
 """Whether :func:`decode_attention` decodes the pairs of lanes leanly (``lean``) when not told. Off: the
 lean decoding agrees with the full one in the interpreter (tests), but its inline PTX has not run on a
 GPU yet; ``benchmarks/gpu_nested_lean.py`` checks and times it against the full decoding and SDPA."""
+ROTATE_QUERIES_IN_REGISTERS = False
+"""Whether the pairs-of-lanes kernel rotates its queries by butterflies in registers (float32) rather
+than by four dots of the float16-rounded queries against columns of H read from L2."""
+UNROTATE_IN_COMBINE = False
+"""Whether :func:`decode_attention` undoes the values' rotation once a row, in the kernel that merges the
+splits (a fast Walsh–Hadamard transform in registers), rather than in every split's program (two dots
+of depth d per pair of lanes against rows of H read from L2) when not told."""
 FAST_CVT_ON_CUDA = True
 """Whether :func:`decode_attention` decodes words with inline PTX on CUDA when ``fast_cvt`` is not given
 (a benchmark that finds the PTX path failing on its card turns this off and records it)."""
@@ -368,6 +377,7 @@ def decode_attention(
     fast_cvt: bool | None = None,
     pairs: bool | None = None,
     lean: bool | None = None,
+    unrotate_in_combine: bool | None = None,
 ) -> Tensor:
     """Fused decode attention on a nested-format cache (Triton; CUDA, or CPU under ``TRITON_INTERPRET=1``).
 
@@ -393,6 +403,8 @@ def decode_attention(
     lean : with pairs, decode the lanes without the coset bit and parity (half the instructions a word)
         and add those through one more dot of depth d/4 per operand (default :data:`LEAN_PAIRS`).
         Same values up to float32 summation order.
+    unrotate_in_combine : undo the values' rotation once a row when merging the splits, not in every
+        split (default :data:`UNROTATE_IN_COMBINE`). Same values up to float32 summation order.
 
     Returns
     -------
@@ -421,6 +433,8 @@ def decode_attention(
             f"the inline-PTX word decoding needs block_n >= {GPU_MIN_BLOCK_N} on the GPU (smaller tiles gave wrong "
             f"results on an H100), got {cfg.block_n}"
         )
+    v_rht = v_codec.rotation == "rht"
+    late = v_rht and (UNROTATE_IN_COMBINE if unrotate_in_combine is None else bool(unrotate_in_combine))
     g = hq // hkv
     tokens = length if isinstance(length, int) else cap
     splits, per_split = split_plan(cfg, b * hkv, tokens, dev)
@@ -479,14 +493,16 @@ def decode_attention(
         K_SHIFT=_shift(k_codec, d),
         V_SHIFT=_shift(v_codec, d),
         K_RHT=k_codec.rotation == "rht",
-        V_RHT=v_codec.rotation == "rht",
+        V_RHT=v_rht and not late,
         HAS_SCALES=key_scales is not None,
         HAS_LENGTHS=isinstance(length, Tensor),
         FAST_CVT=fast,
         PAIRS=use_pairs,
         LEAN=use_lean,
+        Q_FWHT=ROTATE_QUERIES_IN_REGISTERS,
+        LOG2C=(d // 8).bit_length() - 1,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
         **({} if cfg.maxnreg is None else {"maxnreg": cfg.maxnreg}),
     )
-    return combine_splits(part_acc, part_ml, out)
+    return combine_splits(part_acc, part_ml, out, signs_v if late else None)
