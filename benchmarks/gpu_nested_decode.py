@@ -60,10 +60,11 @@ if "--smoke" in sys.argv:  # before Triton is imported
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-FLAGS = ("LEAN_PAIRS", "UNROTATE_IN_COMBINE", "ROTATE_QUERIES_IN_REGISTERS")
 from gpu_decode import Timer, build_model, llama_8b_config  # noqa: E402
 
-from lqlib.book.gpu_results import FP16_GRAPH_CACHES  # noqa: E402
+from lqlib.book.gpu_results import FP16_GRAPH_CACHES, RUN_CHOICES  # noqa: E402
+
+FLAGS = tuple(RUN_CHOICES)  # the lqlib.kernels.nested flags --flags may turn on
 
 KINDS = ("dynamic_eager", "static_graph", "static_split_k_graph", "static_compile", "nested_graph", "int8_graph")
 ALL_KINDS = (*KINDS, "static_graph_sdpa")

@@ -7,7 +7,8 @@ decoding (``lean=True``), the values' rotation undone once a row in the split me
 codec without RHT, its own codes) bounds what the rotations cost. For each context × batch
 (Llama-3.1-8B attention: 32 query heads, 8 KV heads, head dim 128, random keys and values) it checks
 every variant against the first (max |difference| over the output's largest |value|), then times
-each (median of ``--repeats`` CUDA-event blocks of ``--iters`` calls) and SDPA on the same keys and
+each (median of ``--repeats`` CUDA-event blocks of ``--iters`` calls, queued behind a GPU sleep so that
+no host time is inside) and SDPA on the same keys and
 values in float16. Writes ``gpu_nested_variants_<card>_<date>.json``.
 
     python benchmarks/gpu_nested_variants.py [--contexts 32768 131072] [--batches 1 8] [--variants ...]
@@ -36,10 +37,16 @@ VARIANTS = {
     "both+lean": {"unrotate_in_combine": True, "lean": True, "flags": {"ROTATE_QUERIES_IN_REGISTERS": True}},
     "both/2 splits": {"unrotate_in_combine": True, "flags": {"ROTATE_QUERIES_IN_REGISTERS": True}, "splits": 0.5},
     "both*2 splits": {"unrotate_in_combine": True, "flags": {"ROTATE_QUERIES_IN_REGISTERS": True}, "splits": 2.0},
+    "both 128/4/2 r168": {
+        "unrotate_in_combine": True,
+        "flags": {"ROTATE_QUERIES_IN_REGISTERS": True},
+        "launch": {"block_n": 128, "num_warps": 4, "num_stages": 2, "maxnreg": 168},
+    },
     "no-rotation": {"rotation": "none"},
 }
 """name → changes: keyword arguments of ``decode_attention``, module ``flags``, a factor on the split
-count :func:`lqlib.kernels.attention.split_plan` chooses, or the codec's ``rotation``."""
+count :func:`lqlib.kernels.attention.split_plan` chooses, another ``launch`` (three blocks an SM at
+168 registers and two stages), or the codec's ``rotation``."""
 
 
 def timed_ms(fn, iters: int, repeats: int) -> float:
@@ -48,6 +55,7 @@ def timed_ms(fn, iters: int, repeats: int) -> float:
     times = []
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(10_000_000)  # the GPU waits while the host queues the calls: no host time inside
         start.record()
         for _ in range(iters):
             fn()
@@ -83,6 +91,8 @@ def variant_call(name: str, q, data: dict, n: int):
         cfg = kn.NESTED_CONFIG
         scaled = max(1, round(splits * spec["splits"]))
         kwargs["config"] = AttentionConfig(cfg.block_n, cfg.num_warps, cfg.num_stages, splits=scaled)
+    if "launch" in spec:
+        kwargs["config"] = AttentionConfig(**spec["launch"])
 
     def call():
         with module_flags(kn, spec.get("flags", {})):

@@ -87,3 +87,13 @@ def test_speed_verdict_takes_every_value_and_the_decode_rows_use_the_block_range
         if s["nested_graph_ms"] is not None:
             r = next(x for x in rows if (x["run"], x["context"], x["batch"]) == (s["run"], s["context"], s["batch"]))
             assert s["verdict"] == g.speed_verdict(r["vs_fp16_low"], r["vs_fp16_high"], r["target"])
+
+
+def test_a_run_label_names_the_kernel_choices_turned_on():
+    run = {"date": "2026-12-06T17:30:00+00:00"}
+    assert g._run_label(run) == "2026-12-06 17:30"
+    assert g._run_label({**run, "lean_pairs": True}) == "2026-12-06 17:30 (lean decoding)"
+    flags = {"LEAN_PAIRS": False, "UNROTATE_IN_COMBINE": True, "ROTATE_QUERIES_IN_REGISTERS": True}
+    label = g._run_label({**run, "lean_pairs": False, "nested_flags": flags})
+    assert label == "2026-12-06 17:30 (values unrotated in the merge, queries rotated in registers)"
+

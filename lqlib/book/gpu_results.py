@@ -247,9 +247,20 @@ FP16_GRAPH_CACHES = ("static_graph", "static_split_k_graph", "static_compile")
 fastest of them at each context and batch."""
 
 
+RUN_CHOICES = {
+    "LEAN_PAIRS": "lean decoding",
+    "UNROTATE_IN_COMBINE": "values unrotated in the merge",
+    "ROTATE_QUERIES_IN_REGISTERS": "queries rotated in registers",
+}
+"""The nested kernels' flags a benchmark may turn on for a run (``--flags``), as a run's label names them."""
+
+
 def _run_label(run: dict) -> str:
-    """A run's start, ``YYYY-MM-DD HH:MM`` UTC (runs of one day and card differ by it)."""
-    return run["date"][:16].replace("T", " ")
+    """A run's start, ``YYYY-MM-DD HH:MM`` UTC (runs of one day and card differ by it), and the kernel
+    choices it turned on, if any (``"nested_flags"``, or ``"lean_pairs"`` alone in earlier runs)."""
+    flags = run.get("nested_flags") or {"LEAN_PAIRS": run.get("lean_pairs", False)}
+    on = [RUN_CHOICES.get(name, name) for name, value in flags.items() if value]
+    return run["date"][:16].replace("T", " ") + (f" ({', '.join(on)})" if on else "")
 
 
 def fair_decode_runs(runs: list[dict]) -> list[dict]:
