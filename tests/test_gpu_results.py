@@ -96,4 +96,3 @@ def test_a_run_label_names_the_kernel_choices_turned_on():
     flags = {"LEAN_PAIRS": False, "UNROTATE_IN_COMBINE": True, "ROTATE_QUERIES_IN_REGISTERS": True}
     label = g._run_label({**run, "lean_pairs": False, "nested_flags": flags})
     assert label == "2026-12-06 17:30 (values unrotated in the merge, queries rotated in registers)"
-
