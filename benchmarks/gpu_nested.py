@@ -44,6 +44,7 @@ import torch.nn.functional as F
 
 from lqlib import E8Codec
 from lqlib import kernels as K
+from lqlib.book.gpu_results import RUN_CHOICES
 from lqlib.coding.nested import NestedE8Codec
 from lqlib.kernels import attention as KA
 from lqlib.kernels import fp16_attention as FA
@@ -71,6 +72,7 @@ ATTENTION_CONFIGS = [
     (64, 2, 2, True),
     (128, 4, 3, True, 128),
     (128, 4, 3, True, 168),
+    (128, 4, 2, True, 168),
     (64, 4, 3, True, 128),
     (64, 2, 3, True, 128),
     (128, 4, 2, False),
@@ -204,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
         "kernel_source_sha256": source_digest(),
+        "nested_flags": {flag: getattr(KN, flag) for flag in RUN_CHOICES},
         "shape": {"layers": layers, "kv_heads": hkv, "q_heads": hq, "head_dim": d, "dtype": "float16"},
         "targets": {"attention_speedup": TARGET_ATTENTION, "quantize_fraction_of_copy": TARGET_QUANTIZE},
     }

@@ -28,20 +28,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_decode import write_record  # noqa: E402
 
+PER_SPLIT = {"unrotate_in_combine": False, "flags": {"ROTATE_QUERIES_IN_REGISTERS": False}}
+ONCE = {"unrotate_in_combine": True, "flags": {"ROTATE_QUERIES_IN_REGISTERS": True}}
 VARIANTS = {
-    "default": {},
-    "lean": {"lean": True},
-    "late-v": {"unrotate_in_combine": True},
-    "fwht-q": {"flags": {"ROTATE_QUERIES_IN_REGISTERS": True}},
-    "both": {"unrotate_in_combine": True, "flags": {"ROTATE_QUERIES_IN_REGISTERS": True}},
-    "both+lean": {"unrotate_in_combine": True, "lean": True, "flags": {"ROTATE_QUERIES_IN_REGISTERS": True}},
-    "both/2 splits": {"unrotate_in_combine": True, "flags": {"ROTATE_QUERIES_IN_REGISTERS": True}, "splits": 0.5},
-    "both*2 splits": {"unrotate_in_combine": True, "flags": {"ROTATE_QUERIES_IN_REGISTERS": True}, "splits": 2.0},
-    "both 128/4/2 r168": {
-        "unrotate_in_combine": True,
-        "flags": {"ROTATE_QUERIES_IN_REGISTERS": True},
-        "launch": {"block_n": 128, "num_warps": 4, "num_stages": 2, "maxnreg": 168},
-    },
+    "per-split rotations": PER_SPLIT,
+    "lean": {**PER_SPLIT, "lean": True},
+    "late-v": {**PER_SPLIT, "unrotate_in_combine": True},
+    "fwht-q": {**PER_SPLIT, "flags": {"ROTATE_QUERIES_IN_REGISTERS": True}},
+    "both": ONCE,
+    "both+lean": {**ONCE, "lean": True},
+    "both/2 splits": {**ONCE, "splits": 0.5},
+    "both*2 splits": {**ONCE, "splits": 2.0},
+    "both 128/4/2 r168": {**ONCE, "launch": {"block_n": 128, "num_warps": 4, "num_stages": 2, "maxnreg": 168}},
     "no-rotation": {"rotation": "none"},
 }
 """name → changes: keyword arguments of ``decode_attention``, module ``flags``, a factor on the split

@@ -40,6 +40,7 @@ def test_step_profile_categories_add_up_to_the_kernel_time():
     assert g.kernel_category("nested_attention_kernel") == "attention"
     assert g.kernel_category("void cublasLt::splitKreduce_kernel") == "weight GEMMs"
     assert g.kernel_category("nested_quantize_kernel") == "KV quantize"
+    assert g.kernel_category("combine_unrotate_kernel") == g.kernel_category("combine_splits_kernel") == "split combine"
     assert g.kernel_category("void at::native::index_elementwise_kernel") == "KV copy"
     assert g.kernel_category("triton_red_fused_rms_norm") == "other"
     runs = g.load_results(RESULTS, "gpu_step_profile")
@@ -92,7 +93,64 @@ def test_speed_verdict_takes_every_value_and_the_decode_rows_use_the_block_range
 def test_a_run_label_names_the_kernel_choices_turned_on():
     run = {"date": "2026-12-06T17:30:00+00:00"}
     assert g._run_label(run) == "2026-12-06 17:30"
-    assert g._run_label({**run, "lean_pairs": True}) == "2026-12-06 17:30 (lean decoding)"
+    assert g._run_label({**run, "lean_pairs": True}) == "2026-12-06 17:30 (lean words)"
     flags = {"LEAN_PAIRS": False, "UNROTATE_IN_COMBINE": True, "ROTATE_QUERIES_IN_REGISTERS": True}
     label = g._run_label({**run, "lean_pairs": False, "nested_flags": flags})
-    assert label == "2026-12-06 17:30 (values unrotated in the merge, queries rotated in registers)"
+    assert label == "2026-12-06 17:30 (V in merge, Q by butterflies)"
+
+
+def test_the_newest_run_of_each_shape_is_split_from_the_earlier_ones():
+    rows = [
+        {"card": "A, 2026-12-06", "run": "2026-12-06 14:32", "batch": 1, "x": 1},
+        {"card": "A, 2026-12-06", "run": "2026-12-06 14:32", "batch": 8, "x": 2},
+        {"card": "A, 2026-12-06", "run": "2026-12-06 17:00 (lean decoding)", "batch": 1, "x": 3},
+        {"card": "B, 2026-11-28", "run": "2026-11-28 09:00", "batch": 1, "x": 4},
+        {"card": "A, 2026-12-06", "run": "2026-12-06 17:46", "batch": 1, "x": 5},
+    ]
+    newest, earlier = g.split_newest_run(rows, ("batch",))
+    assert [r["x"] for r in newest] == [2, 4, 5] and [r["x"] for r in earlier] == [1, 3]
+    assert g.split_newest_run([], ("batch",)) == ([], [])
+    runs = g.nested_runs(RESULTS, "gpu_nested")
+    for rows, keys in (
+        (g.nested_kernel_rows(runs), ("kernel", "launch")),
+        (g.nested_attention_rows(runs), ("batch", "context")),
+        (
+            g.nested_decode_summary(
+                g.nested_decode_rows(g.fair_decode_runs(g.nested_runs(RESULTS, "gpu_nested_decode")))
+            ),
+            ("context", "batch"),
+        ),
+    ):
+        newest, earlier = g.split_newest_run(rows, keys)
+        assert newest and len(newest) + len(earlier) == len(rows)
+        shapes = [(r["card"], *(r[k] for k in keys)) for r in newest]
+        assert len(shapes) == len(set(shapes))  # one row a shape
+
+
+def test_profile_bars_put_earlier_nested_runs_before_the_newest_run_of_each_batch():
+    rows = g.decode_profile_rows(g.load_results(RESULTS, "gpu_step_profile"))
+    bars, labels = g.profile_bars(rows)
+    assert len(bars) == len(labels) == len(set(labels))
+    newest = [b for b, label in zip(bars, labels) if "," not in label]
+    assert {(b["batch"], b["cache"]) for b in newest} == {(r["batch"], r["cache"]) for r in rows}
+    for b in newest:  # each the newest run of its batch and cache
+        assert b["run"] == max(r["run"] for r in rows if (r["batch"], r["cache"]) == (b["batch"], b["cache"]))
+    earlier = [b for b in bars if b not in newest]
+    assert all(b["cache"] == "nested_graph" for b in earlier) and len(bars) == len(newest) + len(earlier)
+
+
+def test_variant_rows_are_ratios_within_one_run():
+    runs = g.load_results(RESULTS, "gpu_nested_variants")
+    rows = g.nested_variant_rows(runs)
+    assert len(rows) == sum(len(run["rows"]) * len(run["variants"]) for run in runs)
+    for r in rows:
+        src = next(
+            x
+            for run in runs
+            for x in run["rows"]
+            if g._run_label(run) == r["run"] and (x["context"], x["batch"]) == (r["context"], r["batch"])
+        )
+        assert r["vs_sdpa"] == pytest.approx(src["sdpa ms"] / r["ms"], rel=1e-12)
+        first = next(x for x in rows if (x["run"], x["context"], x["batch"]) == (r["run"], r["context"], r["batch"]))
+        assert r["vs_first"] == pytest.approx(first["ms"] / r["ms"], rel=1e-12)
+        assert r["max_rel_diff"] is None or r["max_rel_diff"] < 2e-3  # the same attention, summation order aside

@@ -202,6 +202,7 @@ def nested_kernel_rows(runs: list[dict]) -> list[dict]:
     return [
         {
             "card": card_label(run),
+            "run": _run_label(run),
             "kernel": r["kernel"],
             "launch": r["launch"],
             "median_ms": r["median_ms"],
@@ -226,6 +227,7 @@ def nested_attention_rows(runs: list[dict]) -> list[dict]:
             rows.append(
                 {
                     "card": card_label(run),
+                    "run": _run_label(run),
                     "batch": s["batch"],
                     "context": s["context"],
                     "sdpa_ms": s["sdpa_ms"],
@@ -242,17 +244,44 @@ def nested_attention_rows(runs: list[dict]) -> list[dict]:
     return rows
 
 
+def nested_variant_rows(runs: list[dict]) -> list[dict]:
+    """The attention variants of ``benchmarks/gpu_nested_variants.py``, one row per (card, run, context,
+    batch, variant): ms, the speed over SDPA and over the run's first variant (its baseline), all timed in
+    the same run, and the largest relative difference from that baseline's output (None: other codes)."""
+    rows = []
+    for run in runs:
+        names = list(run["variants"])
+        for r in run["rows"]:
+            for name in names:
+                rows.append(
+                    {
+                        "card": card_label(run),
+                        "run": _run_label(run),
+                        "context": r["context"],
+                        "batch": r["batch"],
+                        "variant": name,
+                        "ms": r[f"{name} ms"],
+                        "vs_sdpa": r["sdpa ms"] / r[f"{name} ms"],
+                        "vs_first": r[f"{names[0]} ms"] / r[f"{name} ms"],
+                        "max_rel_diff": r.get(f"{name} max_rel_diff"),
+                    }
+                )
+    return rows
+
+
 FP16_GRAPH_CACHES = ("static_graph", "static_split_k_graph", "static_compile")
 """The float16 one-graph baselines of benchmarks/gpu_nested_decode.py: a run's ratios are against the
 fastest of them at each context and batch."""
 
 
 RUN_CHOICES = {
-    "LEAN_PAIRS": "lean decoding",
-    "UNROTATE_IN_COMBINE": "values unrotated in the merge",
-    "ROTATE_QUERIES_IN_REGISTERS": "queries rotated in registers",
+    "LEAN_PAIRS": "lean words",
+    "UNROTATE_IN_COMBINE": "V in merge",
+    "ROTATE_QUERIES_IN_REGISTERS": "Q by butterflies",
 }
-"""The nested kernels' flags a benchmark may turn on for a run (``--flags``), as a run's label names them."""
+"""The nested kernels' flags a benchmark may turn on for a run (``--flags``), as a run's label names them:
+the lean word decoding, the values' rotation undone once a row in the merge of the splits, the queries
+rotated by butterflies in registers."""
 
 
 def _run_label(run: dict) -> str:
@@ -261,6 +290,18 @@ def _run_label(run: dict) -> str:
     flags = run.get("nested_flags") or {"LEAN_PAIRS": run.get("lean_pairs", False)}
     on = [RUN_CHOICES.get(name, name) for name, value in flags.items() if value]
     return run["date"][:16].replace("T", " ") + (f" ({', '.join(on)})" if on else "")
+
+
+def split_newest_run(rows: list[dict], keys: tuple[str, ...]) -> tuple[list[dict], list[dict]]:
+    """(for each card and each measurement — the fields ``keys``, e.g. context and batch — the rows of the
+    newest run that made it; the rest), in their order: a page shows the newest measurement of each shape
+    and keeps the earlier ones closed. Rows carry ``card`` and ``run`` (which starts with the date)."""
+    newest: dict[tuple, str] = {}
+    for r in rows:
+        key = (r["card"], *(r[k] for k in keys))
+        newest[key] = max(newest.get(key, r["run"]), r["run"])
+    is_newest = [r["run"] == newest[(r["card"], *(r[k] for k in keys))] for r in rows]
+    return [r for r, n in zip(rows, is_newest) if n], [r for r, n in zip(rows, is_newest) if not n]
 
 
 def fair_decode_runs(runs: list[dict]) -> list[dict]:
@@ -405,9 +446,24 @@ def nested_layout_gain(runs: list[dict]) -> list[dict]:
     return out
 
 
+PROFILE_NAMES = {"static_split_k_graph": "fp16 split-K", "nested_graph": "nested", "int8_graph": "int8"}
+
+
+def profile_bars(rows: list[dict]) -> tuple[list[dict], list[str]]:
+    """The bars of the step-profile figure from :func:`decode_profile_rows`: the nested cache of every
+    earlier run (oldest first, labelled by the code that ran), then every cache of the newest run of each
+    batch; and their labels (``"b1 nested, 0e429a4"``, ``"b8 fp16 split-K"``)."""
+    newest, earlier = split_newest_run(rows, ("batch", "cache"))
+    earlier = sorted((r for r in earlier if r["cache"] == "nested_graph"), key=lambda r: (r["run"], r["batch"]))
+    newest = sorted(newest, key=lambda r: (r["batch"], r["cache"]))
+    labels = [f"b{r['batch']} nested, {r['code'].split()[0] if r['code'] else r['run']}" for r in earlier]
+    labels += [f"b{r['batch']} {PROFILE_NAMES.get(r['cache'], r['cache'])}" for r in newest]
+    return earlier + newest, labels
+
+
 KERNEL_CATEGORIES = (
     ("attention", ("attention_kernel",)),
-    ("split combine", ("combine_splits",)),
+    ("split combine", ("combine_splits", "combine_unrotate")),
     ("KV quantize", ("quantize_kernel",)),
     ("KV copy", ("index_elementwise",)),
     ("weight GEMMs", ("nvjet", "gemm", "splitkreduce", "cutlass", "sm90_xmma")),

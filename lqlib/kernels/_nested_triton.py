@@ -21,8 +21,10 @@ written to memory. Two operand layouts (``PAIRS``):
 * pairs of lanes (``_lanes``, ``_tile_pairs``): a word decodes into its eight lanes (on the GPU by
   integer and f16x2 instructions only), lanes i and i + 4 of every block form one operand of depth
   d/4, and four dots per operand sum the scores (keys) or fill four accumulators (values); the
-  queries are rotated straight into the four lane orders (``_pair_queries``) and the value sums
-  rotated back from them (``_store_pairs``);
+  queries are rotated straight into the four lane orders (``_pair_queries``: by butterflies in
+  registers, ``_rotated_pairs``, or by dots against columns of H) and the value sums rotated back
+  from them (``_store_pairs``), or once a row by the merge of the splits
+  (:func:`lqlib.kernels._attention_triton.combine_unrotate_kernel`);
 * joined (``_operand``, ``_tile``): the eight lanes are joined into one operand of depth d.
 """
 

@@ -71,16 +71,21 @@ launch against 19.79 µs for the throughput launch (H100, 2026-12-06,
 results/gpu_nested_quantize_latency_h100_2026-12-06.log); in a decode step the throughput launch
 took 1.50 ms of 11.24 (results/gpu_step_profile_*_32768_b1.json)."""
 LEAN_PAIRS = False
-"""Whether :func:`decode_attention` decodes the pairs of lanes leanly (``lean``) when not told. Off: the
-lean decoding agrees with the full one in the interpreter (tests), but its inline PTX has not run on a
-GPU yet; ``benchmarks/gpu_nested_lean.py`` checks and times it against the full decoding and SDPA."""
-ROTATE_QUERIES_IN_REGISTERS = False
+"""Whether :func:`decode_attention` decodes the pairs of lanes leanly (``lean``) when not told. Off: right
+on an H100 but slower, 0.94–0.95 times the full decoding's speed at 32K and 128K tokens, batch 1 and 8
+(2026-12-06, results/gpu_nested_variants_*.json): halving the instructions a word takes does not help
+a loop bound by latency."""
+ROTATE_QUERIES_IN_REGISTERS = True
 """Whether the pairs-of-lanes kernel rotates its queries by butterflies in registers (float32) rather
-than by four dots of the float16-rounded queries against columns of H read from L2."""
-UNROTATE_IN_COMBINE = False
+than by four dots of the float16-rounded queries against columns of H read from L2. On: 1.06–1.40 times
+as fast on an H100 (the most at 32K, batch 1, where each split holds only eight tiles; 2026-12-06,
+results/gpu_nested_variants_*.json)."""
+UNROTATE_IN_COMBINE = True
 """Whether :func:`decode_attention` undoes the values' rotation once a row, in the kernel that merges the
 splits (a fast Walsh–Hadamard transform in registers), rather than in every split's program (two dots
-of depth d per pair of lanes against rows of H read from L2) when not told."""
+of depth d per pair of lanes against rows of H read from L2) when not told. On, as the end-to-end runs
+measured it; with the queries rotated in registers it is neither faster nor slower (0.98–1.00 times,
+same record)."""
 FAST_CVT_ON_CUDA = True
 """Whether :func:`decode_attention` decodes words with inline PTX on CUDA when ``fast_cvt`` is not given
 (a benchmark that finds the PTX path failing on its card turns this off and records it)."""
