@@ -318,6 +318,26 @@ def decode_attention_kernel(
 
 
 @triton.jit
+def _split_weights(ml_ptr, row, n_splits, sp, big):
+    """``2^(m_s − M)`` for the splits ``sp`` of a row (0 for splits past ``n_splits`` or that saw no token);
+    ``ml_ptr``: (rows, 2, n_splits) maxima (base 2) and softmax sums."""
+    ok = sp < n_splits
+    m = tl.load(ml_ptr + row * 2 * n_splits + sp, mask=ok, other=float("-inf"))
+    return tl.where(ok & (m > float("-inf")), tl.exp2(m - big), 0.0)
+
+
+@triton.jit
+def _split_total(ml_ptr, row, n_splits, BLOCK_S: tl.constexpr):
+    """(M, Σ_s 2^(m_s − M)·l_s) of a row: the largest maximum over its splits and the merged softmax sum."""
+    sp = tl.arange(0, BLOCK_S)
+    ok = sp < n_splits
+    m = tl.load(ml_ptr + row * 2 * n_splits + sp, mask=ok, other=float("-inf"))
+    l = tl.load(ml_ptr + (row * 2 + 1) * n_splits + sp, mask=ok, other=0.0)
+    big = tl.max(m, axis=0)
+    return big, tl.sum(tl.where(ok & (m > float("-inf")), tl.exp2(m - big), 0.0) * l, axis=0)
+
+
+@triton.jit
 def combine_splits_kernel(
     acc_ptr, ml_ptr, out_ptr, n_splits, D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr
 ):
@@ -325,13 +345,11 @@ def combine_splits_kernel(
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     sp = tl.arange(0, BLOCK_S)
-    ok = sp < n_splits
-    m = tl.load(ml_ptr + row * 2 * n_splits + sp, mask=ok, other=float("-inf"))
-    l = tl.load(ml_ptr + (row * 2 + 1) * n_splits + sp, mask=ok, other=0.0)
-    big = tl.max(m, axis=0)
-    w = tl.where(ok & (m > float("-inf")), tl.exp2(m - big), 0.0)
-    total = tl.sum(w * l, axis=0)
-    acc = tl.load(acc_ptr + (row * n_splits + sp[:, None]) * D + cols[None, :], mask=ok[:, None], other=0.0)
+    big, total = _split_total(ml_ptr, row, n_splits, BLOCK_S)
+    w = _split_weights(ml_ptr, row, n_splits, sp, big)
+    acc = tl.load(
+        acc_ptr + (row * n_splits + sp[:, None]) * D + cols[None, :], mask=(sp < n_splits)[:, None], other=0.0
+    )
     y = tl.sum(acc * w[:, None], axis=0) * (0.5 / total)
     tl.store(out_ptr + row * D + cols, y.to(out_ptr.dtype.element_ty))
 
@@ -352,21 +370,15 @@ def combine_unrotate_kernel(
     merged row ``y`` (D,) leaves as ``(y @ H)·signs``, H the unnormalised Sylvester–Hadamard matrix (the
     value rotation undone once a row, not once a split)."""
     row = tl.program_id(0).to(tl.int64)
-    sp = tl.arange(0, BLOCK_S)
-    ok = sp < n_splits
-    m = tl.load(ml_ptr + row * 2 * n_splits + sp, mask=ok, other=float("-inf"))
-    l = tl.load(ml_ptr + (row * 2 + 1) * n_splits + sp, mask=ok, other=0.0)
-    big = tl.max(m, axis=0)
-    w = tl.where(ok & (m > float("-inf")), tl.exp2(m - big), 0.0)
-    total = tl.sum(w * l, axis=0)
+    big, total = _split_total(ml_ptr, row, n_splits, BLOCK_S)
     cols = tl.arange(0, D)
     y = tl.zeros((D,), tl.float32)
     for s0 in range(0, n_splits, CHUNK_S):
         cs = s0 + tl.arange(0, CHUNK_S)
-        cok = cs < n_splits
-        mc = tl.load(ml_ptr + row * 2 * n_splits + cs, mask=cok, other=float("-inf"))
-        wc = tl.where(cok & (mc > float("-inf")), tl.exp2(mc - big), 0.0)
-        acc = tl.load(acc_ptr + (row * n_splits + cs[:, None]) * D + cols[None, :], mask=cok[:, None], other=0.0)
+        wc = _split_weights(ml_ptr, row, n_splits, cs, big)
+        acc = tl.load(
+            acc_ptr + (row * n_splits + cs[:, None]) * D + cols[None, :], mask=(cs < n_splits)[:, None], other=0.0
+        )
         y += tl.sum(acc * wc[:, None], axis=0)
     y = tl.reshape(_fwht(tl.reshape(y, (D // 8, 1, 8)), LOG2_D - 3), (D,))
     y = y * tl.load(signs_ptr + cols) * (0.5 / total)
