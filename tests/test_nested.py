@@ -273,7 +273,7 @@ def test_fused_attention_matches_the_reference(d, rotation, pairs, with_scales, 
 
 @needs_kernels
 @pytest.mark.slow
-@pytest.mark.parametrize("d, rotation, with_scales", [(128, "rht", True), (64, "none", False)])
+@pytest.mark.parametrize("d, rotation, with_scales", [(128, "rht", True)])
 def test_lean_decoding_is_the_full_decoding_up_to_summation_order(d, rotation, with_scales):
     """Lanes without the coset bit and parity, those added by a side dot: the same attention as the
     full decoding (float32 summation order aside) and the reference, with flagged blocks present."""
@@ -346,14 +346,15 @@ def test_rotations_in_registers_and_in_the_combine_are_the_same_attention(d, pai
 
     if DEVICE == "cuda" and pairs and d < kn.PAIRS_MIN_DIM:
         pytest.skip("pairs of lanes are refused on the GPU below PAIRS_MIN_DIM")
-    b, hkv, hq, n = 2, 1, 4, 130
+    block = 64 if DEVICE == "cuda" else 32  # the GPU refuses smaller tiles with pairs; the interpreter is slow
+    b, hkv, hq, n = 2, 1, 4, 2 * block + 2
     gen = torch.Generator().manual_seed(12)
     codec = NestedE8Codec("rht", seed=3)
     k, v = torch.randn(2, b, hkv, n, d, generator=gen) * 3
     keys, values = kn.quantize(codec, k.to(DEVICE)), kn.quantize(codec, v.to(DEVICE))
     q = torch.randn(b, hq, d, generator=gen).half().to(DEVICE)
-    lengths = torch.tensor([n, 101], device=DEVICE)
-    cfg = AttentionConfig(block_n=64, splits=3)
+    lengths = torch.tensor([n, block + 5], device=DEVICE)  # whole and partial tiles, an empty split
+    cfg = AttentionConfig(block_n=block, splits=3)
     ref = kn.reference_decode_attention(q, keys, values, lengths, codec, codec).float()
     scale = ref.abs().max()
 
@@ -495,7 +496,8 @@ def test_recorded_gpu_runs_read_for_the_book():
     gains = g.nested_layout_gain(kernels)
     assert {(r["batch"], r["context"]) for r in gains} == {(r["batch"], r["context"]) for r in attention}
     for r in gains:
-        timed = [x for x in kernels[-1]["attention"] if (x["batch"], x["context"]) == (r["batch"], r["context"])]
+        run = next(run for run in kernels if g._run_label(run) == r["run"])
+        timed = [x for x in run["attention"] if (x["batch"], x["context"]) == (r["batch"], r["context"])]
         assert r["pairs_ms"] == min(
             x["median_ms"] for x in timed if x["method"].startswith("nested fused") and " pairs" in x["method"]
         )

@@ -436,6 +436,7 @@ def nested_layout_gain(runs: list[dict]) -> list[dict]:
                 out.append(
                     {
                         "card": card_label(run),
+                        "run": _run_label(run),
                         "batch": b,
                         "context": n,
                         "joined_ms": best["joined"],
