@@ -66,6 +66,24 @@ from lqlib.book.gpu_results import FP16_GRAPH_CACHES, RUN_CHOICES  # noqa: E402
 
 FLAGS = tuple(RUN_CHOICES)  # the lqlib.kernels.nested flags --flags may turn on
 
+
+def add_choice_arguments(ap: argparse.ArgumentParser) -> None:
+    """``--lean``, ``--flags`` (nested-kernel choices to turn on for the run) and ``--tag`` (a file-name suffix)."""
+    ap.add_argument("--lean", action="store_true", help="the nested cache decodes pairs of lanes leanly")
+    ap.add_argument("--tag", default="", help="a suffix for the record's file name")
+    ap.add_argument("--flags", nargs="*", default=[], help="lqlib.kernels.nested flags to turn on", choices=FLAGS)
+
+
+def apply_choices(args: argparse.Namespace):
+    """Turn on the choices of :func:`add_choice_arguments` in :mod:`lqlib.kernels.nested`; return the module."""
+    from lqlib.kernels import nested as kn
+
+    kn.LEAN_PAIRS = kn.LEAN_PAIRS or args.lean
+    for flag in args.flags:
+        setattr(kn, flag, True)
+    return kn
+
+
 KINDS = ("dynamic_eager", "static_graph", "static_split_k_graph", "static_compile", "nested_graph", "int8_graph")
 ALL_KINDS = (*KINDS, "static_graph_sdpa")
 FP16_KINDS = FP16_GRAPH_CACHES  # the float16 one-graph baselines: ratios are against the fastest in the case
@@ -354,15 +372,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-capacity", action="store_true")
     ap.add_argument("--out", default="results")
     ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--lean", action="store_true", help="the nested cache decodes pairs of lanes leanly")
-    ap.add_argument("--tag", default="", help="a suffix for the record's file name")
-    ap.add_argument("--flags", nargs="*", default=[], help="lqlib.kernels.nested flags to turn on", choices=FLAGS)
+    add_choice_arguments(ap)
     args = ap.parse_args(argv)
-    from lqlib.kernels import nested as kn
-
-    kn.LEAN_PAIRS = kn.LEAN_PAIRS or args.lean
-    for flag in args.flags:
-        setattr(kn, flag, True)
+    kn = apply_choices(args)
     if args.smoke:
         args.contexts, args.batches, args.new_tokens, args.repeats, args.warmup = [40], [1, 2], 2, 1, 1
         args.chunk, args.check_context, args.check_steps, args.no_capacity = 16, 24, 2, True

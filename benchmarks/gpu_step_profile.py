@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_decode import Timer, build_model, llama_8b_config, write_record  # noqa: E402
-from gpu_nested_decode import FLAGS, make_cache  # noqa: E402
+from gpu_nested_decode import FLAGS, add_choice_arguments, apply_choices, make_cache  # noqa: E402
 
 
 def kernel_group(name: str) -> str:
@@ -81,15 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--kinds", nargs="+", default=["static_split_k_graph", "nested_graph", "int8_graph"])
     ap.add_argument("--out", default="results")
-    ap.add_argument("--lean", action="store_true", help="the nested cache decodes pairs of lanes leanly")
-    ap.add_argument("--tag", default="", help="a suffix for the record's file name")
-    ap.add_argument("--flags", nargs="*", default=[], help="lqlib.kernels.nested flags to turn on", choices=FLAGS)
+    add_choice_arguments(ap)
     args = ap.parse_args(argv)
-    from lqlib.kernels import nested as kn
-
-    kn.LEAN_PAIRS = kn.LEAN_PAIRS or args.lean
-    for flag in args.flags:
-        setattr(kn, flag, True)
+    kn = apply_choices(args)
     if not torch.cuda.is_available():
         print("needs CUDA")
         return 2
