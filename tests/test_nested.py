@@ -132,6 +132,43 @@ def test_gaussian_error_between_the_bound_and_a_scalar_code():
     assert 1.2 < mse / 4.0**-4 < 2.0
 
 
+@pytest.mark.parametrize("search", [1, 2, 3])
+def test_step_search_keeps_the_format_and_never_codes_worse(search):
+    """A searched code decodes like any other (decode ∘ encode = quantize), its step lies in k0 − s .. k0,
+    its exact decision error (in k0's unit) is at most the peak step's, and where it keeps k0 the words
+    are the unsearched ones; on Gaussian vectors the mean squared error drops by at least 7%."""
+    from lqlib.coding.nested import _decision_errors, _points_in_cube, search_weights
+
+    plain, searched = NestedE8Codec(), NestedE8Codec(search=search)
+    x = wide_range(300, 64, 5 + search)
+    coded, base = searched.encode(x), plain.encode(x)
+    assert torch.equal(bits_of(searched.decode(coded)), bits_of(searched.quantize(x)))
+    shift = (coded.steps.long() - base.steps.long()).neg()
+    assert bool(((shift >= 0) & (shift <= search)).all()) and bool((shift > 0).any())
+    same = shift == 0
+    assert torch.equal(coded.words[same], base.words[same]) and torch.equal(coded.flags[same], base.flags[same])
+
+    # the kept step is the first argmin of the weighted decision errors of k0, k0 − 1, …, k0 − s
+    u = fwht(x * plain._codec._signs(64, x.device, x.dtype))
+    weights = search_weights(search)
+    kept = (
+        _decision_errors(
+            plain._blocks(u, coded.steps.to(torch.int32)[:, None]),
+            unpack_words(coded.words).reshape(300, 8, 8),
+            unpack_flags(coded.flags, 8),
+        )
+        * torch.tensor(weights)[shift]
+    )
+    for j, weight in enumerate(weights):
+        blocks = plain._blocks(u, base.steps.to(torch.int32)[:, None] - j)
+        points, flags = _points_in_cube(blocks)
+        err = _decision_errors(blocks, points, flags) * weight
+        assert bool((kept <= err).all()) and bool((kept[shift > j] < err[shift > j]).all())
+    g = torch.randn(4000, 64, generator=torch.Generator().manual_seed(9))
+    mse = [float((c.quantize(g).double() - g.double()).square().mean()) for c in (plain, searched)]
+    assert mse[1] < 0.93 * mse[0]
+
+
 def test_in_loop_method_and_verdicts():
     x = wide_range(10, 64, 4)
     method = NestedE8()
@@ -148,6 +185,9 @@ def test_in_loop_method_and_verdicts():
 def test_clear_errors():
     with pytest.raises(lqlib.InputError, match="peak"):
         NestedE8Codec(peak=2.0)
+    for bad in (-1, 4, 1.0, True):
+        with pytest.raises(lqlib.InputError, match="search"):
+            NestedE8Codec(search=bad)
     with pytest.raises(lqlib.InputError, match="power-of-two|power of two|head dim"):
         NestedE8Codec().encode(torch.randn(3, 24))
     coded = NestedE8Codec().encode(torch.randn(3, 64))
@@ -178,6 +218,25 @@ def test_kernels_are_the_cpu_reference_bit_for_bit(rotation):
         assert torch.equal(got.steps.cpu(), ref.steps) and torch.equal(got.flags.cpu(), ref.flags)
         y = kn.dequantize(codec, got, dtype)
         assert torch.equal(bits_of(y.cpu()), bits_of(codec.decode(ref, dtype)))
+
+
+@needs_kernels
+@pytest.mark.parametrize(
+    ("d", "dtype", "rotation", "search"), [(64, torch.bfloat16, "rht", 3), (128, torch.float16, "none", 1)]
+)
+def test_searched_quantize_kernel_is_the_cpu_reference_bit_for_bit(d, dtype, rotation, search):
+    """The kernel's step search (its integer error comparison, ties, the clamp at the smallest code)
+    gives the reference's words, steps and flags, in the default and the decode step's launch."""
+    from lqlib.kernels import nested as kn
+
+    codec = NestedE8Codec(rotation, search=search)
+    x = wide_range(12, d, d + search, dtype).clamp(-6e4, 6e4)
+    x[3] = 0.0  # the smallest step code: no finer candidate
+    ref = codec.encode(x)
+    assert bool((ref.steps != NestedE8Codec(rotation).encode(x).steps).any())
+    for launch in ({}, kn.SMALL_QUANTIZE_LAUNCH):
+        got = kn.quantize(codec, x.to(DEVICE), **launch)
+        assert all(torch.equal(getattr(got, f).cpu(), getattr(ref, f)) for f in ("words", "steps", "flags"))
 
 
 @needs_kernels

@@ -82,6 +82,38 @@ def _choose(y):
 
 
 @triton.jit
+def _lattice_units(u, k, tables_ptr, SHIFT: tl.constexpr):
+    """(C, B, 8) transformed vectors at step codes k (B,) → lattice units, clamped to ±64."""
+    g = k - 4 * SHIFT
+    factor = tl.load(tables_ptr + 8 + (g & 7)) * _pow2(-(g >> 3) - SHIFT)
+    y = u * factor[None, :, None]
+    return tl.minimum(tl.maximum(y, -_LIMIT), _LIMIT)
+
+
+@triton.jit
+def _decision_error(y, codes, flagged):
+    """(c, B, 8) lattice units, their codes 2p and flags (c, B) → (B,) int64 ``Σ trunc(1024·(y − β·p))²``
+    (as lqlib.coding.nested._decision_errors: β·p = codes·(β/2) exactly, one float32 subtraction)."""
+    half_beta = tl.where(flagged != 0, 0.75, 0.5)
+    q = ((y - codes.to(tl.float32) * half_beta[:, :, None]) * 1024.0).to(tl.int64)
+    return tl.sum(tl.sum(q * q, axis=2), axis=0)
+
+
+@triton.jit
+def _search_weight(J: tl.constexpr):
+    """round(2^14·2^(−J/4)) (lqlib.coding.nested.search_weights)."""
+    if J == 0:
+        w: tl.constexpr = 16384
+    elif J == 1:
+        w: tl.constexpr = 13777
+    elif J == 2:
+        w: tl.constexpr = 11585
+    else:
+        w: tl.constexpr = 9742
+    return w
+
+
+@triton.jit
 def nested_quantize_kernel(
     x_ptr,
     words_ptr,
@@ -108,10 +140,13 @@ def nested_quantize_kernel(
     CHUNK_MAJOR: tl.constexpr,
     SPLIT: tl.constexpr,
     HAS_POS: tl.constexpr,
+    SEARCH: tl.constexpr,
 ):
     """x (n_vectors, D) → words (·, D/8) int32, step codes (·,) int16, flags (·, FB) uint8 at output row
     ``(r // rows_per_group)·group_stride + first_row (+ *pos_ptr if HAS_POS) + r % rows_per_group`` for
-    input row r: consecutive rows in place, or groups of rows written into a cache at a position."""
+    input row r: consecutive rows in place, or groups of rows written into a cache at a position. With
+    SEARCH > 0 the step codes k0 .. k0 − SEARCH are each coded once for their errors, and the best
+    once more for its words."""
     C: tl.constexpr = D // 8
     pid = tl.program_id(0)
     offs, rows, row_ok, mask = _tile_offsets(pid, n_vectors, D, BLOCK_V, CHUNK_MAJOR)
@@ -127,10 +162,26 @@ def nested_quantize_kernel(
     # step code of the largest |u| (float64 square: exact), as lqlib.coding.nested.NestedE8Codec.step_codes
     m = tl.max(tl.max(tl.abs(u), axis=2), axis=0).to(tl.float64)
     k = _step_code(m * m, n0, t1, t2, t3, t4)
-    g = k - 4 * SHIFT
-    factor = tl.load(tables_ptr + 8 + (g & 7)) * _pow2(-(g >> 3) - SHIFT)
-    y = u * factor[None, :, None]
-    y = tl.minimum(tl.maximum(y, -_LIMIT), _LIMIT)
+    if SEARCH > 0:  # the finer step codes' errors, compared in integers (ties keep the coarser)
+        best = tl.zeros((BLOCK_V,), tl.int64)
+        choice = k
+        for j in tl.static_range(SEARCH + 1):
+            kj = tl.maximum(k - j, -800)
+            yj = _lattice_units(u, kj, tables_ptr, SHIFT)
+            err = tl.zeros((BLOCK_V,), tl.int64)
+            for i in tl.static_range(1 << SPLIT):
+                part = _part(yj, i, SPLIT)
+                codes, flagged = _choose(part)
+                err += _decision_error(part, codes, flagged)
+            err = err * _search_weight(j)
+            if j == 0:
+                best = err
+            else:
+                better = err < best
+                best = tl.where(better, err, best)
+                choice = tl.where(better, kj, choice)
+        k = choice
+    y = _lattice_units(u, k, tables_ptr, SHIFT)
 
     bits = tl.zeros((BLOCK_V,), tl.int32)  # block j's scale flag at bit j
     for j in tl.static_range(1 << SPLIT):  # a part of the tile at a time: fewer values live at once

@@ -238,6 +238,7 @@ def _launch_quantize(
         CHUNK_MAJOR=cm,
         SPLIT=min(QUANTIZE_SPLIT if split is None else int(split), (d // 8).bit_length() - 1),
         HAS_POS=position is not None,
+        SEARCH=codec.search,
         num_warps=warps,
         enable_fp_fusion=False,
         **({} if maxnreg is None else {"maxnreg": maxnreg}),
