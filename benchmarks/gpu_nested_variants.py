@@ -3,7 +3,8 @@
 Each variant is the library's kernel with one choice changed (see ``VARIANTS``): the lean word
 decoding (``lean=True``), the values' rotation undone once a row in the split merge
 (``unrotate_in_combine``), the queries rotated by butterflies in registers
-(``ROTATE_QUERIES_IN_REGISTERS``), both, and a split count halved or doubled; ``no-rotation`` (a
+(``ROTATE_QUERIES_IN_REGISTERS``), both, both with the decoded keys as the score dots' first operand
+(``keys_as_a=True``), and a split count halved or doubled; ``no-rotation`` (a
 codec without RHT, its own codes) bounds what the rotations cost. For each context × batch
 (Llama-3.1-8B attention: 32 query heads, 8 KV heads, head dim 128, random keys and values) it checks
 every variant against the first (max |difference| over the output's largest |value|), then times
@@ -37,6 +38,7 @@ VARIANTS = {
     "fwht-q": {**PER_SPLIT, "flags": {"ROTATE_QUERIES_IN_REGISTERS": True}},
     "both": ONCE,
     "both+lean": {**ONCE, "lean": True},
+    "keys as A": {**ONCE, "keys_as_a": True},
     "both/2 splits": {**ONCE, "splits": 0.5},
     "both*2 splits": {**ONCE, "splits": 2.0},
     "both 128/4/2 r168": {**ONCE, "launch": {"block_n": 128, "num_warps": 4, "num_stages": 2, "maxnreg": 168}},
@@ -82,7 +84,7 @@ def variant_call(name: str, q, data: dict, n: int):
 
     spec = VARIANTS[name]
     codec, keys, values = data[spec.get("rotation", "rht")]
-    kwargs = {k: spec[k] for k in ("lean", "unrotate_in_combine") if k in spec}
+    kwargs = {k: spec[k] for k in ("lean", "keys_as_a", "unrotate_in_combine") if k in spec}
     if "splits" in spec:
         b, hkv = keys.words.shape[:2]
         splits, _ = split_plan(kn.NESTED_CONFIG, b * hkv, n, q.device)

@@ -369,6 +369,53 @@ def test_lean_decoding_is_the_full_decoding_up_to_summation_order(d, rotation, w
 
 
 @needs_kernels
+@pytest.mark.slow
+@pytest.mark.parametrize("with_scales", [True, False])
+def test_keys_as_first_operand_are_the_default_decoding_up_to_summation_order(with_scales):
+    """Transposed scores, the decoded keys as the dots' first operand against the transposed queries:
+    the same attention as the default pairs of lanes (float32 summation order aside) and the reference,
+    with flagged blocks, whole and partial tiles (the key flags read as int32 words); refused without pairs,
+    with the lean decoding, or with key flags off a word boundary."""
+    from lqlib.kernels import nested as kn
+    from lqlib.kernels.attention import AttentionConfig
+
+    d, block = 128, 64
+    b, hkv, hq, n = 2, 1, 4, 2 * block
+    gen = torch.Generator().manual_seed(13)
+    codec = NestedE8Codec("rht", seed=4)
+    k, v = torch.randn(2, b, hkv, n, d, generator=gen) * 3
+    k[..., :8] *= 4  # a few large blocks: some overload the cube and are flagged
+    scales = torch.rand(hkv, d, generator=gen) + 0.5 if with_scales else None
+    keys = kn.quantize(codec, (k if scales is None else k / scales[:, None]).to(DEVICE))
+    values = kn.quantize(codec, v.to(DEVICE))
+    assert bool((keys.flags != 0).any())
+    q = torch.randn(b, hq, d, generator=gen).half().to(DEVICE)
+    lengths = torch.tensor([n, block + 13], device=DEVICE)  # whole and partial tiles
+    key_scales = None if scales is None else scales.to(DEVICE)
+    cfg = AttentionConfig(block_n=block, splits=1)
+    default, keys_a = (
+        kn.decode_attention(
+            q, keys, values, lengths, codec, codec, key_scales=key_scales, config=cfg, pairs=True, keys_as_a=x
+        ).float()
+        for x in (False, True)
+    )
+    ref = kn.reference_decode_attention(q, keys, values, lengths, codec, codec, key_scales=key_scales).float()
+    scale = ref.abs().max()  # outputs are float16: one unit in the last place is scale / 1024
+    assert (keys_a - default).abs().max() <= 1e-3 * scale + 2e-3
+    assert (keys_a - ref).abs().max() <= 1e-3 * scale + 2e-3
+    with pytest.raises(lqlib.InputError, match="keys_as_a"):
+        kn.decode_attention(q, keys, values, n, codec, codec, pairs=False, keys_as_a=True)
+    with pytest.raises(lqlib.InputError, match="keys_as_a"):
+        kn.decode_attention(q, keys, values, n, codec, codec, pairs=True, lean=True, keys_as_a=True)
+    shifted = torch.zeros(keys.flags.numel() + 1, dtype=torch.uint8, device=DEVICE)[1:].view(keys.flags.shape)
+    shifted.copy_(keys.flags)  # the same flags one byte off a word boundary: not read as int32 words
+    with pytest.raises(lqlib.InputError, match="aligned"):
+        kn.decode_attention(
+            q, NestedCodes(keys.words, keys.steps, shifted), values, n, codec, codec, pairs=True, keys_as_a=True
+        )
+
+
+@needs_kernels
 @pytest.mark.parametrize("d, splits", [(8, 1), (64, 5), (128, 37)])
 def test_combine_undoes_the_rotation_once_a_row(d, splits):
     """Merging rotated partials with signs: the merged rows times H (unnormalised Sylvester) times the

@@ -278,10 +278,11 @@ RUN_CHOICES = {
     "LEAN_PAIRS": "lean words",
     "UNROTATE_IN_COMBINE": "V in merge",
     "ROTATE_QUERIES_IN_REGISTERS": "Q by butterflies",
+    "KEYS_AS_A": "keys as A",
 }
 """The nested kernels' flags a benchmark may turn on for a run (``--flags``), as a run's label names them:
 the lean word decoding, the values' rotation undone once a row in the merge of the splits, the queries
-rotated by butterflies in registers."""
+rotated by butterflies in registers, the decoded keys as the score dots' first operand."""
 
 
 def _run_label(run: dict) -> str:

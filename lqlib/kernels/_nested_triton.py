@@ -24,7 +24,11 @@ written to memory. Two operand layouts (``PAIRS``):
   queries are rotated straight into the four lane orders (``_pair_queries``: by butterflies in
   registers, ``_rotated_pairs``, or by dots against columns of H) and the value sums rotated back
   from them (``_store_pairs``), or once a row by the merge of the splits
-  (:func:`lqlib.kernels._attention_triton.combine_unrotate_kernel`);
+  (:func:`lqlib.kernels._attention_triton.combine_unrotate_kernel`); with ``KEYS_A`` the decoded keys
+  are the score dots' first operand against the transposed queries (transposed scores (BLOCK_N,
+  BLOCK_G), softmax along tokens = axis 0): on sm_90 a first operand may stay in registers, a second
+  goes through shared memory; the key flags are then read as int32 words (``_flag_lanes``) so that,
+  like the words, they load from shared memory straight into the operand's layout;
 * joined (``_operand``, ``_tile``): the eight lanes are joined into one operand of depth d.
 """
 
@@ -204,6 +208,25 @@ def _flag_bits(flags_ptr, rows, row_ok, FB: tl.constexpr):
         byte = tl.load(flags_ptr + rows.to(tl.int64) * FB + i, mask=row_ok, other=0).to(tl.int32) & 255
         bits = bits | (byte << (8 * i))
     return bits
+
+
+@triton.jit
+def _flag_lanes(flags_ptr, shifts_ptr, tok, valid, C: tl.constexpr, FB: tl.constexpr, MASKED: tl.constexpr):
+    """The flag bits of ``tok``'s blocks as (N, C) int32 (0/1), from two (N, C) int32 gathers: the word that
+    holds a token's FB flag bytes (``flags_ptr`` 4-byte aligned, FB in {1, 2, 4}) and, from ``shifts_ptr``
+    ((4, C): 8r + j), the position of block j's bit in it. Loads of (N, C) int32 only, so that the
+    pipeliner copies them to shared memory and the decoded keys load into a dot operand's layout."""
+    blocks = tl.arange(0, C)
+    byte = tok * FB
+    words = flags_ptr.to(tl.pointer_type(tl.int32)) + (byte >> 2)[:, None] + 0 * blocks[None, :]
+    shifts = shifts_ptr + ((byte & 3) * C)[:, None] + blocks[None, :]
+    if MASKED:
+        word = tl.load(words, mask=valid[:, None], other=0)
+        shift = tl.load(shifts, mask=valid[:, None], other=0)
+    else:
+        word = tl.load(words)
+        shift = tl.load(shifts)
+    return (word >> shift) & 1
 
 
 @triton.jit
@@ -523,6 +546,7 @@ def _tile_pairs(
     kf_base,
     vf_base,
     tables_ptr,
+    shifts_ptr,
     s0,
     end,
     stride_kwn,
@@ -535,11 +559,14 @@ def _tile_pairs(
     FAST_CVT: tl.constexpr,
     MASKED: tl.constexpr,
     LEAN: tl.constexpr,
+    KEYS_A: tl.constexpr,
 ):
     """:func:`_tile` with the operands split in four pairs of lanes (four dots of depth 2C for keys and
     for values, no reshaping of the decoded words into one (N, D) operand). With LEAN the lanes carry
     ``β(2n − 16)`` only and the coset bits and parities go through one more dot of depth 2C per operand
-    (:func:`_side`; ``qs_hi``/``qs_lo`` the keys' side query, ``sv`` the values' side sums)."""
+    (:func:`_side`; ``qs_hi``/``qs_lo`` the keys' side query, ``sv`` the values' side sums). With KEYS_A
+    (not with LEAN) the queries come transposed, (2C, BLOCK_G) each, and the decoded keys are the dots'
+    first operand: transposed scores (BLOCK_N, BLOCK_G), the softmax along axis 0."""
     tok = s0 + tl.arange(0, BLOCK_N)
     blocks = tl.arange(0, C)
     k_ptrs = kw_base + tok[:, None].to(tl.int64) * stride_kwn + blocks[None, :]
@@ -556,35 +583,54 @@ def _tile_pairs(
         vw = tl.load(v_ptrs)
         k_steps = tl.load(ks_base + tok).to(tl.int32)
         v_steps = tl.load(vs_base + tok).to(tl.int32)
-    kf = (_flag_bits(kf_base, tok, valid, FB)[:, None] >> blocks[None, :]) & 1
+    if KEYS_A:
+        kf = _flag_lanes(kf_base, shifts_ptr, tok, valid, C, FB, MASKED)
+    else:
+        kf = (_flag_bits(kf_base, tok, valid, FB)[:, None] >> blocks[None, :]) & 1
     vf = (_flag_bits(vf_base, tok, valid, FB)[:, None] >> blocks[None, :]) & 1
     fk = _step_factors(k_steps, tables_ptr, K_SHIFT) * factor
     fv = _step_factors(v_steps, tables_ptr, V_SHIFT)
     if MASKED:
         fv = tl.where(valid, fv, 0.0)
 
-    if LEAN:
-        k0, k1, k2, k3, k4, k5, k6, k7 = _lanes_lean(kw, kf, FAST_CVT)
-        side_k = tl.trans(_side(kw, kf))
-        s = tl.dot(qs_hi, side_k)
-        s = tl.dot(qs_lo, side_k, s)
-        s = tl.dot(q0, tl.trans(_pair(k0, k4)), s)
-    else:
-        k0, k1, k2, k3, k4, k5, k6, k7 = _lanes(kw, kf, FAST_CVT)
-        s = tl.dot(q0, tl.trans(_pair(k0, k4)))
-    s = tl.dot(q1, tl.trans(_pair(k1, k5)), s)
-    s = tl.dot(q2, tl.trans(_pair(k2, k6)), s)
-    s = tl.dot(q3, tl.trans(_pair(k3, k7)), s)
-    s = s * fk[None, :]
-    if MASKED:
-        s = tl.where(valid[None, :], s, float("-inf"))
-    m_new = tl.maximum(m, tl.max(s, axis=1))
-    alpha = tl.exp2(m - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    l = l * alpha + tl.sum(p, axis=1)
     fv_max = tl.max(fv, axis=0)
     fv_max = tl.where(fv_max > 0, fv_max, 1.0)
-    pn = (p * (fv * (1.0 / fv_max))[None, :]).to(tl.float16)  # p·f/max f, at most 1
+    if KEYS_A:  # keys (BLOCK_N, 2C) as the first operand, queries (2C, BLOCK_G): no transposed keys
+        tl.static_assert(not LEAN, "KEYS_A is for the full decoding only")
+        k0, k1, k2, k3, k4, k5, k6, k7 = _lanes(kw, kf, FAST_CVT)
+        st = tl.dot(_pair(k0, k4), q0)  # (BLOCK_N, BLOCK_G)
+        st = tl.dot(_pair(k1, k5), q1, st)
+        st = tl.dot(_pair(k2, k6), q2, st)
+        st = tl.dot(_pair(k3, k7), q3, st)
+        st = st * fk[:, None]
+        if MASKED:
+            st = tl.where(valid[:, None], st, float("-inf"))
+        m_new = tl.maximum(m, tl.max(st, axis=0))
+        alpha = tl.exp2(m - m_new)
+        pt = tl.exp2(st - m_new[None, :])
+        l = l * alpha + tl.sum(pt, axis=0)
+        pn = tl.trans((pt * (fv * (1.0 / fv_max))[:, None]).to(tl.float16))  # (BLOCK_G, BLOCK_N)
+    else:
+        if LEAN:
+            k0, k1, k2, k3, k4, k5, k6, k7 = _lanes_lean(kw, kf, FAST_CVT)
+            side_k = tl.trans(_side(kw, kf))
+            s = tl.dot(qs_hi, side_k)
+            s = tl.dot(qs_lo, side_k, s)
+            s = tl.dot(q0, tl.trans(_pair(k0, k4)), s)
+        else:
+            k0, k1, k2, k3, k4, k5, k6, k7 = _lanes(kw, kf, FAST_CVT)
+            s = tl.dot(q0, tl.trans(_pair(k0, k4)))
+        s = tl.dot(q1, tl.trans(_pair(k1, k5)), s)
+        s = tl.dot(q2, tl.trans(_pair(k2, k6)), s)
+        s = tl.dot(q3, tl.trans(_pair(k3, k7)), s)
+        s = s * fk[None, :]
+        if MASKED:
+            s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l = l * alpha + tl.sum(p, axis=1)
+        pn = (p * (fv * (1.0 / fv_max))[None, :]).to(tl.float16)  # p·f/max f, at most 1
     if LEAN:
         v0, v1, v2, v3, v4, v5, v6, v7 = _lanes_lean(vw, vf, FAST_CVT)
         sv = sv * alpha[:, None] + tl.dot(pn, _side(vw, vf)) * fv_max
@@ -844,6 +890,7 @@ def nested_attention_kernel(
     v_signs_ptr,
     had_ptr,
     tables_ptr,
+    shifts_ptr,
     acc_ptr,
     ml_ptr,
     lengths_ptr,
@@ -883,12 +930,15 @@ def nested_attention_kernel(
     LEAN: tl.constexpr,
     Q_FWHT: tl.constexpr,
     LOG2C: tl.constexpr,
+    KEYS_A: tl.constexpr,
 ):
     """Partial attention of one (batch row, KV head) over one range of tokens.
 
     kw/vw: words (B, Hkv, capacity, D/8) int32; ks/vs: step codes (B, Hkv, capacity) int16;
-    kf/vf: flags (B, Hkv, capacity, FB) uint8 (token stride FB); acc_ptr: (B·Hq, splits, D) float32,
-    the value sums in the original domain (times 2); ml_ptr: (B·Hq, 2, splits), maxima (base 2) and sums."""
+    kf/vf: flags (B, Hkv, capacity, FB) uint8 (token stride FB; with KEYS_A each (batch row, head) of kf
+    4-byte aligned, read as int32 words with the bit positions shifts_ptr (4, D/8) int32 holds, 8r + j);
+    acc_ptr: (B·Hq, splits, D) float32, the value sums in the original domain (times 2); ml_ptr:
+    (B·Hq, 2, splits), maxima (base 2) and sums."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
     n_splits = tl.num_programs(1)
@@ -939,6 +989,11 @@ def nested_attention_kernel(
         else:
             qs_hi = q0
             qs_lo = q0
+        if KEYS_A:  # the queries as the dots' second operand, (2C, BLOCK_G), transposed once
+            q0 = tl.trans(q0)
+            q1 = tl.trans(q1)
+            q2 = tl.trans(q2)
+            q3 = tl.trans(q3)
         full_end = start + tl.maximum(end - start, 0) // BLOCK_N * BLOCK_N
         for s0 in range(start, full_end, BLOCK_N):  # whole tiles, no masks
             m, l, a0, a1, a2, a3, sv = _tile_pairs(
@@ -963,6 +1018,7 @@ def nested_attention_kernel(
                 kf_base,
                 vf_base,
                 tables_ptr,
+                shifts_ptr,
                 s0,
                 end,
                 stride_kwn,
@@ -975,6 +1031,7 @@ def nested_attention_kernel(
                 FAST_CVT,
                 False,
                 LEAN,
+                KEYS_A,
             )
         if full_end < end:  # the last, partial tile
             m, l, a0, a1, a2, a3, sv = _tile_pairs(
@@ -999,6 +1056,7 @@ def nested_attention_kernel(
                 kf_base,
                 vf_base,
                 tables_ptr,
+                shifts_ptr,
                 full_end,
                 end,
                 stride_kwn,
@@ -1011,6 +1069,7 @@ def nested_attention_kernel(
                 FAST_CVT,
                 True,
                 LEAN,
+                KEYS_A,
             )
         if LEAN:
             a0, a1, a2, a3 = _add_side_values(a0, a1, a2, a3, sv)

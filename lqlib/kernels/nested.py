@@ -40,6 +40,7 @@ __all__ = [
     "GPU_MIN_BLOCK_N",
     "PAIRS_MIN_DIM",
     "LEAN_PAIRS",
+    "KEYS_AS_A",
     "UNROTATE_IN_COMBINE",
     "ROTATE_QUERIES_IN_REGISTERS",
 ]
@@ -75,6 +76,13 @@ LEAN_PAIRS = False
 on an H100 but slower, 0.94–0.95 times the full decoding's speed at 32K and 128K tokens, batch 1 and 8
 (2026-12-06, results/gpu_nested_variants_*.json): halving the instructions a word takes does not help
 a loop bound by latency."""
+KEYS_AS_A = False
+"""Whether the pairs-of-lanes kernel computes transposed scores, the decoded keys (BLOCK_N, d/4) as the
+dots' first operand against the transposed queries (``keys_as_a``), when not told (and the key flags
+lie on word boundaries). Unmeasured on a GPU, hence off. Compiled offline for sm_90 (Triton 3.6), the
+decoded keys go into the wgmma from registers where the default sends every pair through shared memory
+(the values still do), at the price of two more (BLOCK_N, d/8) int32 loads a tile for the key flags
+(47 → 84 KB of shared memory at three stages); both use 255 registers. Not with the lean decoding."""
 ROTATE_QUERIES_IN_REGISTERS = True
 """Whether the pairs-of-lanes kernel rotates its queries by butterflies in registers (float32) rather
 than by four dots of the float16-rounded queries against columns of H read from L2. On: 1.06–1.40 times
@@ -89,6 +97,18 @@ same record)."""
 FAST_CVT_ON_CUDA = True
 """Whether :func:`decode_attention` decodes words with inline PTX on CUDA when ``fast_cvt`` is not given
 (a benchmark that finds the PTX path failing on its card turns this off and records it)."""
+
+
+_FLAG_SHIFTS: dict[tuple[int, torch.device], Tensor] = {}
+
+
+def _flag_shifts(c: int, device: torch.device) -> Tensor:
+    """int32 (4, c), entry (r, j) = 8r + j: the bit of block j's flag in the int32 word whose byte r starts a
+    token's flags (the ``keys_as_a`` kernel reads the key flags as words)."""
+    if (c, device) not in _FLAG_SHIFTS:
+        table = 8 * torch.arange(4, dtype=torch.int32)[:, None] + torch.arange(c, dtype=torch.int32)[None, :]
+        _FLAG_SHIFTS[(c, device)] = table.to(device)
+    return _FLAG_SHIFTS[(c, device)]
 
 
 def _kernels():
@@ -383,6 +403,7 @@ def decode_attention(
     fast_cvt: bool | None = None,
     pairs: bool | None = None,
     lean: bool | None = None,
+    keys_as_a: bool | None = None,
     unrotate_in_combine: bool | None = None,
 ) -> Tensor:
     """Fused decode attention on a nested-format cache (Triton; CUDA, or CPU under ``TRITON_INTERPRET=1``).
@@ -409,6 +430,10 @@ def decode_attention(
     lean : with pairs, decode the lanes without the coset bit and parity (half the instructions a word)
         and add those through one more dot of depth d/4 per operand (default :data:`LEAN_PAIRS`).
         Same values up to float32 summation order.
+    keys_as_a : with pairs and without lean, compute the scores transposed, the decoded keys as the
+        dots' first operand (default :data:`KEYS_AS_A`, off with lean); the key flags are read as int32
+        words, so each (batch row, head) of them must start 4-byte aligned. Same values up to float32
+        summation order.
     unrotate_in_combine : undo the values' rotation once a row when merging the splits, not in every
         split (default :data:`UNROTATE_IN_COMBINE`). Same values up to float32 summation order.
 
@@ -433,6 +458,16 @@ def decode_attention(
     use_lean = (use_pairs and LEAN_PAIRS) if lean is None else bool(lean)
     if use_lean and not use_pairs:
         raise InputError("lean decoding needs the pairs-of-lanes layout (pairs=True)")
+    kf = keys.flags
+    aligned = kf.data_ptr() % 4 == 0 and kf.stride(0) % 4 == 0 and kf.stride(1) % 4 == 0
+    use_keys_a = (use_pairs and not use_lean and aligned and KEYS_AS_A) if keys_as_a is None else bool(keys_as_a)
+    if use_keys_a and (not use_pairs or use_lean):
+        raise InputError("keys as the first operand (keys_as_a) need the pairs-of-lanes layout (pairs=True), not lean")
+    if use_keys_a and not aligned:
+        raise InputError(
+            "keys as the first operand (keys_as_a) read the key flags as int32 words: each (batch row, "
+            "head) of keys.flags must start 4-byte aligned"
+        )
     fast = (on_gpu and FAST_CVT_ON_CUDA and cfg.block_n >= GPU_MIN_BLOCK_N) if fast_cvt is None else bool(fast_cvt)
     if fast and on_gpu and cfg.block_n < GPU_MIN_BLOCK_N:
         raise InputError(
@@ -453,7 +488,7 @@ def decode_attention(
     scales = key_scales.to(device=dev, dtype=torch.float32).contiguous() if key_scales is not None else signs_k
     lengths = length if isinstance(length, Tensor) else part_ml  # a placeholder pointer when unused
     scale = 1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale)
-    kw, vw, ks, vs, kf, vf = keys.words, values.words, keys.steps, values.steps, keys.flags, values.flags
+    kw, vw, ks, vs, vf = keys.words, values.words, keys.steps, values.steps, values.flags
     check_kernel_device(q, kernels.nested_attention_kernel)
     kernels.nested_attention_kernel[(b * hkv, splits)](
         q,
@@ -468,6 +503,7 @@ def decode_attention(
         signs_v,
         hadamard_matrix(d, dev, torch.float16),
         _tables(dev),
+        _flag_shifts(d // 8, dev) if use_keys_a else part_ml,  # a placeholder pointer when unused
         part_acc,
         part_ml,
         lengths,
@@ -507,6 +543,7 @@ def decode_attention(
         LEAN=use_lean,
         Q_FWHT=ROTATE_QUERIES_IN_REGISTERS,
         LOG2C=(d // 8).bit_length() - 1,
+        KEYS_A=use_keys_a,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
         **({} if cfg.maxnreg is None else {"maxnreg": cfg.maxnreg}),
