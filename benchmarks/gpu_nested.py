@@ -58,10 +58,18 @@ QUANTIZE_LAUNCHES = [
     (64, 2, 3),
     (32, 1, 3, 128),
     (32, 1, 3, 168),
+    (1, 1, 0),
+    (1, 2, 0),
+    (2, 2, 0),
+    (4, 4, 0),
+    (16, 8, 0),
     (32, 1, 0),
 ]
 """(vectors per program, warps, split[, maxnreg]); the first is the default, the last the earlier kernel
-(whole tiles)."""
+(whole tiles); the whole-tile launches of few vectors a program compile to 128 registers a thread or
+fewer and no local memory (Triton 3.6, sm_90)."""
+SEARCH_LAUNCHES = [(32, 1, 3), (1, 1, 0), (2, 2, 0), (4, 4, 0)]
+"""The launches timed again with the encoder's step search (``--search``)."""
 ATTENTION_CONFIGS = [
     (128, 4, 3, True),
     (64, 4, 2, True),
@@ -128,10 +136,10 @@ def sample(n: int, d: int, seed: int, dtype: torch.dtype) -> torch.Tensor:
     return (x * torch.logspace(-3, 3, n)[:, None]).clamp(-6e4, 6e4).to(dtype)
 
 
-def bit_identity(dev: str, n: int) -> list[dict]:
+def bit_identity(dev: str, n: int, search: int = 0) -> list[dict]:
     checks = []
     for rotation in ("rht", "none"):
-        codec = NestedE8Codec(rotation)
+        codec = NestedE8Codec(rotation, search=search)
         for d in (64, 128):
             for dtype in (torch.float16, torch.bfloat16):
                 x = sample(n, d, d + len(checks), dtype)
@@ -144,7 +152,16 @@ def bit_identity(dev: str, n: int) -> list[dict]:
                 ]
                 y = KN.dequantize(codec, got, dtype).cpu()
                 same.append(torch.equal(y.view(torch.int16), codec.decode(ref, dtype).view(torch.int16)))
-                checks.append({"rotation": rotation, "dim": d, "dtype": str(dtype), "vectors": n, "identical": same})
+                checks.append(
+                    {
+                        "rotation": rotation,
+                        "dim": d,
+                        "dtype": str(dtype),
+                        "vectors": n,
+                        "search": search,
+                        "identical": same,
+                    }
+                )
     return checks
 
 
@@ -177,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--check-vectors", type=int, default=4096)
+    ap.add_argument("--search", type=int, default=1, help="also check and time the encoder's step search s")
+    ap.add_argument("--no-attention", action="store_true", help="bit identity and quantize only")
+    ap.add_argument("--tag", default="", help="a suffix for the record's file name")
     ap.add_argument("--out", default="results")
     ap.add_argument("--smoke", action="store_true")
     args = ap.parse_args(argv)
@@ -213,12 +233,15 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     slug = re.sub(r"[^A-Za-z0-9]+", "-", card).strip("-").lower()
-    path = out / f"gpu_nested_{slug}_{datetime.date.today().isoformat()}.json"
+    suffix = f"_{args.tag}" if args.tag else ""
+    path = out / f"gpu_nested_{slug}_{datetime.date.today().isoformat()}{suffix}.json"
     torch.backends.cuda.matmul.allow_tf32 = False
 
     # 1. bit identity
     t0 = time.time()
     result["bit_identity"] = bit_identity(dev, args.check_vectors)
+    if args.search:
+        result["bit_identity"] += bit_identity(dev, args.check_vectors, args.search)
     result["bit_identical_everywhere"] = all(all(c["identical"]) for c in result["bit_identity"])
     print(f"bit identity: {result['bit_identical_everywhere']} ({time.time() - t0:.0f} s)", flush=True)
     write(result, path)
@@ -254,6 +277,16 @@ def main(argv: list[str] | None = None) -> int:
                 **summary(times, vectors * (2 * d + 68), copy_gbs),
             }
         )
+    searched = NestedE8Codec(search=args.search)
+    for bv, warps, split in SEARCH_LAUNCHES if cuda and args.search else []:
+        times = time_ms(lambda: KN.quantize(searched, x, block_v=bv, num_warps=warps, split=split), args.repeats, cuda)
+        rows.append(
+            {
+                "kernel": f"nested quantize, search {args.search}",
+                "launch": f"{bv}/{warps}/split {split}",
+                **summary(times, vectors * (2 * d + 68), copy_gbs),
+            }
+        )
     coded = KN.quantize(codec, x)
     times = time_ms(lambda: KN.dequantize(codec, coded, torch.float16), args.repeats, cuda)
     rows.append(
@@ -270,6 +303,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['kernel']:18s} {r['launch']:8s} {r['median_ms']:.3f} ms {r['GB_per_s']:.0f} GB/s{frac}", flush=True)
     x = None
     write(result, path)
+    if args.no_attention:
+        result["wall_s"] = time.time() - t_start
+        write(result, path)
+        print(f"quantize best {best['launch']}: {best['median_ms']:.3f} ms; wrote {path}")
+        return 0
 
     # 3. attention
     key_codec, value_codec = NestedE8Codec(seed=0), NestedE8Codec(seed=1)

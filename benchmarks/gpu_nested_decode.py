@@ -72,6 +72,7 @@ def add_choice_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--lean", action="store_true", help="the nested cache decodes pairs of lanes leanly")
     ap.add_argument("--tag", default="", help="a suffix for the record's file name")
     ap.add_argument("--flags", nargs="*", default=[], help="lqlib.kernels.nested flags to turn on", choices=FLAGS)
+    ap.add_argument("--search", type=int, default=0, help="the nested caches' encoder step search (0 = none)")
 
 
 def apply_choices(args: argparse.Namespace):
@@ -95,7 +96,7 @@ def write(result: dict, path: Path) -> None:
     path.write_text(json.dumps(result, indent=2) + "\n")
 
 
-def make_cache(kind: str, model, capacity: int):
+def make_cache(kind: str, model, capacity: int, search: int = 0):
     from transformers import DynamicCache, StaticCache
 
     from lqlib.cache.device import ATTENTION, DeviceKVCache
@@ -117,8 +118,9 @@ def make_cache(kind: str, model, capacity: int):
         model.set_attn_implementation("sdpa")
         return StaticCache(config=model.config, max_cache_len=capacity)
     model.set_attn_implementation(ATTENTION)
-    fmt = "nested" if kind == "nested_graph" else "int8"
-    return DeviceKVCache(model.config, 4.0, capacity=capacity, format=fmt)
+    if kind == "nested_graph":
+        return DeviceKVCache(model.config, 4.0, capacity=capacity, format="nested", search=search)
+    return DeviceKVCache(model.config, 4.0, capacity=capacity, format="int8")
 
 
 def kv_bytes(kind: str, cache, config, batch: int, tokens: int, capacity: int) -> tuple[int, int]:
@@ -159,7 +161,7 @@ def run_case(kind, model, ids, args, timer, device) -> dict:
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    cache = make_cache(kind, model, capacity)
+    cache = make_cache(kind, model, capacity, args.search)
     t0 = time.time()
     if kind == "dynamic_eager":
         tok = prefill(model, cache, ids, args.chunk, kw)
@@ -410,6 +412,7 @@ def main(argv: list[str] | None = None) -> int:
         "static_graph_attention": "lqlib_fp16_decode",  # the fp16 baseline's attention (K/V read once)
         "lean_pairs": kn.LEAN_PAIRS,
         "nested_flags": {flag: getattr(kn, flag) for flag in FLAGS},
+        "nested_search": args.search,
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

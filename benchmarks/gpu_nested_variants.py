@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--tag", default="", help="a suffix for the record's file name")
     ap.add_argument("--out", default="results")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -156,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
             for name in args.variants:
                 row[f"{name} vs sdpa"] = row["sdpa ms"] / row[f"{name} ms"]
             result["rows"].append(row)
-            out = write_record(result, args.out, "gpu_nested_variants")  # after every shape
+            suffix = f"_{args.tag}" if args.tag else ""
+            out = write_record(result, args.out, "gpu_nested_variants", suffix)  # after every shape
             print(f"n={n} b={b} sdpa {row['sdpa ms']:.4f} ms", flush=True)
             for name in args.variants:
                 diff = row.get(f"{name} max_rel_diff", float("nan"))

@@ -38,13 +38,13 @@ def kernel_group(name: str) -> str:
 
 
 @torch.inference_mode()
-def profile_kind(kind: str, model, ids: torch.Tensor, steps: int, timer: Timer) -> dict:
+def profile_kind(kind: str, model, ids: torch.Tensor, steps: int, timer: Timer, search: int = 0) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     from lqlib.cache.decode_graph import GraphedDecoder
 
     n = ids.shape[1]
-    cache = make_cache(kind, model, n + steps * 3 + 16)
+    cache = make_cache(kind, model, n + steps * 3 + 16, search)
     decoder = GraphedDecoder(model, cache, warmup=2)
     decoder.prefill(ids, chunk=4096)
     decoder.decode(2)
@@ -101,10 +101,11 @@ def main(argv: list[str] | None = None) -> int:
         "steps_traced": args.steps,
         "lean_pairs": kn.LEAN_PAIRS,
         "nested_flags": {flag: getattr(kn, flag) for flag in FLAGS},
+        "nested_search": args.search,
         "caches": [],
     }
     for kind in args.kinds:
-        row = profile_kind(kind, model, ids, args.steps, Timer(device))
+        row = profile_kind(kind, model, ids, args.steps, Timer(device), args.search)
         result["caches"].append(row)
         print(
             f"\n== {kind}: {row['ms_per_step']:.3f} ms/step (events), kernels {row['kernel_ms_per_step']:.3f} ms in "

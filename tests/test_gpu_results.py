@@ -97,6 +97,8 @@ def test_a_run_label_names_the_kernel_choices_turned_on():
     flags = {"LEAN_PAIRS": False, "UNROTATE_IN_COMBINE": True, "ROTATE_QUERIES_IN_REGISTERS": True}
     label = g._run_label({**run, "lean_pairs": False, "nested_flags": flags})
     assert label == "2026-12-06 17:30 (V in merge, Q by butterflies)"
+    label = g._run_label({**run, "nested_flags": {"KEYS_AS_A": True}, "nested_search": 1})
+    assert label == "2026-12-06 17:30 (keys as A, step search 1)"
 
 
 def test_the_newest_run_of_each_shape_is_split_from_the_earlier_ones():

@@ -287,9 +287,12 @@ rotated by butterflies in registers, the decoded keys as the score dots' first o
 
 def _run_label(run: dict) -> str:
     """A run's start, ``YYYY-MM-DD HH:MM`` UTC (runs of one day and card differ by it), and the kernel
-    choices it turned on, if any (``"nested_flags"``, or ``"lean_pairs"`` alone in earlier runs)."""
+    choices it turned on, if any (``"nested_flags"``, or ``"lean_pairs"`` alone in earlier runs), and the
+    nested caches' encoder step search (``"nested_search"``) where it was on."""
     flags = run.get("nested_flags") or {"LEAN_PAIRS": run.get("lean_pairs", False)}
     on = [RUN_CHOICES.get(name, name) for name, value in flags.items() if value]
+    if run.get("nested_search"):
+        on.append(f"step search {run['nested_search']}")
     return run["date"][:16].replace("T", " ") + (f" ({', '.join(on)})" if on else "")
 
 

@@ -400,6 +400,8 @@ class DeviceKVCache(Cache):
     format : ``"int8"`` (the codec's int8 codes ``2·p`` and int16 step codes, 8 + 16/d bits/dim) or
         ``"nested"`` (the fixed-rate nested E8 format of :mod:`lqlib.coding.nested`: int32 words of 8
         coordinates, int16 step codes, scale-flag bytes; 4.25 bits/dim at d = 128; ``bits`` must be 4).
+    search : with ``format="nested"``, how many finer step codes the encoder also tries (the codec's
+        ``search``; same format and bits, lower error, more quantize work); 0 otherwise.
     """
 
     def __init__(
@@ -413,15 +415,18 @@ class DeviceKVCache(Cache):
         page_size: int = 256,
         cuda_graphs: bool = False,
         format: str = "int8",
+        search: int = 0,
     ) -> None:
         codecs = layer_codecs(config, bits, rotation, seed, key_scales, "DeviceKVCache")
+        if search and format != "nested":
+            raise InputError(f"search is an option of the nested format, not of format={format!r}")
         if format == "nested":
             from ..coding.nested import NestedE8Codec
             from .nested_device import NestedDeviceKVLayer
 
             if np.ndim(bits) or float(bits) != 4.0:
                 raise InputError(f"the nested format stores 4 bits/dim per coordinate; got bits={bits!r}")
-            nested = NestedE8Codec(rotation, seed)
+            nested = NestedE8Codec(rotation, seed, search=search)
             codecs, layer_class = [(nested, nested)] * len(codecs), NestedDeviceKVLayer
         elif format == "int8":
             layer_class = DeviceKVLayer
