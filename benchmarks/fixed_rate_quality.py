@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--windows", type=int, default=24)
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--gaussian-vectors", type=int, default=20000)
+    ap.add_argument("--searches", type=int, nargs="+", default=[0, 1], help="the nested encoder's step searches")
+    ap.add_argument("--tag", default="", help="a suffix for the record's file name")
     ap.add_argument("--out", default="results")
     args = ap.parse_args(argv)
     t0 = time.time()
@@ -39,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     text = load_corpus()
     ids, labels = token_windows(loaded.tokenizer, text.text, args.window, max_windows=args.windows)
     kv = capture_kv(loaded, ids[:1])
-    specs = fixed_rate_specs(kv)
+    specs = fixed_rate_specs(kv, searches=tuple(args.searches))
     rows = compare_methods(loaded, specs, ids, labels, kv, progress=False)
     methods, ratios = quality_verdicts(rows)
     result = {
@@ -52,14 +54,15 @@ def main(argv: list[str] | None = None) -> int:
         "windows": int(ids.shape[0]),
         "methods": methods,
         "ratios": ratios,
-        "gaussian": gaussian_gaps(n=args.gaussian_vectors),
+        "searches": args.searches,
+        "gaussian": gaussian_gaps(n=args.gaussian_vectors, searches=tuple(args.searches)),
         "rows": [{k: v for k, v in r.items() if k not in ("window_nll", "window_tokens")} for r in rows],
         "window_nll": {r["method"]: r["window_nll"] for r in rows},
         "wall_s": time.time() - t0,
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"fixed_rate_quality_{datetime.date.today().isoformat()}"
+    stem = out / f"fixed_rate_quality_{datetime.date.today().isoformat()}{'_' + args.tag if args.tag else ''}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     lines = [
         f"# Fixed-rate nested E8 format: quality ({result['date']}, {result['machine']})",
@@ -76,12 +79,12 @@ def main(argv: list[str] | None = None) -> int:
         )
     lines += [
         "",
-        "| ΔPPL(nested) / ΔPPL(baseline) | ratio | 95% interval | target | verdict |",
-        "| --- | ---: | --- | ---: | --- |",
+        "| nested | ΔPPL(nested) / ΔPPL(baseline) | ratio | 95% interval | target | verdict |",
+        "| --- | --- | ---: | --- | ---: | --- |",
     ]
     for r in ratios:
         lines.append(
-            f"| {r['baseline']} | {r['ratio']:.3f} | [{r['low']:.3f}, {r['high']:.3f}] | "
+            f"| {r['nested']} | {r['baseline']} | {r['ratio']:.3f} | [{r['low']:.3f}, {r['high']:.3f}] | "
             f"≤ {r['target']} | {r['verdict']} |"
         )
     lines += ["", "| d | method | bits/dim | MSE / 4^-4 |", "| ---: | --- | ---: | ---: |"]

@@ -182,6 +182,54 @@ def test_in_loop_method_and_verdicts():
     assert verdict(RatioEstimate(value=1.0, low=0.5, high=2.0, n=24, denominator=reaches_zero), 1.15) == "undefined"
 
 
+def test_quality_verdicts_compare_each_nested_row_with_both_baselines():
+    """Synthetic windows whose ΔPPL ratios are known: nested at twice the entropy-coded codec's excess
+    NLL and half TurboQuant-style's (not met / met), the searched row at 1.1 and 0.55 of them."""
+    from lqlib.evaluation.fixed_rate import (
+        EC_LABEL,
+        INT8_LABEL,
+        NESTED_LABEL,
+        TURBO_LABEL,
+        nested_label,
+        quality_verdicts,
+        ratio_text,
+    )
+
+    gen = torch.Generator().manual_seed(0)
+    fp = 1000.0 + 100.0 * torch.rand(40, generator=gen, dtype=torch.float64)
+    tokens = [511] * 40
+    excess = {NESTED_LABEL: 0.02, nested_label(1): 0.011, EC_LABEL: 0.01, INT8_LABEL: 0.015, TURBO_LABEL: 0.02 / 0.5}
+    rows = [
+        {
+            "method": "full precision",
+            "bits_per_dim": 32.0,
+            "ppl": 10.0,
+            "window_nll": fp.tolist(),
+            "window_tokens": tokens,
+        }
+    ]
+    for name, e in excess.items():
+        nll = (fp * (1 + e * (1 + 0.01 * torch.rand(40, generator=gen, dtype=torch.float64)))).tolist()
+        rows.append({"method": name, "bits_per_dim": 4.375, "ppl": 10.5, "window_nll": nll, "window_tokens": tokens})
+    methods, ratios = quality_verdicts(rows, draws=400)
+    assert [m["method"] for m in methods] == list(excess)
+    got = {(r["nested"], r["baseline"]): r for r in ratios}
+    assert set(got) == {(n, b) for n in (NESTED_LABEL, nested_label(1)) for b in (EC_LABEL, TURBO_LABEL)}
+    assert (
+        got[(NESTED_LABEL, EC_LABEL)]["verdict"] == "not met" and got[(NESTED_LABEL, TURBO_LABEL)]["verdict"] == "met"
+    )
+    assert got[(nested_label(1), EC_LABEL)]["verdict"] == "met"  # 1.1 ≤ 1.15
+    assert got[(nested_label(1), TURBO_LABEL)]["verdict"] == "met"  # 0.275 ≤ 0.6
+    for r in ratios:
+        assert r["low"] <= r["ratio"] <= r["high"]
+    assert 1.8 < got[(NESTED_LABEL, EC_LABEL)]["ratio"] < 2.2 and 1.0 < got[(nested_label(1), EC_LABEL)]["ratio"] < 1.2
+    text, verdict_ = ratio_text(ratios, nested_label(1), TURBO_LABEL)
+    r = got[(nested_label(1), TURBO_LABEL)]
+    assert text == f"{r['ratio']:.2f}× [{r['low']:.2f}, {r['high']:.2f}]" and verdict_ == "met"
+    with pytest.raises(lqlib.InputError, match="no ratio"):
+        ratio_text(ratios, nested_label(2), TURBO_LABEL)
+
+
 def test_clear_errors():
     with pytest.raises(lqlib.InputError, match="peak"):
         NestedE8Codec(peak=2.0)

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 
 from lqlib.core import theory
@@ -34,3 +35,22 @@ def test_kv_cache_bytes():
     # Llama-3.1-8B: 32 layers, 8 KV heads, head dim 128; fp16 at 128K tokens is 16 GiB
     assert theory.kv_cache_bytes(32, 8, 128, 131072, 16) == 16 * 2**30
     assert theory.kv_cache_bytes(30, 3, 64, 1, 4.0) == 2 * 30 * 3 * 64 * 4 / 8
+
+
+@pytest.mark.parametrize("n", [1, 2, 8, 64])
+def test_fixed_rate_block_gap_is_zadors_integral(n):
+    """Zador: fixed-rate D = G·(∫ p_n^α)^(1/α)·4^-R per dimension, α = n/(n+2), against G·2πe·4^-R entropy
+    coded; the n-dim integral of a unit Gaussian is the 1-d one to the n-th power, so the gap is
+    (∫ p^α)^(n+2) / (2πe), here by quadrature; n = 1 is 3√3/e; the gap shrinks with n."""
+    alpha = n / (n + 2)
+    t = np.linspace(-60.0, 60.0, 400001)
+    p = np.exp(-0.5 * t * t) / math.sqrt(2 * math.pi)
+    integral = float(np.sum(p**alpha) * (t[1] - t[0]))
+    assert theory.fixed_rate_block_gap(n) == pytest.approx(integral ** (n + 2) / (2 * math.pi * math.e), rel=1e-9)
+    assert theory.fixed_rate_block_gap(n) < theory.fixed_rate_block_gap(max(n // 2, 1)) or n == 1
+    with pytest.raises(ValueError):
+        theory.fixed_rate_block_gap(0)
+
+
+def test_fixed_rate_block_gap_of_one_dimension_is_the_scalar_one():
+    assert theory.fixed_rate_block_gap(1) == pytest.approx(theory.FIXED_RATE_GAP, rel=1e-14)

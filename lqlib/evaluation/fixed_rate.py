@@ -25,6 +25,7 @@ from torch import Tensor
 
 from ..coding.codec import E8Codec
 from ..coding.nested import NestedE8Codec
+from ..errors import InputError
 from .baselines import KVMethod, TurboQuantStyle
 from .capture import KVSample
 from .harness import MethodSpec, e8_bits_for_rate, e8_spec, method_ratio
@@ -40,6 +41,8 @@ __all__ = [
     "TARGET_VS_ENTROPY",
     "TARGET_VS_TURBOQUANT",
     "NESTED_LABEL",
+    "nested_label",
+    "ratio_text",
     "EC_LABEL",
     "TURBO_LABEL",
     "INT8_LABEL",
@@ -62,14 +65,15 @@ class NestedE8(KVMethod):
     bits: float = 4.0
     rotation: str = "rht"
     peak: float = 11.0
+    search: int = 0
 
     @property
     def name(self) -> str:
-        return f"NestedE8(peak={self.peak:g})"
+        return f"NestedE8(peak={self.peak:g}" + (f", search={self.search})" if self.search else ")")
 
     @property
     def codec(self) -> NestedE8Codec:
-        return NestedE8Codec(self.rotation, peak=self.peak)
+        return NestedE8Codec(self.rotation, peak=self.peak, search=self.search)
 
     def quantize(self, x: Tensor) -> Tensor:
         return self.codec.quantize(x)
@@ -91,15 +95,28 @@ class Int8DeviceFormat(KVMethod):
         return 8.0 + 16.0 / x.shape[-1]
 
 
-def fixed_rate_specs(kv: KVSample, peak: float = 11.0, page_size: int = 64) -> list[MethodSpec]:
-    """The nested format, the entropy-coded codec at the nested format's measured rate, the int8
-    device format and TurboQuant-style, all at 4 bits nominal; labels are the module's constants."""
-    nested = MethodSpec(NESTED_LABEL, NestedE8(peak=peak), NestedE8(peak=peak), family="nested E8")
-    target = nested.rate(kv)
+def nested_label(search: int = 0) -> str:
+    """The nested format's label in the comparison: :data:`NESTED_LABEL`, with its step search if any."""
+    return NESTED_LABEL + (f", step search {search}" if search else "")
+
+
+def fixed_rate_specs(
+    kv: KVSample, peak: float = 11.0, page_size: int = 64, searches: tuple[int, ...] = (0,)
+) -> list[MethodSpec]:
+    """The nested format (once per encoder step search in ``searches``: same format and bits), the
+    entropy-coded codec at the nested format's measured rate, the int8 device format and
+    TurboQuant-style, all at 4 bits nominal; labels are the module's constants and :func:`nested_label`."""
+    if not searches:
+        raise InputError("fixed_rate_specs needs at least one step search (0: none)")
+    nested = [
+        MethodSpec(nested_label(s), NestedE8(peak=peak, search=s), NestedE8(peak=peak, search=s), family="nested E8")
+        for s in searches
+    ]
+    target = nested[0].rate(kv)
     ec_bits = e8_bits_for_rate(target, kv, page_size=page_size)
     int8 = Int8DeviceFormat(4.0)
     return [
-        nested,
+        *nested,
         e8_spec(ec_bits, label=EC_LABEL, page_size=page_size),
         MethodSpec(INT8_LABEL, int8, int8, family="int8 device format"),
         MethodSpec(TURBO_LABEL, TurboQuantStyle(4), TurboQuantStyle(4), family="TurboQuant-style"),
@@ -119,12 +136,13 @@ def verdict(ratio: RatioEstimate, target: float) -> str:
 
 
 def quality_verdicts(rows: list[dict], draws: int = 4000, seed: int = 0) -> tuple[list[dict], list[dict]]:
-    """(method rows, ratio rows) from :func:`compare_methods` rows that hold the four labels.
+    """(method rows, ratio rows) from :func:`compare_methods` rows that hold the four labels (the nested
+    format's once per step search, :func:`nested_label`).
 
     Method rows: label, measured bits/dim, PPL, ΔPPL % with its paired 95% interval against full
-    precision. Ratio rows: ΔPPL(nested) over ΔPPL(baseline) for the entropy-coded codec and
-    TurboQuant-style, with the paired bootstrap interval (windows resampled together), the target
-    and the verdict ("met", "not met" or "inconclusive")."""
+    precision. Ratio rows, for each nested row: ΔPPL(nested) over ΔPPL(baseline) for the entropy-coded
+    codec and TurboQuant-style, with the paired bootstrap interval (windows resampled together), the
+    target and the verdict ("met", "not met" or "inconclusive")."""
     fp = rows[0]
     methods = []
     for r in rows[1:]:
@@ -141,36 +159,50 @@ def quality_verdicts(rows: list[dict], draws: int = 4000, seed: int = 0) -> tupl
             }
         )
     ratios = []
-    for baseline, target in ((EC_LABEL, TARGET_VS_ENTROPY), (TURBO_LABEL, TARGET_VS_TURBOQUANT)):
-        ratio = method_ratio(rows, NESTED_LABEL, baseline, draws=draws, seed=seed)
-        by_name = {r["method"]: r for r in rows}
-        ratios.append(
-            {
-                "baseline": baseline,
-                "nested_bits": by_name[NESTED_LABEL]["bits_per_dim"],
-                "baseline_bits": by_name[baseline]["bits_per_dim"],
-                "ratio": ratio.value,
-                "low": ratio.low,
-                "high": ratio.high,
-                "target": target,
-                "verdict": verdict(ratio, target),
-                "windows": ratio.n,
-            }
-        )
+    by_name = {r["method"]: r for r in rows}
+    for nested in (r["method"] for r in rows[1:] if r["method"].startswith(NESTED_LABEL)):
+        for baseline, target in ((EC_LABEL, TARGET_VS_ENTROPY), (TURBO_LABEL, TARGET_VS_TURBOQUANT)):
+            ratio = method_ratio(rows, nested, baseline, draws=draws, seed=seed)
+            ratios.append(
+                {
+                    "nested": nested,
+                    "baseline": baseline,
+                    "nested_bits": by_name[nested]["bits_per_dim"],
+                    "baseline_bits": by_name[baseline]["bits_per_dim"],
+                    "ratio": ratio.value,
+                    "low": ratio.low,
+                    "high": ratio.high,
+                    "target": target,
+                    "verdict": verdict(ratio, target),
+                    "windows": ratio.n,
+                }
+            )
     return methods, ratios
 
 
-def gaussian_gaps(dims: tuple[int, ...] = (64, 128), n: int = 20000, seed: int = 0) -> list[dict]:
+def ratio_text(ratios: list[dict], nested: str, baseline: str) -> tuple[str, str]:
+    """(``"1.94× [1.81, 2.10]"``, verdict) of the ratio row of ``nested`` over ``baseline`` in
+    :func:`quality_verdicts`' ratio rows."""
+    for r in ratios:
+        if r["nested"] == nested and r["baseline"] == baseline:
+            return f"{r['ratio']:.2f}× [{r['low']:.2f}, {r['high']:.2f}]", r["verdict"]
+    raise InputError(f"no ratio of {nested!r} over {baseline!r} among {[(r['nested'], r['baseline']) for r in ratios]}")
+
+
+def gaussian_gaps(
+    dims: tuple[int, ...] = (64, 128), n: int = 20000, seed: int = 0, searches: tuple[int, ...] = (0,)
+) -> list[dict]:
     """MSE per coordinate / ``4^-4`` (the Gaussian bound at 4 bits) of each quantizer on ``n`` standard
-    Gaussian vectors per head dim, with its stored bits/dim; the entropy-coded codec at 4 bits and at
-    the rate whose payload matches the nested format's stored bits (its coded rate is measured)."""
+    Gaussian vectors per head dim, with its stored bits/dim: the nested format once per step search in
+    ``searches``; the entropy-coded codec at 4 bits and at the rate whose payload matches the nested
+    format's stored bits (its coded rate is measured)."""
     rows = []
     for d in dims:
         x = torch.randn(n, d, generator=torch.Generator().manual_seed(seed + d), dtype=torch.float32)
-        nested = NestedE8Codec()
-        ec_bits = nested.bits_per_dim(d) - 16.0 / d  # payload of the same total, less a step code per vector
+        nested = [NestedE8Codec(search=s) for s in searches]
+        ec_bits = nested[0].bits_per_dim(d) - 16.0 / d  # payload of the same total, less a step code per vector
         cases = [
-            (NESTED_LABEL, nested.quantize, nested.bits_per_dim(d)),
+            *((nested_label(c.search), c.quantize, c.bits_per_dim(d)) for c in nested),
             ("E8 + EC 4", E8Codec(4.0).quantize, None),
             (f"E8 + EC {ec_bits:.3f}", E8Codec(ec_bits).quantize, None),
             (TURBO_LABEL, TurboQuantStyle(4).quantize, 4.0 + 16.0 / d),
