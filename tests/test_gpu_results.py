@@ -156,3 +156,11 @@ def test_variant_rows_are_ratios_within_one_run():
         first = next(x for x in rows if (x["run"], x["context"], x["batch"]) == (r["run"], r["context"], r["batch"]))
         assert r["vs_first"] == pytest.approx(first["ms"] / r["ms"], rel=1e-12)
         assert r["max_rel_diff"] is None or r["max_rel_diff"] < 2e-3  # the same attention, summation order aside
+
+
+def test_a_quantize_only_nested_run_gives_kernel_rows_and_no_attention_rows():
+    run = next(r for r in g.nested_runs(RESULTS, "gpu_nested") if "attention_summary" in r)
+    quantize_only = {k: v for k, v in run.items() if k not in ("attention", "attention_summary")}
+    assert len(g.nested_kernel_rows([quantize_only])) == len(run["quantize"])
+    assert g.nested_attention_rows([quantize_only]) == [] and g.nested_layout_gain([quantize_only]) == []
+    assert len(g.nested_attention_rows([run, quantize_only])) == len(run["attention_summary"])

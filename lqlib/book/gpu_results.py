@@ -219,10 +219,11 @@ def nested_kernel_rows(runs: list[dict]) -> list[dict]:
 def nested_attention_rows(runs: list[dict]) -> list[dict]:
     """Decode attention per (card, batch, context): fp16 SDPA, our fp16 split-K kernel (runs that timed
     it), the int8 format's fused kernel and the nested format's fastest launch at that shape (named in
-    ``nested_launch``), with the speed-ups over SDPA in the same run."""
+    ``nested_launch``), with the speed-ups over SDPA in the same run (runs that timed no attention, the
+    quantize-only ones, give none)."""
     rows = []
     for run in runs:
-        for s in run["attention_summary"]:
+        for s in run.get("attention_summary", []):
             speedup = s.get("speedup_best", s["speedup_default"])
             rows.append(
                 {
