@@ -575,10 +575,31 @@ def test_nested_device_cache_errors():
         DeviceKVCache(config, 3.0, format="nested")
     with pytest.raises(lqlib.InputError, match="format"):
         DeviceKVCache(config, 4.0, format="int4")
+    with pytest.raises(lqlib.InputError, match="search"):
+        DeviceKVCache(config, 4.0, format="int8", search=1)
     from lqlib.cache.nested_device import NestedDeviceKVLayer
 
     with pytest.raises(lqlib.InputError, match="NestedE8Codec"):
         NestedDeviceKVLayer(lqlib.E8Codec(4.0))
+
+
+@needs_kernels
+@pytest.mark.slow
+def test_nested_device_cache_with_the_step_search_stores_the_searched_codes():
+    """search=1: the prefill logits are those of a quantize-dequantize cache through the searched
+    encoder, bit for bit, and differ from the unsearched cache's (the kernel searched in the cache)."""
+    from lqlib.cache.device import ATTENTION, DeviceKVCache, cache_kwarg
+
+    config, model = tiny_llama(1)
+    kw = cache_kwarg(model)
+    ids = torch.randint(0, 97, (1, 6), generator=torch.Generator().manual_seed(7)).to(DEVICE)
+    with torch.inference_mode():
+        model.set_attn_implementation("sdpa")
+        ref = model(ids, **{kw: QuantizeDequantizeCache(NestedE8Codec(search=1).quantize, config)}).logits
+        plain = model(ids, **{kw: QuantizeDequantizeCache(NestedE8Codec().quantize, config)}).logits
+        model.set_attn_implementation(ATTENTION)
+        got = model(ids, **{kw: DeviceKVCache(config, 4.0, format="nested", search=1)}).logits
+    assert torch.equal(got.cpu(), ref.cpu()) and not torch.equal(ref, plain)
 
 
 # ---------------------------------------------------------------------------------------------- one-graph decoder
