@@ -70,6 +70,9 @@ QUANTIZE_LAUNCHES = [
 fewer and no local memory (Triton 3.6, sm_90)."""
 SEARCH_LAUNCHES = [(32, 1, 3), (1, 1, 0), (2, 2, 0), (4, 4, 0)]
 """The launches timed again with the encoder's step search (``--search``)."""
+QUICK_LAUNCHES = [(32, 1, 3), (1, 1, 0), (1, 2, 0), (2, 2, 0), (4, 4, 0)]
+"""``--quick``: the default and the whole-tile launches of few vectors a program (each launch shape is
+one more compile, seconds each)."""
 ATTENTION_CONFIGS = [
     (128, 4, 3, True),
     (64, 4, 2, True),
@@ -196,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--check-vectors", type=int, default=4096)
     ap.add_argument("--search", type=int, default=1, help="also check and time the encoder's step search s")
     ap.add_argument("--no-attention", action="store_true", help="bit identity and quantize only")
+    ap.add_argument("--quick", action="store_true", help="time the quantize launches of QUICK_LAUNCHES only")
     ap.add_argument("--tag", default="", help="a suffix for the record's file name")
     ap.add_argument("--out", default="results")
     ap.add_argument("--smoke", action="store_true")
@@ -265,8 +269,10 @@ def main(argv: list[str] | None = None) -> int:
     x *= torch.exp(0.5 * torch.randn(2 * layers, hkv, args.tokens, 1, generator=gen, device=dev)).half()
     vectors = x.numel() // d
     rows = []
-    for bv, warps, split, *cap in QUANTIZE_LAUNCHES if cuda else [(None, None, None)]:
+    launches = QUICK_LAUNCHES if args.quick else QUANTIZE_LAUNCHES
+    for bv, warps, split, *cap in launches if cuda else [(None, None, None)]:
         reg = cap[0] if cap else None
+        print(f"launch {bv}/{warps}/split {split} maxnreg {reg}", flush=True)
         times = time_ms(
             lambda: KN.quantize(codec, x, block_v=bv, num_warps=warps, split=split, maxnreg=reg), args.repeats, cuda
         )
@@ -279,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     searched = NestedE8Codec(search=args.search)
     for bv, warps, split in SEARCH_LAUNCHES if cuda and args.search else []:
+        print(f"search {args.search} launch {bv}/{warps}/split {split}", flush=True)
         times = time_ms(lambda: KN.quantize(searched, x, block_v=bv, num_warps=warps, split=split), args.repeats, cuda)
         rows.append(
             {
