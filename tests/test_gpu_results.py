@@ -164,3 +164,50 @@ def test_a_quantize_only_nested_run_gives_kernel_rows_and_no_attention_rows():
     assert len(g.nested_kernel_rows([quantize_only])) == len(run["quantize"])
     assert g.nested_attention_rows([quantize_only]) == [] and g.nested_layout_gain([quantize_only]) == []
     assert len(g.nested_attention_rows([run, quantize_only])) == len(run["attention_summary"])
+
+
+def test_step_search_rows_pair_each_searched_run_with_the_newest_plain_one():
+    runs = g.fair_decode_runs(g.nested_runs(RESULTS, "gpu_nested_decode"))
+    plain = max((r for r in runs if not r.get("nested_search")), key=lambda r: r["date"])
+    searched = {**plain, "date": "2999-01-01T00:00+00:00", "nested_search": 1}
+    searched["rows"] = [
+        {**r, "ms_per_step": 2 * r["ms_per_step"], "block_ms": [2 * x for x in r["block_ms"]]}
+        if r["cache"] == "nested_graph" and "ms_per_step" in r
+        else r
+        for r in plain["rows"]
+    ]
+    rows = g.step_search_rows([plain, searched])
+    timed = [r for r in plain["rows"] if r["cache"] == "nested_graph" and "ms_per_step" in r]
+    assert len(rows) == len(timed) > 0
+    for row in rows:
+        assert row["search"] == 1 and row["searched_ms"] == pytest.approx(2 * row["plain_ms"], rel=1e-12)
+        assert row["step_cost_ms"] == pytest.approx(row["plain_ms"], rel=1e-12)
+        assert row["searched_vs_fp16"] == pytest.approx(row["plain_vs_fp16"] / 2, rel=1e-12)
+        assert "step search 1" in row["searched_run"] and "step search" not in row["plain_run"]
+    other_flags = {**searched, "nested_flags": {"KEYS_AS_A": True}}
+    assert g.step_search_rows([plain, other_flags]) == [] and g.step_search_rows([plain]) == []
+
+
+def test_search_quantize_cost_compares_the_fastest_launches_of_one_run():
+    rows = g.nested_kernel_rows(g.nested_runs(RESULTS, "gpu_nested"))
+    costs = g.search_quantize_cost(rows)
+    assert costs, "the recorded runs hold a quantize timing with the step search"
+    for c in costs:
+        same = [r for r in rows if (r["card"], r["run"]) == (c["card"], c["run"])]
+        plain = min(r["median_ms"] for r in same if r["kernel"] == "nested quantize")
+        searched = min(r["median_ms"] for r in same if r["kernel"] == f"nested quantize, search {c['search']}")
+        assert c["slowdown"] == pytest.approx(searched / plain, rel=1e-12) and c["slowdown"] > 1
+    assert g.search_quantize_cost([r for r in rows if "search" not in r["kernel"]]) == []
+
+
+def test_fastest_launch_rows_keep_one_row_per_kernel_and_run():
+    rows = g.nested_kernel_rows(g.nested_runs(RESULTS, "gpu_nested"))
+    fastest, rest = g.fastest_launch_rows(rows)
+    assert len(fastest) + len(rest) == len(rows)
+    keys = [(r["card"], r["run"], r["kernel"]) for r in fastest]
+    assert len(keys) == len(set(keys)) == len({(r["card"], r["run"], r["kernel"]) for r in rows})
+    for r in fastest:
+        same = [
+            x["median_ms"] for x in rows if (x["card"], x["run"], x["kernel"]) == (r["card"], r["run"], r["kernel"])
+        ]
+        assert r["median_ms"] == min(same)

@@ -216,6 +216,50 @@ def nested_kernel_rows(runs: list[dict]) -> list[dict]:
     ]
 
 
+def fastest_launch_rows(kernel_rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(the fastest launch of each kernel in each run, the other launches), in their order: a page shows
+    the first and keeps the second closed."""
+    best: dict[tuple, float] = {}
+    for r in kernel_rows:
+        key = (r["card"], r["run"], r["kernel"])
+        best[key] = min(best.get(key, r["median_ms"]), r["median_ms"])
+    chosen, seen = [], set()
+    for r in kernel_rows:
+        key = (r["card"], r["run"], r["kernel"])
+        chosen.append(r["median_ms"] == best[key] and key not in seen)
+        if chosen[-1]:
+            seen.add(key)
+    return [r for r, c in zip(kernel_rows, chosen) if c], [r for r, c in zip(kernel_rows, chosen) if not c]
+
+
+def search_quantize_cost(kernel_rows: list[dict]) -> list[dict]:
+    """Per run (card, run label) that timed the quantize kernel with the encoder's step search
+    (kernel ``"nested quantize, search s"``): the fastest searched launch's time over the fastest
+    unsearched launch's of the same run (``slowdown``), and both fractions of the copy rate."""
+    out = []
+    for key in sorted({(r["card"], r["run"]) for r in kernel_rows}):
+        rows = [r for r in kernel_rows if (r["card"], r["run"]) == key]
+        plain = [r for r in rows if r["kernel"] == "nested quantize"]
+        for kernel in sorted({r["kernel"] for r in rows if r["kernel"].startswith("nested quantize, search ")}):
+            if not plain:
+                continue
+            best_plain = min(plain, key=lambda r: r["median_ms"])
+            best = min((r for r in rows if r["kernel"] == kernel), key=lambda r: r["median_ms"])
+            out.append(
+                {
+                    "card": key[0],
+                    "run": key[1],
+                    "search": int(kernel.rsplit(" ", 1)[1]),
+                    "launch": best["launch"],
+                    "plain_launch": best_plain["launch"],
+                    "slowdown": best["median_ms"] / best_plain["median_ms"],
+                    "fraction_of_copy": best["fraction_of_copy"],
+                    "plain_fraction_of_copy": best_plain["fraction_of_copy"],
+                }
+            )
+    return out
+
+
 def nested_attention_rows(runs: list[dict]) -> list[dict]:
     """Decode attention per (card, batch, context): fp16 SDPA, our fp16 split-K kernel (runs that timed
     it), the int8 format's fused kernel and the nested format's fastest launch at that shape (named in
@@ -349,6 +393,48 @@ def nested_decode_rows(runs: list[dict]) -> list[dict]:
                     "vs_fp16_high": max(pairs) if pairs else None,
                     "target": _decode_target(run, r["context"], r["batch"]),
                     "kv_ratio_vs_fp16": b["kv_bytes"] / r["kv_bytes"] if b and r["kv_bytes"] else None,
+                }
+            )
+    return rows
+
+
+def step_search_rows(runs: list[dict]) -> list[dict]:
+    """The encoder's step search in the decode runs: for each run whose nested cache searched
+    (``nested_search`` > 0) and each (context, batch) it timed, its nested ms/step and speed over the
+    float16 baseline of that run, beside those of the newest run on the same card with the same kernel
+    flags and no search that timed the shape (``plain_*``; two processes, so the step cost
+    ``searched_ms − plain_ms`` is only as steady as the card between them)."""
+    rows = []
+    plain_runs = [run for run in runs if not run.get("nested_search")]
+    for run in runs:
+        if not run.get("nested_search"):
+            continue
+        for r in nested_decode_rows([run]):
+            if r["cache"] != "nested_graph":
+                continue
+            same = [
+                x
+                for other in plain_runs
+                if other["card"] == run["card"] and other.get("nested_flags") == run.get("nested_flags")
+                for x in nested_decode_rows([other])
+                if (x["cache"], x["context"], x["batch"]) == ("nested_graph", r["context"], r["batch"])
+            ]
+            if not same:
+                continue
+            plain = max(same, key=lambda x: x["run"])
+            rows.append(
+                {
+                    "card": r["card"],
+                    "context": r["context"],
+                    "batch": r["batch"],
+                    "search": run["nested_search"],
+                    "searched_run": r["run"],
+                    "plain_run": plain["run"],
+                    "searched_ms": r["ms_per_step"],
+                    "plain_ms": plain["ms_per_step"],
+                    "step_cost_ms": r["ms_per_step"] - plain["ms_per_step"],
+                    "searched_vs_fp16": r["vs_fp16"],
+                    "plain_vs_fp16": plain["vs_fp16"],
                 }
             )
     return rows

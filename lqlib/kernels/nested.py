@@ -79,10 +79,12 @@ a loop bound by latency."""
 KEYS_AS_A = False
 """Whether the pairs-of-lanes kernel computes transposed scores, the decoded keys (BLOCK_N, d/4) as the
 dots' first operand against the transposed queries (``keys_as_a``), when not told (and the key flags
-lie on word boundaries). Unmeasured on a GPU, hence off. Compiled offline for sm_90 (Triton 3.6), the
-decoded keys go into the wgmma from registers where the default sends every pair through shared memory
-(the values still do), at the price of two more (BLOCK_N, d/8) int32 loads a tile for the key flags
-(47 → 84 KB of shared memory at three stages); both use 255 registers. Not with the lean decoding."""
+lie on word boundaries). Off: right on an H100 but slower, 0.75–0.84 times the default's speed at 32K
+and 128K tokens, batch 1 and 8 (2026-12-06, results/gpu_nested_variants_*_keys-a.json). Compiled for
+sm_90 (Triton 3.6) the decoded keys go into the wgmma from registers where the default sends every pair
+through shared memory (the values still do), at the price of two more (BLOCK_N, d/8) int32 loads a tile
+for the key flags, the probabilities transposed through shared memory and 84 KB of shared memory a
+program (47 KB); both use 255 registers. Not with the lean decoding."""
 ROTATE_QUERIES_IN_REGISTERS = True
 """Whether the pairs-of-lanes kernel rotates its queries by butterflies in registers (float32) rather
 than by four dots of the float16-rounded queries against columns of H read from L2. On: 1.06–1.40 times
