@@ -418,8 +418,7 @@ def test_lean_decoding_is_the_full_decoding_up_to_summation_order(d, rotation, w
 
 @needs_kernels
 @pytest.mark.slow
-@pytest.mark.parametrize("with_scales", [True, False])
-def test_keys_as_first_operand_are_the_default_decoding_up_to_summation_order(with_scales):
+def test_keys_as_first_operand_are_the_default_decoding_up_to_summation_order(with_scales=True):
     """Transposed scores, the decoded keys as the dots' first operand against the transposed queries:
     the same attention as the default pairs of lanes (float32 summation order aside) and the reference,
     with flagged blocks, whole and partial tiles (the key flags read as int32 words); refused without pairs,
@@ -584,22 +583,21 @@ def test_nested_device_cache_errors():
 
 
 @needs_kernels
-@pytest.mark.slow
 def test_nested_device_cache_with_the_step_search_stores_the_searched_codes():
-    """search=1: the prefill logits are those of a quantize-dequantize cache through the searched
-    encoder, bit for bit, and differ from the unsearched cache's (the kernel searched in the cache)."""
-    from lqlib.cache.device import ATTENTION, DeviceKVCache, cache_kwarg
+    """search=1: the layer's words, steps and flags are the searched encoder's, bit for bit, and differ
+    from the unsearched codes (the kernel searched inside the cache)."""
+    from lqlib.cache.device import DeviceKVCache
 
-    config, model = tiny_llama(1)
-    kw = cache_kwarg(model)
-    ids = torch.randint(0, 97, (1, 6), generator=torch.Generator().manual_seed(7)).to(DEVICE)
-    with torch.inference_mode():
-        model.set_attn_implementation("sdpa")
-        ref = model(ids, **{kw: QuantizeDequantizeCache(NestedE8Codec(search=1).quantize, config)}).logits
-        plain = model(ids, **{kw: QuantizeDequantizeCache(NestedE8Codec().quantize, config)}).logits
-        model.set_attn_implementation(ATTENTION)
-        got = model(ids, **{kw: DeviceKVCache(config, 4.0, format="nested", search=1)}).logits
-    assert torch.equal(got.cpu(), ref.cpu()) and not torch.equal(ref, plain)
+    config, _ = tiny_llama(1)
+    gen = torch.Generator().manual_seed(7)
+    k, v = (torch.randn(1, 2, 6, 64, generator=gen) * torch.exp(torch.randn(1, 2, 6, 1, generator=gen)) for _ in "kv")
+    layer = DeviceKVCache(config, 4.0, format="nested", search=1).layers[0]
+    layer.update(k.to(DEVICE), v.to(DEVICE))
+    for part, x in enumerate((k, v)):
+        stored = [t[part, ..., :6, :] if t.dim() == 5 else t[part, ..., :6] for t in (layer.words, layer.flags)]
+        ref, plain = NestedE8Codec(search=1).encode(x), NestedE8Codec().encode(x)
+        assert torch.equal(stored[0].cpu(), ref.words) and torch.equal(stored[1].cpu(), ref.flags)
+        assert torch.equal(layer.steps[part, ..., :6].cpu(), ref.steps) and not torch.equal(ref.steps, plain.steps)
 
 
 # ---------------------------------------------------------------------------------------------- one-graph decoder
