@@ -268,10 +268,12 @@ class NestedE8Codec:
         d = x.shape[-1]
         u = fwht(x * self._codec._signs(d, x.device, x.dtype)) if self.rotation == "rht" else x
         peak_codes = codes = self.step_codes(u)
-        points, flags = self._coded_blocks(u, codes)
+        blocks = self._blocks(u, codes)
+        points, flags = _points_in_cube(blocks)
         if self.search:
-            best = _decision_errors(self._blocks(u, codes), points, flags) * search_weights(0)[0]
-            for j, weight in enumerate(search_weights(self.search)[1:], start=1):
+            weights = search_weights(self.search)
+            best = _decision_errors(blocks, points, flags) * weights[0]
+            for j, weight in enumerate(weights[1:], start=1):
                 finer = (peak_codes - j).clamp(min=CODE_MIN)
                 blocks = self._blocks(u, finer)
                 p, f = _points_in_cube(blocks)
@@ -287,10 +289,6 @@ class NestedE8Codec:
         """Transformed vectors (..., d) at step codes (..., 1) → lattice units as blocks (..., d/8, 8)."""
         y = self._codec._to_lattice_units(u, codes).clamp(-LIMIT, LIMIT)
         return y.reshape(*u.shape[:-1], u.shape[-1] // 8, 8)
-
-    def _coded_blocks(self, u: Tensor, codes: Tensor) -> tuple[Tensor, Tensor]:
-        """(points (..., d/8, 8), flags (..., d/8)) of transformed vectors at step codes (..., 1)."""
-        return _points_in_cube(self._blocks(u, codes))
 
     def synthesise(self, points: Tensor, flags: Tensor, codes: Tensor) -> Tensor:
         """Points (..., d) in the cube, flags (..., d/8), step codes (..., 1) → vectors in the work dtype."""
