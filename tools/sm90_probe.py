@@ -179,7 +179,7 @@ def lanes_tile_kernel(
     N_TOK,
     C: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    G: tl.constexpr,  # noqa: E501
+    G: tl.constexpr,
 ):
     """The probe tile loop (see the module docstring); writes the eight lanes' sums (G, 8C)."""
     g = tl.arange(0, G)
