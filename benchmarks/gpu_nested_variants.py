@@ -4,8 +4,7 @@ Each variant is the library's kernel with one choice changed (see ``VARIANTS``):
 decoding (``lean=True``), the values' rotation undone once a row in the split merge
 (``unrotate_in_combine``), the queries rotated by butterflies in registers
 (``ROTATE_QUERIES_IN_REGISTERS``), both, both with the decoded keys as the score dots' first operand
-(``keys_as_a=True``), each lane its own operand at three launches (``lanes=True``), and a split count
-halved or doubled; ``no-rotation`` (a
+(``keys_as_a=True``), and a split count halved or doubled; ``no-rotation`` (a
 codec without RHT, its own codes) bounds what the rotations cost. For each context × batch
 (Llama-3.1-8B attention: 32 query heads, 8 KV heads, head dim 128, random keys and values) it checks
 every variant against the first (max |difference| over the output's largest |value|), then times
@@ -43,9 +42,6 @@ VARIANTS = {
     "both/2 splits": {**ONCE, "splits": 0.5},
     "both*2 splits": {**ONCE, "splits": 2.0},
     "both 128/4/2 r168": {**ONCE, "launch": {"block_n": 128, "num_warps": 4, "num_stages": 2, "maxnreg": 168}},
-    "lanes 64/2/2": {**ONCE, "lanes": True, "launch": {"block_n": 64, "num_warps": 2, "num_stages": 2}},
-    "lanes 64/1/2": {**ONCE, "lanes": True, "launch": {"block_n": 64, "num_warps": 1, "num_stages": 2}},
-    "lanes 64/2/3": {**ONCE, "lanes": True, "launch": {"block_n": 64, "num_warps": 2, "num_stages": 3}},
     "no-rotation": {"rotation": "none"},
 }
 """name → changes: keyword arguments of ``decode_attention``, module ``flags``, a factor on the split
@@ -88,7 +84,7 @@ def variant_call(name: str, q, data: dict, n: int):
 
     spec = VARIANTS[name]
     codec, keys, values = data[spec.get("rotation", "rht")]
-    kwargs = {k: spec[k] for k in ("lean", "keys_as_a", "unrotate_in_combine", "lanes") if k in spec}
+    kwargs = {k: spec[k] for k in ("lean", "keys_as_a", "unrotate_in_combine") if k in spec}
     if "splits" in spec:
         b, hkv = keys.words.shape[:2]
         splits, _ = split_plan(kn.NESTED_CONFIG, b * hkv, n, q.device)

@@ -418,46 +418,6 @@ def test_lean_decoding_is_the_full_decoding_up_to_summation_order(d, rotation, w
 
 @needs_kernels
 @pytest.mark.slow
-def test_lane_operands_are_the_default_decoding_up_to_summation_order():
-    """Each lane of the blocks its own operand of depth d/8 (transposed scores, keys first): the same
-    attention as the default pairs of lanes (float32 summation order aside) and the reference, with key
-    scales, flagged blocks, whole and partial tiles; refused at head dim 64 and with the other layouts."""
-    from lqlib.kernels import nested as kn
-    from lqlib.kernels.attention import AttentionConfig
-
-    d, block = 128, 16 if DEVICE == "cpu" else 64  # the interpreter takes any tile; the GPU needs GPU_MIN_BLOCK_N
-    b, hkv, hq, n = 2, 1, 4, 2 * block
-    gen = torch.Generator().manual_seed(17)
-    codec = NestedE8Codec("rht", seed=5)
-    k, v = torch.randn(2, b, hkv, n, d, generator=gen) * 3
-    k[..., :8] *= 4  # a few large blocks: some overload the cube and are flagged
-    v[..., 64:72] *= 4
-    scales = torch.rand(hkv, d, generator=gen) + 0.5
-    keys = kn.quantize(codec, (k / scales[:, None]).to(DEVICE))
-    values = kn.quantize(codec, v.to(DEVICE))
-    assert bool((keys.flags != 0).any()) and bool((values.flags != 0).any())
-    q = torch.randn(b, hq, d, generator=gen).half().to(DEVICE)
-    lengths = torch.tensor([n, block + 7], device=DEVICE)  # whole and partial tiles
-    cfg = AttentionConfig(block_n=block, splits=2)
-    kwargs = {"key_scales": scales.to(DEVICE), "config": cfg, "pairs": True}
-    default, lanes = (
-        kn.decode_attention(q, keys, values, lengths, codec, codec, lanes=x, **kwargs).float() for x in (False, True)
-    )
-    ref = kn.reference_decode_attention(q, keys, values, lengths, codec, codec, key_scales=scales.to(DEVICE)).float()
-    scale = ref.abs().max()  # outputs are float16: one unit in the last place is scale / 1024
-    assert (lanes - default).abs().max() <= 1e-3 * scale + 2e-3
-    # float16 probabilities over many small tiles: the pairs path is as far from the reference (1.4e-3·scale)
-    assert (lanes - ref).abs().max() <= 2e-3 * scale + 2e-3
-    for bad in ({"pairs": False}, {"lean": True}, {"keys_as_a": True}):
-        with pytest.raises(lqlib.InputError, match="lane operands"):
-            kn.decode_attention(q, keys, values, n, codec, codec, lanes=True, **bad)
-    small = NestedE8Codec("rht", seed=5)
-    k64 = kn.quantize(small, k[..., :64].to(DEVICE))
-    with pytest.raises(lqlib.InputError, match="lane operands"):
-        kn.decode_attention(q[..., :64], k64, k64, n, small, small, lanes=True)
-
-
-@pytest.mark.slow
 def test_keys_as_first_operand_are_the_default_decoding_up_to_summation_order(with_scales=True):
     """Transposed scores, the decoded keys as the dots' first operand against the transposed queries:
     the same attention as the default pairs of lanes (float32 summation order aside) and the reference,

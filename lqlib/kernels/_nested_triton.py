@@ -644,178 +644,6 @@ def _tile_pairs(
 
 
 @triton.jit
-def _tile_lanes(
-    qt0,
-    qt1,
-    qt2,
-    qt3,
-    qt4,
-    qt5,
-    qt6,
-    qt7,
-    factor,
-    m,
-    l,
-    a0,
-    a1,
-    a2,
-    a3,
-    a4,
-    a5,
-    a6,
-    a7,
-    shifts,
-    kw_base,
-    vw_base,
-    ks_base,
-    vs_base,
-    kf_base,
-    vf_base,
-    tables_ptr,
-    s0,
-    end,
-    stride_kwn,
-    stride_vwn,
-    BLOCK_N: tl.constexpr,
-    C: tl.constexpr,
-    FB: tl.constexpr,
-    K_SHIFT: tl.constexpr,
-    V_SHIFT: tl.constexpr,
-    FAST_CVT: tl.constexpr,
-    MASKED: tl.constexpr,
-):
-    """:func:`_tile` with each of the eight lanes of the blocks its own operand of depth C: transposed
-    scores (BLOCK_N, BLOCK_G) = Σ_i keys' lane i (BLOCK_N, C) · qt_i (C, BLOCK_G), the softmax along
-    axis 0, and the values' lane sums a_i (BLOCK_G, C) += p · values' lane i. Every operand is an
-    elementwise function of the (BLOCK_N, C) words and of the per-token flag bits shifted by ``shifts``
-    (1, C), so Triton moves the words, not decoded float16 values, through shared memory and decodes
-    them in the tensor cores' operand layout."""
-    tok = s0 + tl.arange(0, BLOCK_N)
-    blocks = tl.arange(0, C)
-    k_ptrs = kw_base + tok[:, None].to(tl.int64) * stride_kwn + blocks[None, :]
-    v_ptrs = vw_base + tok[:, None].to(tl.int64) * stride_vwn + blocks[None, :]
-    if MASKED:
-        valid = tok < end
-        kw = tl.load(k_ptrs, mask=valid[:, None], other=0)
-        vw = tl.load(v_ptrs, mask=valid[:, None], other=0)
-        k_steps = tl.load(ks_base + tok, mask=valid, other=0).to(tl.int32)
-        v_steps = tl.load(vs_base + tok, mask=valid, other=0).to(tl.int32)
-    else:
-        valid = tok >= 0
-        kw = tl.load(k_ptrs)
-        vw = tl.load(v_ptrs)
-        k_steps = tl.load(ks_base + tok).to(tl.int32)
-        v_steps = tl.load(vs_base + tok).to(tl.int32)
-    kf = (_flag_bits(kf_base, tok, valid, FB)[:, None] >> shifts) & 1
-    vf = (_flag_bits(vf_base, tok, valid, FB)[:, None] >> shifts) & 1
-    fk = _step_factors(k_steps, tables_ptr, K_SHIFT) * factor
-    fv = _step_factors(v_steps, tables_ptr, V_SHIFT)
-    if MASKED:
-        fv = tl.where(valid, fv, 0.0)
-    fv_max = tl.max(fv, axis=0)
-    fv_max = tl.where(fv_max > 0, fv_max, 1.0)
-
-    k0, k1, k2, k3, k4, k5, k6, k7 = _lanes(kw, kf, FAST_CVT)
-    st = tl.dot(k0, qt0)  # (BLOCK_N, BLOCK_G)
-    st = tl.dot(k1, qt1, st)
-    st = tl.dot(k2, qt2, st)
-    st = tl.dot(k3, qt3, st)
-    st = tl.dot(k4, qt4, st)
-    st = tl.dot(k5, qt5, st)
-    st = tl.dot(k6, qt6, st)
-    st = tl.dot(k7, qt7, st)
-    st = st * fk[:, None]
-    if MASKED:
-        st = tl.where(valid[:, None], st, float("-inf"))
-    m_new = tl.maximum(m, tl.max(st, axis=0))
-    alpha = tl.exp2(m - m_new)
-    pt = tl.exp2(st - m_new[None, :])
-    l = l * alpha + tl.sum(pt, axis=0)
-    pn = tl.trans((pt * (fv * (1.0 / fv_max))[:, None]).to(tl.float16))  # (BLOCK_G, BLOCK_N), at most 1
-
-    v0, v1, v2, v3, v4, v5, v6, v7 = _lanes(vw, vf, FAST_CVT)
-    a0 = a0 * alpha[:, None] + tl.dot(pn, v0) * fv_max
-    a1 = a1 * alpha[:, None] + tl.dot(pn, v1) * fv_max
-    a2 = a2 * alpha[:, None] + tl.dot(pn, v2) * fv_max
-    a3 = a3 * alpha[:, None] + tl.dot(pn, v3) * fv_max
-    a4 = a4 * alpha[:, None] + tl.dot(pn, v4) * fv_max
-    a5 = a5 * alpha[:, None] + tl.dot(pn, v5) * fv_max
-    a6 = a6 * alpha[:, None] + tl.dot(pn, v6) * fv_max
-    a7 = a7 * alpha[:, None] + tl.dot(pn, v7) * fv_max
-    return m_new, l, a0, a1, a2, a3, a4, a5, a6, a7
-
-
-@triton.jit
-def _lane_queries(p):
-    """A pair of lanes' queries (BLOCK_G, 2C) → its two lanes transposed, (C, BLOCK_G) each (lanes K, K + 4)."""
-    G: tl.constexpr = p.shape[0]
-    C2: tl.constexpr = p.shape[1]
-    lo, hi = tl.split(tl.reshape(p, (G, C2 // 2, 2)))
-    return tl.trans(lo), tl.trans(hi)
-
-
-@triton.jit
-def _lanes_range(
-    q0,
-    q1,
-    q2,
-    q3,
-    factor,
-    m,
-    l,
-    shifts_ptr,
-    kw_base,
-    vw_base,
-    ks_base,
-    vs_base,
-    kf_base,
-    vf_base,
-    tables_ptr,
-    start,
-    end,
-    stride_kwn,
-    stride_vwn,
-    BLOCK_N: tl.constexpr,
-    C: tl.constexpr,
-    FB: tl.constexpr,
-    K_SHIFT: tl.constexpr,
-    V_SHIFT: tl.constexpr,
-    FAST_CVT: tl.constexpr,
-):
-    """The tokens [start, end) by :func:`_tile_lanes` (whole tiles, then a masked partial one): from the four
-    pairs' queries (BLOCK_G, 2C) to (m, l, the four pairs' value sums (BLOCK_G, 2C)). ``shifts_ptr`` holds
-    0, 1, …, C − 1 (the flag bit of each block), loaded once so that the shift is not an index computation."""
-    G: tl.constexpr = q0.shape[0]
-    qt0, qt4 = _lane_queries(q0)
-    qt1, qt5 = _lane_queries(q1)
-    qt2, qt6 = _lane_queries(q2)
-    qt3, qt7 = _lane_queries(q3)
-    shifts = tl.load(shifts_ptr + tl.arange(0, C))[None, :]
-    a0 = tl.zeros((G, C), tl.float32)
-    a1 = tl.zeros((G, C), tl.float32)
-    a2 = tl.zeros((G, C), tl.float32)
-    a3 = tl.zeros((G, C), tl.float32)
-    a4 = tl.zeros((G, C), tl.float32)
-    a5 = tl.zeros((G, C), tl.float32)
-    a6 = tl.zeros((G, C), tl.float32)
-    a7 = tl.zeros((G, C), tl.float32)
-    full_end = start + tl.maximum(end - start, 0) // BLOCK_N * BLOCK_N
-    for s0 in range(start, full_end, BLOCK_N):  # whole tiles, no masks
-        m, l, a0, a1, a2, a3, a4, a5, a6, a7 = _tile_lanes(
-            qt0, qt1, qt2, qt3, qt4, qt5, qt6, qt7, factor, m, l, a0, a1, a2, a3, a4, a5, a6, a7, shifts,
-            kw_base, vw_base, ks_base, vs_base, kf_base, vf_base, tables_ptr, s0, end, stride_kwn, stride_vwn,
-            BLOCK_N, C, FB, K_SHIFT, V_SHIFT, FAST_CVT, False,
-        )  # fmt: skip
-    if full_end < end:  # the last, partial tile
-        m, l, a0, a1, a2, a3, a4, a5, a6, a7 = _tile_lanes(
-            qt0, qt1, qt2, qt3, qt4, qt5, qt6, qt7, factor, m, l, a0, a1, a2, a3, a4, a5, a6, a7, shifts,
-            kw_base, vw_base, ks_base, vs_base, kf_base, vf_base, tables_ptr, full_end, end, stride_kwn, stride_vwn,
-            BLOCK_N, C, FB, K_SHIFT, V_SHIFT, FAST_CVT, True,
-        )  # fmt: skip
-    return m, l, _pair(a0, a4), _pair(a1, a5), _pair(a2, a6), _pair(a3, a7)
-
-
-@triton.jit
 def _tile(
     qn,
     factor,
@@ -1103,7 +931,6 @@ def nested_attention_kernel(
     Q_FWHT: tl.constexpr,
     LOG2C: tl.constexpr,
     KEYS_A: tl.constexpr,
-    LANES: tl.constexpr,
 ):
     """Partial attention of one (batch row, KV head) over one range of tokens.
 
@@ -1162,8 +989,14 @@ def nested_attention_kernel(
         else:
             qs_hi = q0
             qs_lo = q0
-        if LANES:  # eight operands of depth C per tile, decoded in the dots' operand layout
-            m, l, a0, a1, a2, a3 = _lanes_range(
+        if KEYS_A:  # the queries as the dots' second operand, (2C, BLOCK_G), transposed once
+            q0 = tl.trans(q0)
+            q1 = tl.trans(q1)
+            q2 = tl.trans(q2)
+            q3 = tl.trans(q3)
+        full_end = start + tl.maximum(end - start, 0) // BLOCK_N * BLOCK_N
+        for s0 in range(start, full_end, BLOCK_N):  # whole tiles, no masks
+            m, l, a0, a1, a2, a3, sv = _tile_pairs(
                 q0,
                 q1,
                 q2,
@@ -1171,7 +1004,13 @@ def nested_attention_kernel(
                 factor,
                 m,
                 l,
-                shifts_ptr,
+                a0,
+                a1,
+                a2,
+                a3,
+                qs_hi,
+                qs_lo,
+                sv,
                 kw_base,
                 vw_base,
                 ks_base,
@@ -1179,7 +1018,8 @@ def nested_attention_kernel(
                 kf_base,
                 vf_base,
                 tables_ptr,
-                start,
+                shifts_ptr,
+                s0,
                 end,
                 stride_kwn,
                 stride_vwn,
@@ -1189,92 +1029,50 @@ def nested_attention_kernel(
                 K_SHIFT,
                 V_SHIFT,
                 FAST_CVT,
+                False,
+                LEAN,
+                KEYS_A,
             )
-        else:
-            if KEYS_A:  # the queries as the dots' second operand, (2C, BLOCK_G), transposed once
-                q0 = tl.trans(q0)
-                q1 = tl.trans(q1)
-                q2 = tl.trans(q2)
-                q3 = tl.trans(q3)
-            full_end = start + tl.maximum(end - start, 0) // BLOCK_N * BLOCK_N
-            for s0 in range(start, full_end, BLOCK_N):  # whole tiles, no masks
-                m, l, a0, a1, a2, a3, sv = _tile_pairs(
-                    q0,
-                    q1,
-                    q2,
-                    q3,
-                    factor,
-                    m,
-                    l,
-                    a0,
-                    a1,
-                    a2,
-                    a3,
-                    qs_hi,
-                    qs_lo,
-                    sv,
-                    kw_base,
-                    vw_base,
-                    ks_base,
-                    vs_base,
-                    kf_base,
-                    vf_base,
-                    tables_ptr,
-                    shifts_ptr,
-                    s0,
-                    end,
-                    stride_kwn,
-                    stride_vwn,
-                    BLOCK_N,
-                    C,
-                    FB,
-                    K_SHIFT,
-                    V_SHIFT,
-                    FAST_CVT,
-                    False,
-                    LEAN,
-                    KEYS_A,
-                )
-            if full_end < end:  # the last, partial tile
-                m, l, a0, a1, a2, a3, sv = _tile_pairs(
-                    q0,
-                    q1,
-                    q2,
-                    q3,
-                    factor,
-                    m,
-                    l,
-                    a0,
-                    a1,
-                    a2,
-                    a3,
-                    qs_hi,
-                    qs_lo,
-                    sv,
-                    kw_base,
-                    vw_base,
-                    ks_base,
-                    vs_base,
-                    kf_base,
-                    vf_base,
-                    tables_ptr,
-                    shifts_ptr,
-                    full_end,
-                    end,
-                    stride_kwn,
-                    stride_vwn,
-                    BLOCK_N,
-                    C,
-                    FB,
-                    K_SHIFT,
-                    V_SHIFT,
-                    FAST_CVT,
-                    True,
-                    LEAN,
-                    KEYS_A,
-                )
-            if LEAN:
-                a0, a1, a2, a3 = _add_side_values(a0, a1, a2, a3, sv)
+        if full_end < end:  # the last, partial tile
+            m, l, a0, a1, a2, a3, sv = _tile_pairs(
+                q0,
+                q1,
+                q2,
+                q3,
+                factor,
+                m,
+                l,
+                a0,
+                a1,
+                a2,
+                a3,
+                qs_hi,
+                qs_lo,
+                sv,
+                kw_base,
+                vw_base,
+                ks_base,
+                vs_base,
+                kf_base,
+                vf_base,
+                tables_ptr,
+                shifts_ptr,
+                full_end,
+                end,
+                stride_kwn,
+                stride_vwn,
+                BLOCK_N,
+                C,
+                FB,
+                K_SHIFT,
+                V_SHIFT,
+                FAST_CVT,
+                True,
+                LEAN,
+                KEYS_A,
+            )
+        if LEAN:
+            a0, a1, a2, a3 = _add_side_values(a0, a1, a2, a3, sv)
         _store_pairs(
             acc_ptr, ml_ptr, v_signs_ptr, had_ptr, a0, a1, a2, a3, m, l, pid, split, n_splits, G, BLOCK_G, D, V_RHT
         )

@@ -41,7 +41,6 @@ __all__ = [
     "PAIRS_MIN_DIM",
     "LEAN_PAIRS",
     "KEYS_AS_A",
-    "LANE_OPERANDS",
     "UNROTATE_IN_COMBINE",
     "ROTATE_QUERIES_IN_REGISTERS",
 ]
@@ -86,11 +85,6 @@ sm_90 (Triton 3.6) the decoded keys go into the wgmma from registers where the d
 through shared memory (the values still do), at the price of two more (BLOCK_N, d/8) int32 loads a tile
 for the key flags, the probabilities transposed through shared memory and 84 KB of shared memory a
 program (47 KB); both use 255 registers. Not with the lean decoding."""
-LANE_OPERANDS = False
-"""Whether :func:`decode_attention` feeds the tensor cores eight operands of depth d/8 per tile, one per
-lane of the blocks (``lanes``), when not told. Compiled for sm_90 every operand is then decoded from the
-words in the dots' operand layout (the words, not decoded float16 values, go through shared memory;
-``tools/sm90_probe.py``). Off until measured on a card."""
 ROTATE_QUERIES_IN_REGISTERS = True
 """Whether the pairs-of-lanes kernel rotates its queries by butterflies in registers (float32) rather
 than by four dots of the float16-rounded queries against columns of H read from L2. On: 1.06–1.40 times
@@ -413,7 +407,6 @@ def decode_attention(
     lean: bool | None = None,
     keys_as_a: bool | None = None,
     unrotate_in_combine: bool | None = None,
-    lanes: bool | None = None,
 ) -> Tensor:
     """Fused decode attention on a nested-format cache (Triton; CUDA, or CPU under ``TRITON_INTERPRET=1``).
 
@@ -445,10 +438,6 @@ def decode_attention(
         summation order.
     unrotate_in_combine : undo the values' rotation once a row when merging the splits, not in every
         split (default :data:`UNROTATE_IN_COMBINE`). Same values up to float32 summation order.
-    lanes : each of the eight lanes of the blocks its own operand of depth d/8, keys as the score dots'
-        first operand (default :data:`LANE_OPERANDS` where d >= 128 and block_n >= :data:`GPU_MIN_BLOCK_N`);
-        needs d >= 128, and on the GPU block_n >= :data:`GPU_MIN_BLOCK_N`; not with ``pairs=False``,
-        ``lean`` or ``keys_as_a``. Same values up to float32 summation order.
 
     Returns
     -------
@@ -481,19 +470,6 @@ def decode_attention(
             "keys as the first operand (keys_as_a) read the key flags as int32 words: each (batch row, "
             "head) of keys.flags must start 4-byte aligned"
         )
-    lanes_fit = d >= 128 and (not on_gpu or cfg.block_n >= GPU_MIN_BLOCK_N)
-    use_lanes = (
-        (LANE_OPERANDS and lanes_fit and pairs is not False and not lean and not keys_as_a)
-        if lanes is None
-        else bool(lanes)
-    )
-    if use_lanes and (not lanes_fit or pairs is False or lean or keys_as_a):
-        raise InputError(
-            f"lane operands (lanes) need head_dim >= 128 (and on the GPU block_n >= {GPU_MIN_BLOCK_N}), and go "
-            f"with neither pairs=False, lean nor keys_as_a; got head_dim {d}, block_n {cfg.block_n}"
-        )
-    if use_lanes:
-        use_pairs, use_lean, use_keys_a = True, False, False
     fast = (on_gpu and FAST_CVT_ON_CUDA and cfg.block_n >= GPU_MIN_BLOCK_N) if fast_cvt is None else bool(fast_cvt)
     if fast and on_gpu and cfg.block_n < GPU_MIN_BLOCK_N:
         raise InputError(
@@ -529,7 +505,7 @@ def decode_attention(
         signs_v,
         hadamard_matrix(d, dev, torch.float16),
         _tables(dev),
-        _flag_shifts(d // 8, dev) if use_keys_a or use_lanes else part_ml,  # a placeholder pointer when unused
+        _flag_shifts(d // 8, dev) if use_keys_a else part_ml,  # a placeholder pointer when unused
         part_acc,
         part_ml,
         lengths,
@@ -570,7 +546,6 @@ def decode_attention(
         Q_FWHT=ROTATE_QUERIES_IN_REGISTERS,
         LOG2C=(d // 8).bit_length() - 1,
         KEYS_A=use_keys_a,
-        LANES=use_lanes,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
         **({} if cfg.maxnreg is None else {"maxnreg": cfg.maxnreg}),
