@@ -120,6 +120,30 @@ def test_bytes_held_and_page_contents(tiny):
     assert measured == fresh.nbytes()
 
 
+def test_a_failed_update_leaves_no_sink_tokens_behind(tiny, monkeypatch):
+    """Sealing the first page sets the float16 sink tokens before the parent commits; an update that
+    fails after that (here: reading the history) leaves the layer as it was, bytes included."""
+    config, _ = tiny
+    layer = CompressedKVCache(config, page_size=32, profile=profile(config, sink=3)).layers[0]
+    gen = torch.Generator().manual_seed(11)
+    keys, values = torch.randn(2, 1, HEADS, 40, DIM, generator=gen)
+    layer.update(keys[..., :20, :], values[..., :20, :])  # no page yet: no sink tokens
+    before = (layer.nbytes(), layer.n_tokens, len(layer.pages))
+    assert layer.sink_keys is None
+
+    def fail(*args):
+        raise RuntimeError("read failed")
+
+    monkeypatch.setattr(layer, "_read", fail)
+    with pytest.raises(RuntimeError, match="read failed"):
+        layer.update(keys[..., 20:, :], values[..., 20:, :])  # seals page 0, then fails
+    assert layer.sink_keys is None and layer.sink_values is None
+    assert (layer.nbytes(), layer.n_tokens, len(layer.pages)) == before
+    monkeypatch.undo()
+    layer.update(keys[..., 20:, :], values[..., 20:, :])
+    assert len(layer.pages) == 1 and layer.sink_keys.shape[-2] == 3
+
+
 def test_sink_tokens_are_float16_and_the_rest_coded():
     frame = rotary_frame(tiny_config())
     q = ChannelQuantizer(ChannelCodec(random_tables(9)), frame, sink=4)

@@ -148,6 +148,16 @@ class ChannelKVLayer(CompressedKVLayer):
         self.sink_keys: Tensor | None = None
         self.sink_values: Tensor | None = None
 
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        """The parent's transactional update; the float16 sink tokens, which sealing the first page sets
+        before the parent commits, go back to what they were if the update fails."""
+        sink = (self.sink_keys, self.sink_values)
+        try:
+            return super().update(key_states, value_states, *args, **kwargs)
+        except BaseException:
+            self.sink_keys, self.sink_values = sink
+            raise
+
     def _seal(self, keys: Tensor, values: Tensor, index: int = 0) -> tuple[bytes, ...]:
         start = index * self.page_size
         if start == 0 and self.sink:
